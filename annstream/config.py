@@ -1,0 +1,257 @@
+"""All settings of annstream in one place.
+
+A `Config` is built from defaults, then a TOML file, then environment variables
+(`ANNSTREAM_<SECTION>__<FIELD>`, e.g. `ANNSTREAM_KAFKA__BOOTSTRAP_SERVERS`), then explicit
+overrides (command-line flags), and is frozen afterwards. Unknown keys and values of the
+wrong type raise `ConfigError` naming the key, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from annstream.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DriftConfig",
+    "HeadsConfig",
+    "IndexConfig",
+    "KafkaConfig",
+    "RefreshConfig",
+    "ServiceConfig",
+    "SnapshotConfig",
+    "StoreConfig",
+    "load_config",
+]
+
+ENV_PREFIX = "ANNSTREAM_"
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Broker, topics and client settings; `client` is passed to librdkafka as is (SASL/SSL)."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    ad_topic: str = "annstream.ads"
+    engagement_topic: str = "annstream.engagements"
+    dead_letter_topic: str = "annstream.dead-letter"
+    results_topic: str = ""
+    head_state_topic: str = "annstream.head-state"
+    group_id: str = "annstream-refresher"
+    schema_registry_url: str = ""
+    schema_registry_file: str = ""
+    client: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The live Faiss IVF index: `metric` is cosine (normalised inner product), ip or l2."""
+
+    dim: int = 50
+    metric: str = "cosine"
+    kind: str = "ivfflat"
+    nlist: int = 1024
+    nprobe: int = 32
+    pq_m: int = 10
+    pq_nbits: int = 8
+    train_size: int = 50_000
+    training_file: str = ""
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    """Index snapshots: where, how often (seconds or events, whichever first), how many kept."""
+
+    dir: str = "var/snapshots"
+    every_s: float = 60.0
+    every_events: int = 100_000
+    keep: int = 3
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """When to retrain the coarse quantizer in the background."""
+
+    enabled: bool = True
+    imbalance_threshold: float = 1.6
+    recall_threshold: float = 0.90
+    recall_sample: int = 200
+    check_every_batches: int = 50
+    reservoir_size: int = 100_000
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """Head queries: decayed engagement score, entry threshold with hysteresis, bounded memory."""
+
+    half_life_s: float = 3600.0
+    enter_score: float = 5.0
+    exit_score: float = 2.5
+    top_n: int = 0
+    max_tracked: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class RefreshConfig:
+    """Micro-batches: every `batch_ms` or `batch_events`, whichever comes first."""
+
+    k: int = 100
+    margin: int = 20
+    batch_ms: int = 500
+    batch_events: int = 5_000
+    full_recompute_per_batch: int = 20_000
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The neighbour store: `sqlite:///path` embedded, `aerospike://host:port/namespace/set`."""
+
+    url: str = "sqlite:///var/annstream.db"
+    ttl_s: int = 0
+    on_head_exit: str = "expire"
+    exit_ttl_s: int = 86_400
+    retries: int = 3
+    retry_backoff_s: float = 0.2
+    timeout_ms: int = 1_000
+    user: str = ""
+    password: str = ""
+    tls_name: str = ""
+    tls_cafile: str = ""
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """The long-running process: metrics port (0 = off), logging, shutdown bound."""
+
+    metrics_port: int = 0
+    log_json: bool = False
+    log_level: str = "INFO"
+    shutdown_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+
+    def replace(self, section: str, **values: Any) -> Config:
+        """A copy with some fields of one section changed (values are checked like the file's)."""
+        return _merge(self, {section: values}, source="override")
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        if isinstance(value, str):
+            pairs = [p for p in value.split(",") if p.strip()]
+            try:
+                value = dict(p.split("=", 1) for p in pairs)
+            except ValueError:
+                raise ConfigError(
+                    f"{where}: expected key=value pairs separated by commas"
+                ) from None
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table of settings, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return tp(value) if tp is float or not isinstance(value, float) else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported setting type {tp!r}")  # pragma: no cover
+
+
+def _merge(cfg: Config, data: Mapping[str, Any], source: str) -> Config:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    changes: dict[str, Any] = {}
+    for name, values in data.items():
+        if name not in sections:
+            raise ConfigError(
+                f"{source}: unknown section [{name}]; known sections: {', '.join(sections)}"
+            )
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: [{name}] must be a table of settings")
+        current = changes.get(name, getattr(cfg, name))
+        hints = typing.get_type_hints(type(current))
+        known = {f.name for f in dataclasses.fields(current)}
+        updates = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(
+                    f"{source}: unknown setting {name}.{key}; known: {', '.join(sorted(known))}"
+                )
+            updates[key] = _coerce(value, hints[key], f"{source}: {name}.{key}")
+        changes[name] = dataclasses.replace(current, **updates)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _env_table(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    table: dict[str, dict[str, str]] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        section, _, name = key[len(ENV_PREFIX) :].partition("__")
+        table.setdefault(section.lower(), {})[name.lower()] = value
+    return table
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Defaults, then the TOML file at `path`, then `ANNSTREAM_*` variables, then `overrides`."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} not found: pass an existing TOML file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+        cfg = _merge(cfg, data, source=str(p))
+    cfg = _merge(cfg, _env_table(os.environ if env is None else env), source="environment")
+    if overrides:
+        cfg = _merge(cfg, overrides, source="override")
+    return cfg

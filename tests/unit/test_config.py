@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from annstream.config import load_config
+from annstream.errors import ConfigError
+
+
+def test_config_defaults_file_env_and_overrides_in_that_order(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text('[kafka]\nbootstrap_servers = "file:1"\n[index]\nnprobe = 8\n')
+    env = {"ANNSTREAM_INDEX__NPROBE": "16", "ANNSTREAM_KAFKA__CLIENT": "security.protocol=SSL"}
+    cfg = load_config(path, env=env, overrides={"index": {"nlist": 64}})
+    assert cfg.kafka.bootstrap_servers == "file:1"
+    assert cfg.index.nprobe == 16
+    assert cfg.index.nlist == 64
+    assert cfg.kafka.client == {"security.protocol": "SSL"}
+
+
+def test_config_unknown_key_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text("[index]\nnprobes = 8\n")
+    with pytest.raises(ConfigError, match=r"unknown setting index\.nprobes"):
+        load_config(path, env={})
+
+
+def test_config_wrong_type_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"environment: index\.nprobe: expected int"):
+        load_config(env={"ANNSTREAM_INDEX__NPROBE": "many"})
+
+
+def test_config_missing_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml", env={})
