@@ -1,0 +1,170 @@
+"""Columnar batches of ad and engagement events: what producers write and consumers act on.
+
+Domain classes never import Avro; annstream.codec converts between these and Kafka payloads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "ENGAGEMENT_TYPES",
+    "OP_DELETE",
+    "OP_UPSERT",
+    "AdBatch",
+    "EngagementBatch",
+    "Rejection",
+]
+
+OP_UPSERT = 0
+OP_DELETE = 1
+OPS = ("UPSERT", "DELETE")
+ENGAGEMENT_TYPES = ("IMPRESSION", "CLOSEUP", "CLICK", "SAVE", "CHECKOUT", "OTHER")
+NO_ID = -1
+
+
+def _check(name: str, a: np.ndarray, dtype: str, n: int, ndim: int = 1) -> None:
+    if a.dtype != np.dtype(dtype) or a.ndim != ndim or a.shape[0] != n:
+        raise ValueError(
+            f"{name}: expected {dtype} with {ndim} dimension(s) and {n} rows, "
+            f"got {a.dtype} of shape {a.shape}"
+        )
+
+
+@dataclass(frozen=True)
+class AdBatch:
+    """n ad events in arrival order; vectors are zero rows for deletes."""
+
+    ad_ids: np.ndarray  # int64[n]
+    ops: np.ndarray  # uint8[n]: OP_UPSERT / OP_DELETE
+    vectors: np.ndarray  # float32[n, d]
+    event_time_ms: np.ndarray  # int64[n]
+    advertiser_ids: np.ndarray  # int64[n], NO_ID when unknown
+    campaign_ids: np.ndarray  # int64[n], NO_ID when unknown
+    model_versions: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        n = len(self.ad_ids)
+        _check("ad_ids", self.ad_ids, "int64", n)
+        _check("ops", self.ops, "uint8", n)
+        _check("vectors", self.vectors, "float32", n, ndim=2)
+        _check("event_time_ms", self.event_time_ms, "int64", n)
+        _check("advertiser_ids", self.advertiser_ids, "int64", n)
+        _check("campaign_ids", self.campaign_ids, "int64", n)
+        if self.model_versions and len(self.model_versions) != n:
+            raise ValueError(f"model_versions: expected {n} entries or none")
+
+    def __len__(self) -> int:
+        return len(self.ad_ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @classmethod
+    def upserts(
+        cls,
+        ad_ids: np.ndarray,
+        vectors: np.ndarray,
+        event_time_ms: np.ndarray | int,
+        advertiser_ids: np.ndarray | None = None,
+        campaign_ids: np.ndarray | None = None,
+        model_version: str = "",
+    ) -> AdBatch:
+        ids = np.ascontiguousarray(ad_ids, dtype="int64")
+        n = len(ids)
+        return cls(
+            ad_ids=ids,
+            ops=np.full(n, OP_UPSERT, dtype="uint8"),
+            vectors=np.ascontiguousarray(vectors, dtype="float32"),
+            event_time_ms=np.broadcast_to(np.asarray(event_time_ms, dtype="int64"), (n,)).copy(),
+            advertiser_ids=_ids_or_none(advertiser_ids, n),
+            campaign_ids=_ids_or_none(campaign_ids, n),
+            model_versions=(model_version,) * n if model_version else (),
+        )
+
+    @classmethod
+    def deletes(cls, ad_ids: np.ndarray, dim: int, event_time_ms: np.ndarray | int) -> AdBatch:
+        ids = np.ascontiguousarray(ad_ids, dtype="int64")
+        n = len(ids)
+        return cls(
+            ad_ids=ids,
+            ops=np.full(n, OP_DELETE, dtype="uint8"),
+            vectors=np.zeros((n, dim), dtype="float32"),
+            event_time_ms=np.broadcast_to(np.asarray(event_time_ms, dtype="int64"), (n,)).copy(),
+            advertiser_ids=np.full(n, NO_ID, dtype="int64"),
+            campaign_ids=np.full(n, NO_ID, dtype="int64"),
+        )
+
+    def take(self, rows: np.ndarray) -> AdBatch:
+        """The events at `rows` (indices or a boolean mask), in that order."""
+        idx = np.flatnonzero(rows) if rows.dtype == bool else rows
+        return AdBatch(
+            ad_ids=self.ad_ids[idx],
+            ops=self.ops[idx],
+            vectors=np.ascontiguousarray(self.vectors[idx]),
+            event_time_ms=self.event_time_ms[idx],
+            advertiser_ids=self.advertiser_ids[idx],
+            campaign_ids=self.campaign_ids[idx],
+            model_versions=tuple(self.model_versions[i] for i in idx)
+            if self.model_versions
+            else (),
+        )
+
+
+@dataclass(frozen=True)
+class EngagementBatch:
+    """n engagement events; `has_vector` marks rows whose event carried the query's vector."""
+
+    query_ids: np.ndarray  # int64[n]
+    item_ids: np.ndarray  # int64[n], NO_ID when none
+    event_types: np.ndarray  # uint8[n], index into ENGAGEMENT_TYPES
+    weights: np.ndarray  # float32[n]
+    event_time_ms: np.ndarray  # int64[n]
+    vectors: np.ndarray  # float32[n, d], zero rows where has_vector is False
+    has_vector: np.ndarray  # bool[n]
+
+    def __post_init__(self) -> None:
+        n = len(self.query_ids)
+        _check("query_ids", self.query_ids, "int64", n)
+        _check("item_ids", self.item_ids, "int64", n)
+        _check("event_types", self.event_types, "uint8", n)
+        _check("weights", self.weights, "float32", n)
+        _check("event_time_ms", self.event_time_ms, "int64", n)
+        _check("vectors", self.vectors, "float32", n, ndim=2)
+        _check("has_vector", self.has_vector, "bool", n)
+
+    def __len__(self) -> int:
+        return len(self.query_ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def take(self, rows: np.ndarray) -> EngagementBatch:
+        idx = np.flatnonzero(rows) if rows.dtype == bool else rows
+        return EngagementBatch(
+            query_ids=self.query_ids[idx],
+            item_ids=self.item_ids[idx],
+            event_types=self.event_types[idx],
+            weights=self.weights[idx],
+            event_time_ms=self.event_time_ms[idx],
+            vectors=np.ascontiguousarray(self.vectors[idx]),
+            has_vector=self.has_vector[idx],
+        )
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Message `index` of a decoded batch was refused for `reason` (for the dead-letter topic)."""
+
+    index: int
+    reason: str
+
+
+def _ids_or_none(a: np.ndarray | None, n: int) -> np.ndarray:
+    if a is None:
+        return np.full(n, NO_ID, dtype="int64")
+    return np.ascontiguousarray(a, dtype="int64")
