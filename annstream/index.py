@@ -12,6 +12,7 @@ own Hashtable direct map (4d + 8 bytes per ad plus the map), updated in the same
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 from typing import Literal
@@ -70,6 +71,14 @@ def _empty_store(dim: int, metric: str) -> faiss.IndexIVFFlat:
     store.is_trained = True
     store.set_direct_map_type(_HASHTABLE)
     return store
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc only; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        logger.debug("malloc_trim unavailable; freed memory stays with the allocator")
 
 
 def _invlists(ivf: faiss.IndexIVF) -> faiss.InvertedLists:
@@ -382,6 +391,7 @@ class LiveIvfIndex:
         self._ivf = _as_ivf(faiss.deserialize_index(faiss.serialize_index(self._ivf)))
         if self._store is not None:
             self._store = _as_ivf(faiss.deserialize_index(faiss.serialize_index(self._store)))
+        _trim_heap()
 
     def serialize(self) -> tuple[U8, U8 | None]:
         """(index bytes, exact store bytes or None) for a snapshot."""
