@@ -90,24 +90,33 @@ class DriftConfig:
 
 @dataclass(frozen=True)
 class HeadsConfig:
-    """Head queries: decayed engagement score, entry threshold with hysteresis, bounded memory."""
+    """Head queries: decayed engagement score, entry threshold with hysteresis, bounded memory.
+
+    With `top_n` > 0 a query must also rank in the top N to enter, and leaves once it falls
+    out of the top N * (1 + `top_n_slack`).
+    """
 
     half_life_s: float = 3600.0
     enter_score: float = 5.0
     exit_score: float = 2.5
     top_n: int = 0
+    top_n_slack: float = 0.1
     max_tracked: int = 1_000_000
 
 
 @dataclass(frozen=True)
 class RefreshConfig:
-    """Micro-batches: every `batch_ms` or `batch_events`, whichever comes first."""
+    """Micro-batches: every `batch_ms` or `batch_events`, whichever comes first.
+
+    Each head query keeps `k` + `margin` neighbours; `nprobe` 0 means the index's own.
+    """
 
     k: int = 100
     margin: int = 20
     batch_ms: int = 500
     batch_events: int = 5_000
     full_recompute_per_batch: int = 20_000
+    nprobe: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,368 @@
+"""Head queries: which queries of this replica's shard deserve precomputed neighbour lists.
+
+Engagement events (keyed by query id, so each replica sees its own shard) add weight to an
+exponentially decayed score per query. A query enters the head set when its score reaches
+`enter_score` (and, with `top_n`, it ranks in the top N of the shard) and leaves only when it
+drops below `exit_score` (or out of the top N * (1 + `top_n_slack`)): the gap is the hysteresis
+that stops queries from flapping. Memory is bounded by `max_tracked`: the coldest non-head
+queries are evicted. Only query ids, scores, times and the latest query vector are kept (no
+user identifiers). Everything is vectorised over the batch of events.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from annstream.config import HeadsConfig
+
+__all__ = ["HeadChanges", "HeadQueryTracker"]
+
+logger = logging.getLogger(__name__)
+
+Int64Array = npt.NDArray[np.int64]
+Float32Array = npt.NDArray[np.float32]
+Float64Array = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+_EVICT_TO = 0.9
+
+
+def _empty_ids() -> Int64Array:
+    return np.empty(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class HeadChanges:
+    """What changed in the head set since the previous `changes()` call (sorted query ids).
+
+    `dropped` are head queries forgotten by `drop()` (partition lost): the refresher forgets
+    them like exits, but their stored lists belong to the new owner and must not be expired.
+    """
+
+    entered: Int64Array = field(default_factory=_empty_ids)
+    exited: Int64Array = field(default_factory=_empty_ids)
+    vector_changed: Int64Array = field(default_factory=_empty_ids)
+    dropped: Int64Array = field(default_factory=_empty_ids)
+
+    def __len__(self) -> int:
+        return len(self.entered) + len(self.exited) + len(self.vector_changed) + len(self.dropped)
+
+
+class HeadQueryTracker:
+    """Decayed engagement scores and cached vectors per query; decides the head set."""
+
+    def __init__(self, cfg: HeadsConfig, dim: int) -> None:
+        if dim <= 0:
+            raise ValueError(f"dim must be positive, got {dim}")
+        if cfg.half_life_s <= 0:
+            raise ValueError(f"heads.half_life_s must be positive, got {cfg.half_life_s}")
+        if cfg.exit_score > cfg.enter_score:
+            raise ValueError(
+                f"heads.exit_score ({cfg.exit_score}) must not exceed heads.enter_score "
+                f"({cfg.enter_score}), or queries would flap"
+            )
+        if cfg.max_tracked <= 0 or cfg.top_n < 0 or cfg.top_n_slack < 0:
+            raise ValueError("heads.max_tracked must be positive, top_n and top_n_slack >= 0")
+        self.cfg = cfg
+        self.dim = dim
+        self._half_life_ms = cfg.half_life_s * 1000.0
+        cap = 1024
+        self._qid = np.zeros(cap, dtype=np.int64)
+        self._score = np.zeros(cap, dtype=np.float64)
+        self._last = np.zeros(cap, dtype=np.int64)
+        self._vec = np.zeros((cap, dim), dtype=np.float32)
+        self._has_vec = np.zeros(cap, dtype=bool)
+        self._head = np.zeros(cap, dtype=bool)
+        self._dirty = np.zeros(cap, dtype=bool)
+        self._resume = np.zeros(cap, dtype=bool)
+        self._used = np.zeros(cap, dtype=bool)
+        self._free: Int64Array = np.arange(cap - 1, -1, -1, dtype=np.int64)
+        self._keys = _empty_ids()
+        self._key_slots = _empty_ids()
+        self._dropped_heads = _empty_ids()
+        self._latest_ms = 0
+
+    # ---- bookkeeping -------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _grow(self, need: int) -> None:
+        cap = len(self._qid)
+        new_cap = max(cap * 2, cap + need)
+        extra = new_cap - cap
+
+        def pad(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+            return np.concatenate([a, np.zeros((extra, *a.shape[1:]), dtype=a.dtype)])
+
+        self._qid, self._score, self._last = pad(self._qid), pad(self._score), pad(self._last)
+        self._vec, self._has_vec, self._head = pad(self._vec), pad(self._has_vec), pad(self._head)
+        self._dirty, self._resume, self._used = pad(self._dirty), pad(self._resume), pad(self._used)
+        self._free = np.concatenate(
+            [np.arange(new_cap - 1, cap - 1, -1, dtype=np.int64), self._free]
+        )
+
+    def _alloc(self, n: int) -> Int64Array:
+        if n > len(self._free):
+            self._grow(n - len(self._free))
+        slots = self._free[len(self._free) - n :][::-1].copy()
+        self._free = self._free[: len(self._free) - n]
+        return slots
+
+    def _lookup(self, query_ids: Int64Array) -> tuple[Int64Array, BoolArray]:
+        """Slots of `query_ids` (sorted index search) and whether each is tracked."""
+        if len(self._keys) == 0:
+            return np.full(len(query_ids), -1, dtype=np.int64), np.zeros(len(query_ids), bool)
+        pos = np.minimum(np.searchsorted(self._keys, query_ids), len(self._keys) - 1)
+        found = self._keys[pos] == query_ids
+        return np.where(found, self._key_slots[pos], -1).astype(np.int64), found
+
+    def _forget(self, slots: Int64Array) -> None:
+        if len(slots) == 0:
+            return
+        keep = ~np.isin(self._key_slots, slots)
+        self._keys, self._key_slots = self._keys[keep], self._key_slots[keep]
+        self._used[slots] = False
+        self._head[slots] = self._has_vec[slots] = self._dirty[slots] = False
+        self._resume[slots] = False
+        self._free = np.concatenate([self._free, slots])
+
+    def _decayed(self, slots: Int64Array, now_ms: int) -> Float64Array:
+        age = np.maximum(now_ms - self._last[slots], 0).astype(np.float64)
+        return self._score[slots] * np.exp2(-age / self._half_life_ms)
+
+    # ---- events ------------------------------------------------------------------------
+
+    def observe(
+        self,
+        query_ids: npt.ArrayLike,
+        weights: npt.ArrayLike,
+        event_time_ms: npt.ArrayLike,
+        vectors: npt.ArrayLike | None = None,
+        has_vector: npt.ArrayLike | None = None,
+    ) -> None:
+        """Add a batch of engagement events; `vectors[i]` counts only where `has_vector[i]`."""
+        qids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
+        n = len(qids)
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        t = np.asarray(event_time_ms, dtype=np.int64).reshape(-1)
+        if len(w) != n or len(t) != n:
+            raise ValueError(
+                f"observe: query_ids ({n}), weights ({len(w)}) and event_time_ms ({len(t)}) "
+                "must have the same length"
+            )
+        if not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError("observe: weights must be finite and >= 0")
+        vecs: Float32Array | None = None
+        hv: BoolArray | None = None
+        if vectors is not None:
+            vecs = np.ascontiguousarray(vectors, dtype=np.float32)
+            if vecs.ndim != 2 or vecs.shape != (n, self.dim):
+                raise ValueError(
+                    f"observe: vectors must have shape ({n}, {self.dim}), got {vecs.shape}"
+                )
+            hv = (
+                np.ones(n, dtype=bool)
+                if has_vector is None
+                else np.asarray(has_vector, dtype=bool).reshape(-1)
+            )
+            if len(hv) != n:
+                raise ValueError(f"observe: has_vector must have length {n}, got {len(hv)}")
+            if not np.all(np.isfinite(vecs[hv])):
+                raise ValueError("observe: query vectors must be finite (no NaN or inf)")
+        if n == 0:
+            return
+        self._latest_ms = max(self._latest_ms, int(t.max()))
+
+        uq, inv = np.unique(qids, return_inverse=True)
+        t_max = np.full(len(uq), np.iinfo(np.int64).min, dtype=np.int64)
+        np.maximum.at(t_max, inv, t)
+        gain = np.bincount(
+            inv,
+            weights=w * np.exp2((t - t_max[inv]).astype(np.float64) / self._half_life_ms),
+            minlength=len(uq),
+        )
+
+        slots, found = self._lookup(uq)
+        new = ~found
+        if new.any():
+            fresh = self._alloc(int(new.sum()))
+            slots[new] = fresh
+            self._qid[fresh] = uq[new]
+            self._score[fresh] = 0.0
+            self._last[fresh] = t_max[new]
+            self._used[fresh] = True
+            self._has_vec[fresh] = self._head[fresh] = self._dirty[fresh] = False
+            self._resume[fresh] = False
+            order = np.argsort(np.concatenate([self._keys, uq[new]]), kind="stable")
+            self._keys = np.concatenate([self._keys, uq[new]])[order]
+            self._key_slots = np.concatenate([self._key_slots, fresh])[order]
+
+        last = self._last[slots]
+        new_last = np.maximum(last, t_max)
+        self._score[slots] = self._score[slots] * np.exp2(
+            (last - new_last).astype(np.float64) / self._half_life_ms
+        ) + gain * np.exp2((t_max - new_last).astype(np.float64) / self._half_life_ms)
+        self._last[slots] = new_last
+
+        if vecs is not None and hv is not None and hv.any():
+            rows = np.flatnonzero(hv)
+            # the last vector of each query in batch order wins
+            rev = rows[::-1]
+            uq_v, first_rev = np.unique(qids[rev], return_index=True)
+            src = rev[first_rev]
+            vslots, _ = self._lookup(uq_v)
+            had = self._has_vec[vslots]
+            differs = np.any(self._vec[vslots] != vecs[src], axis=1)
+            self._dirty[vslots] |= had & differs
+            self._vec[vslots] = vecs[src]
+            self._has_vec[vslots] = True
+
+        excess = len(self._keys) - self.cfg.max_tracked
+        if excess > 0:
+            self._evict(len(self._keys) - int(self.cfg.max_tracked * _EVICT_TO))
+
+    def _evict(self, count: int) -> None:
+        """Forget the `count` coldest non-head queries (by score decayed to a common time)."""
+        slots = self._key_slots[~self._head[self._key_slots]]
+        count = min(count, len(slots))
+        if count <= 0:
+            logger.warning("head tracker over max_tracked but every query is a head query")
+            return
+        with np.errstate(divide="ignore"):
+            key = np.log2(self._score[slots]) + self._last[slots] / self._half_life_ms
+        cold = slots[np.argpartition(key, count - 1)[:count]] if count < len(slots) else slots
+        self._forget(cold)
+        logger.debug("evicted %d cold queries", count)
+
+    # ---- head set ----------------------------------------------------------------------
+
+    def changes(self, now_ms: int) -> HeadChanges:
+        """Re-decide the head set at `now_ms`; report entries, exits and changed vectors."""
+        slots = self._key_slots
+        cur = self._decayed(slots, int(now_ms))
+        head = self._head[slots]
+        cfg = self.cfg
+        enter_at = np.where(self._resume[slots], cfg.exit_score, cfg.enter_score)
+        enter = ~head & self._has_vec[slots] & (cur >= enter_at)
+        leave = head & (cur < cfg.exit_score)
+        if cfg.top_n > 0:
+            keep_n = math.ceil(cfg.top_n * (1.0 + cfg.top_n_slack))
+            cand = np.flatnonzero(self._has_vec[slots])
+            in_top = np.zeros(len(slots), dtype=bool)
+            in_keep = np.zeros(len(slots), dtype=bool)
+            for n, mask in ((cfg.top_n, in_top), (keep_n, in_keep)):
+                if n >= len(cand):
+                    mask[cand] = True
+                else:
+                    mask[cand[np.argpartition(-cur[cand], n - 1)[:n]]] = True
+            enter &= in_top
+            leave |= head & ~in_keep
+        changed = head & ~leave & self._dirty[slots]
+        self._head[slots[enter]] = True
+        self._head[slots[leave]] = False
+        self._dirty[slots] = False
+        self._resume[slots] = False
+        qids = self._keys
+        dropped, self._dropped_heads = np.sort(self._dropped_heads), _empty_ids()
+        return HeadChanges(
+            entered=qids[enter], exited=qids[leave], vector_changed=qids[changed], dropped=dropped
+        )
+
+    def head_ids(self) -> Int64Array:
+        """The current head query ids, sorted."""
+        return self._keys[self._head[self._key_slots]]
+
+    def vectors(self, query_ids: npt.ArrayLike) -> Float32Array:
+        """Cached query vectors; every id must be tracked with a vector."""
+        qids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
+        slots, found = self._lookup(qids)
+        ok = found & self._has_vec[np.maximum(slots, 0)]
+        if not ok.all():
+            missing = qids[~ok][:5].tolist()
+            raise KeyError(f"no cached vector for query ids {missing} (not tracked or no vector)")
+        return np.ascontiguousarray(self._vec[slots])
+
+    def score(self, query_ids: npt.ArrayLike, now_ms: int | None = None) -> Float64Array:
+        """Decayed scores at `now_ms` (default: the latest event time seen); 0 if untracked."""
+        qids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
+        slots, found = self._lookup(qids)
+        out = np.zeros(len(qids), dtype=np.float64)
+        at = self._latest_ms if now_ms is None else int(now_ms)
+        out[found] = self._decayed(slots[found], at)
+        return out
+
+    def drop(self, query_ids: npt.ArrayLike) -> Int64Array:
+        """Forget queries of partitions this replica lost; returns the head ids among them.
+
+        Those head ids are also reported once in the next `changes().dropped`.
+        """
+        qids = np.unique(np.asarray(query_ids, dtype=np.int64).reshape(-1))
+        slots, found = self._lookup(qids)
+        slots = slots[found]
+        heads = np.sort(self._qid[slots[self._head[slots]]])
+        self._forget(slots)
+        self._dropped_heads = np.union1d(self._dropped_heads, heads)
+        return heads
+
+    # ---- state -------------------------------------------------------------------------
+
+    def state(self, query_ids: npt.ArrayLike | None = None) -> dict[str, npt.NDArray[Any]]:
+        """Columns per tracked query (all, or `query_ids`), enough to rebuild the tracker."""
+        if query_ids is None:
+            slots = self._key_slots
+        else:
+            s, found = self._lookup(np.asarray(query_ids, dtype=np.int64).reshape(-1))
+            slots = s[found]
+        return {
+            "query_ids": self._qid[slots].copy(),
+            "scores": self._score[slots].copy(),
+            "last_ms": self._last[slots].copy(),
+            "in_head": self._head[slots].copy(),
+            "has_vector": self._has_vec[slots].copy(),
+            "vectors": self._vec[slots].copy(),
+        }
+
+    def load_state(self, state: dict[str, npt.NDArray[Any]]) -> None:
+        """Merge rows from `state()` (replacing tracked ones); earlier heads re-enter at the
+        exit threshold in the next `changes()`, so hysteresis survives a move between replicas."""
+        qids = np.asarray(state["query_ids"], dtype=np.int64).reshape(-1)
+        n = len(qids)
+        vecs = np.ascontiguousarray(state["vectors"], dtype=np.float32).reshape(n, -1)
+        if n and vecs.shape[1] != self.dim:
+            raise ValueError(
+                f"load_state: vectors have dim {vecs.shape[1]}, tracker has {self.dim}"
+            )
+        uq, first = np.unique(qids[::-1], return_index=True)
+        rows = (n - 1 - first).astype(np.int64)
+        old, found = self._lookup(uq)
+        self._forget(old[found])
+        slots = self._alloc(len(uq))
+        self._qid[slots] = uq
+        self._score[slots] = np.asarray(state["scores"], dtype=np.float64)[rows]
+        self._last[slots] = np.asarray(state["last_ms"], dtype=np.int64)[rows]
+        self._has_vec[slots] = np.asarray(state["has_vector"], dtype=bool)[rows]
+        self._vec[slots] = vecs[rows]
+        self._resume[slots] = np.asarray(state["in_head"], dtype=bool)[rows]
+        self._head[slots] = self._dirty[slots] = False
+        self._used[slots] = True
+        order = np.argsort(np.concatenate([self._keys, uq]), kind="stable")
+        self._keys = np.concatenate([self._keys, uq])[order]
+        self._key_slots = np.concatenate([self._key_slots, slots])[order]
+        if len(uq):
+            self._latest_ms = max(self._latest_ms, int(self._last[slots].max()))
+
+    @classmethod
+    def from_state(
+        cls, cfg: HeadsConfig, dim: int, state: dict[str, npt.NDArray[Any]]
+    ) -> HeadQueryTracker:
+        """A tracker rebuilt from `state()`."""
+        tracker = cls(cfg, dim)
+        tracker.load_state(state)
+        return tracker
