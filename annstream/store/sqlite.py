@@ -1,0 +1,272 @@
+"""The embedded neighbour store: one SQLite file in WAL mode, same semantics as Aerospike.
+
+Rows hold the same bins as the Aerospike record (schemas/neighbour_record.md) as columns.
+The stale-write guard is the upsert's `WHERE excluded.version > version` clause, so it holds
+for any writer of the file, not only this process. Expired rows are invisible and are
+overwritten by any version, as an expired Aerospike record is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from annstream.config import StoreConfig
+from annstream.errors import StoreError, StoreUnavailableError
+from annstream.store.base import as_query_ids, check_ttl
+from annstream.store.record import (
+    BIN_ADVERTISERS,
+    BIN_AT,
+    BIN_CAMPAIGNS,
+    BIN_FORMAT,
+    BIN_IDS,
+    BIN_K,
+    BIN_SCORES,
+    BIN_VERSION,
+    LookupResult,
+    NeighbourLists,
+    UpsertResult,
+    lookup_result,
+    pack_records,
+)
+
+__all__ = ["SqliteStore"]
+
+logger = logging.getLogger(__name__)
+
+TABLE = "neighbour_lists"
+_CHUNK = 500  # host parameters per IN (...) list, well under SQLite's limit
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {TABLE} (
+    query_id INTEGER PRIMARY KEY,
+    fmt INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    computed_at_ms INTEGER NOT NULL,
+    k INTEGER NOT NULL,
+    ids BLOB NOT NULL,
+    scores BLOB NOT NULL,
+    campaign_ids BLOB,
+    advertiser_ids BLOB,
+    expires_at_ms INTEGER
+)
+"""
+
+_UPSERT = f"""
+INSERT INTO {TABLE} AS t
+    (query_id, fmt, version, computed_at_ms, k, ids, scores, campaign_ids, advertiser_ids,
+     expires_at_ms)
+VALUES (:qid, :fmt, :v, :at, :k, :ids, :sc, :cmp, :adv, :exp)
+ON CONFLICT (query_id) DO UPDATE SET
+    fmt = excluded.fmt, version = excluded.version, computed_at_ms = excluded.computed_at_ms,
+    k = excluded.k, ids = excluded.ids, scores = excluded.scores,
+    campaign_ids = excluded.campaign_ids, advertiser_ids = excluded.advertiser_ids,
+    expires_at_ms = CASE WHEN :keep_ttl AND NOT {{expired}} THEN t.expires_at_ms
+                         ELSE excluded.expires_at_ms END
+WHERE excluded.version > t.version OR {{expired}}
+""".format(expired="(t.expires_at_ms IS NOT NULL AND t.expires_at_ms <= :now)")
+
+_LIVE = "(expires_at_ms IS NULL OR expires_at_ms > ?)"
+
+
+def _chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class SqliteStore:
+    """Neighbour lists in one SQLite table; safe to share between threads of one process."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        cfg: StoreConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg or StoreConfig()
+        self.path = Path(path)
+        self.url = f"sqlite:///{self.path}"
+        self.clock = clock
+        self._lock = threading.Lock()
+        try:
+            if str(self.path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                str(self.path),
+                timeout=self.cfg.timeout_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _expires_at(self, ttl_s: int, now_ms: int) -> int | None:
+        return now_ms + ttl_s * 1000 if ttl_s > 0 else None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE with bounded retries while another writer holds the lock."""
+        attempt = 0
+        while True:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                attempt += 1
+                if attempt > self.cfg.retries:
+                    raise StoreUnavailableError(
+                        f"SQLite store {self.path} stayed locked after {attempt} tries: {exc}",
+                        retry_after=max(self.cfg.retry_backoff_s, 0.1),
+                    ) from exc
+                time.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    def _versions(self, qids: Sequence[int], now_ms: int) -> dict[int, int]:
+        versions: dict[int, int] = {}
+        for chunk in _chunks(qids):
+            rows = self._db.execute(
+                f"SELECT query_id, version FROM {TABLE} "
+                f"WHERE query_id IN ({_marks(len(chunk))}) AND {_LIVE}",
+                (*chunk, now_ms),
+            )
+            versions.update(rows.fetchall())
+        return versions
+
+    def upsert(self, lists: NeighbourLists, ttl_s: int | None = None) -> UpsertResult:
+        ttl = check_ttl(self.cfg.ttl_s if ttl_s is None else ttl_s, "upsert")
+        n = len(lists)
+        stored, stale, failed = (np.zeros(n, dtype=bool) for _ in range(3))
+        errors: dict[int, str] = {}
+        if n == 0:
+            return UpsertResult(stored, stale, failed, errors)
+        now = self._now_ms()
+        params: list[dict[str, Any]] = [
+            {
+                "qid": b["qid"],
+                "fmt": b[BIN_FORMAT],
+                "v": b[BIN_VERSION],
+                "at": b[BIN_AT],
+                "k": b[BIN_K],
+                "ids": b[BIN_IDS],
+                "sc": b[BIN_SCORES],
+                "cmp": b.get(BIN_CAMPAIGNS),
+                "adv": b.get(BIN_ADVERTISERS),
+                "exp": self._expires_at(ttl, now),
+                "now": now,
+                "keep_ttl": ttl == -2,
+            }
+            for b in pack_records(lists)
+        ]
+        qids = lists.query_ids.tolist()
+        with self._lock, self._transaction() as db:
+            before = self._versions(qids, now)
+            try:
+                db.executemany(_UPSERT, params)
+            except sqlite3.Error as exc:
+                logger.warning("SQLite batch upsert failed (%s); writing row by row", exc)
+                for row, p in enumerate(params):
+                    try:
+                        db.execute(_UPSERT, p)
+                    except sqlite3.Error as row_exc:
+                        failed[row] = True
+                        errors[row] = f"sqlite: {row_exc}"
+            after = self._versions(qids, now)
+        versions = lists.versions.tolist()
+        for row in range(n):
+            if failed[row]:
+                continue
+            prior, now_v = before.get(qids[row]), after.get(qids[row])
+            if now_v == versions[row] and (prior is None or prior < versions[row]):
+                stored[row] = True
+            else:
+                stale[row] = True
+        return UpsertResult(stored, stale, failed, errors)
+
+    def lookup(self, query_ids: npt.ArrayLike) -> LookupResult:
+        qids = as_query_ids(query_ids)
+        keys = qids.tolist()
+        now = self._now_ms()
+        found: dict[int, dict[str, Any]] = {}
+        columns = "query_id, fmt, version, computed_at_ms, k, ids, scores, campaign_ids, "
+        columns += "advertiser_ids"
+        with self._lock:
+            try:
+                for chunk in _chunks(keys):
+                    rows = self._db.execute(
+                        f"SELECT {columns} FROM {TABLE} "
+                        f"WHERE query_id IN ({_marks(len(chunk))}) AND {_LIVE}",
+                        (*chunk, now),
+                    )
+                    for qid, fmt, v, at, k, ids, sc, cmp, adv in rows:
+                        found[qid] = {
+                            BIN_FORMAT: fmt, BIN_VERSION: v, BIN_AT: at, BIN_K: k, BIN_IDS: ids,
+                            BIN_SCORES: sc, BIN_CAMPAIGNS: cmp, BIN_ADVERTISERS: adv,
+                        }  # fmt: skip
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailableError(f"SQLite store {self.path}: {exc}") from exc
+        return lookup_result(qids, [found.get(q) for q in keys])
+
+    def remove(self, query_ids: npt.ArrayLike) -> None:
+        keys = as_query_ids(query_ids).tolist()
+        with self._lock, self._transaction() as db:
+            for chunk in _chunks(keys):
+                db.execute(f"DELETE FROM {TABLE} WHERE query_id IN ({_marks(len(chunk))})", chunk)
+
+    def expire(self, query_ids: npt.ArrayLike, ttl_s: int) -> None:
+        ttl = check_ttl(ttl_s, "expire")
+        keys = as_query_ids(query_ids).tolist()
+        now = self._now_ms()
+        if ttl == -2:
+            return
+        with self._lock, self._transaction() as db:
+            for chunk in _chunks(keys):
+                db.execute(
+                    f"UPDATE {TABLE} SET expires_at_ms = ? "
+                    f"WHERE query_id IN ({_marks(len(chunk))}) AND {_LIVE}",
+                    (self._expires_at(ttl, now), *chunk, now),
+                )
+
+    def purge_expired(self) -> int:
+        """Delete expired rows (what nsup does on Aerospike); returns how many."""
+        with self._lock, self._transaction() as db:
+            cur = db.execute(
+                f"DELETE FROM {TABLE} WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?",
+                (self._now_ms(),),
+            )
+            return int(cur.rowcount)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
