@@ -1,0 +1,134 @@
+"""Drift: reservoir sampling, imbalance/recall checks, background retrain keeps every id."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from annstream.config import DriftConfig, IndexConfig
+from annstream.drift import BackgroundRetrainer, DriftMonitor, Reservoir
+from annstream.errors import IndexStateError
+from annstream.index import LiveIvfIndex
+
+D = 16
+CFG = IndexConfig(dim=D, nlist=16, nprobe=4)
+
+
+def _data(n: int, seed: int = 1338) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, D)).astype("float32")
+
+
+def _drifted(n: int, seed: int = 7) -> np.ndarray:
+    direction = np.zeros(D, dtype="float32")
+    direction[0] = 4.0
+    return (_data(n, seed) * 0.5 + direction).astype("float32")
+
+
+def test_reservoir_fills_then_stays_bounded_and_uniform() -> None:
+    res = Reservoir(capacity=500, dim=D, seed=3)
+    first = _data(300)
+    res.add(first)
+    assert len(res) == 300 and np.array_equal(res.sample(), first)
+    marks = np.repeat(np.arange(20_000, dtype="float32")[:, None], D, axis=1)
+    for i0 in range(0, 20_000, 1000):
+        res.add(marks[i0 : i0 + 1000])
+    assert len(res) == 500 and res.seen == 20_300
+    kept = res.sample()[:, 0]
+    late = kept[kept >= 1.0]
+    assert abs(late.mean() / 20_000 - 0.5) < 0.06
+    assert res.sample(50).shape == (50, D)
+    with pytest.raises(ValueError, match=r"\(n, 16\)"):
+        res.add(np.ones((2, 3), dtype="float32"))
+
+
+def test_monitor_checks_every_n_batches_only_when_enabled() -> None:
+    index = LiveIvfIndex.train(CFG, _data(2000, seed=1))
+    index.upsert(np.arange(500), _data(500))
+    monitor = DriftMonitor(DriftConfig(check_every_batches=3, reservoir_size=1000), D)
+    monitor.observe(_data(500))
+    reports = [monitor.after_batch(index) for _ in range(6)]
+    assert [r is not None for r in reports] == [False, False, True, False, False, True]
+    off = DriftMonitor(DriftConfig(enabled=False, check_every_batches=1), D)
+    assert off.after_batch(index) is None
+    assert off.should_retrain() == (False, "drift retraining is disabled (drift.enabled = false)")
+
+
+def test_recall_is_one_when_probing_every_list() -> None:
+    index = LiveIvfIndex.train(CFG, _data(2000, seed=1))
+    index.upsert(np.arange(1000), _data(1000))
+    index.nprobe = 16
+    monitor = DriftMonitor(DriftConfig(recall_sample=50), D)
+    monitor.observe(_data(1000))
+    report = monitor.check(index)
+    assert report.recall == 1.0 and report.ntotal == 1000 and report.version == 0
+
+
+def test_drifted_ads_trigger_retrain_and_retraining_rebalances() -> None:
+    index = LiveIvfIndex.train(CFG, _data(2000, seed=1))
+    cfg = DriftConfig(imbalance_threshold=1.6, recall_threshold=0.5, recall_sample=100)
+    monitor = DriftMonitor(cfg, D)
+    assert monitor.should_retrain() == (False, "no drift check yet")
+    ads = _drifted(3000)
+    index.upsert(np.arange(3000), ads)
+    monitor.observe(ads)
+    report = monitor.check(index)
+    due, reason = monitor.should_retrain()
+    assert due and "imbalance" in reason and report.imbalance > 1.6
+    retrainer = BackgroundRetrainer()
+    retrainer.start(index, monitor.reservoir.sample())
+    assert retrainer.wait(60)
+    new = retrainer.poll(index)
+    assert new is not None and new.version == 1
+    monitor.reset()
+    assert monitor.check(new).imbalance < report.imbalance
+    assert not monitor.should_retrain()[0]
+
+
+def test_too_few_ads_never_trigger() -> None:
+    index = LiveIvfIndex.train(CFG, _data(2000, seed=1))
+    index.upsert(np.arange(50), _drifted(50))
+    monitor = DriftMonitor(DriftConfig(), D)
+    monitor.observe(_drifted(50))
+    monitor.check(index)
+    due, reason = monitor.should_retrain()
+    assert not due and "too few ads" in reason
+
+
+def test_background_retrain_keeps_every_id_with_updates_during_training() -> None:
+    index = LiveIvfIndex.train(CFG, _data(2000, seed=1))
+    index.upsert(np.arange(1000), _data(1000))
+    retrainer = BackgroundRetrainer()
+    retrainer.start(index, _drifted(1000))
+    assert retrainer.running
+    index.upsert(np.array([5, 2000, 2001, 5]), _data(4, seed=9))
+    index.delete(np.array([7, 8, 4242]))
+    index.upsert(np.array([7]), _data(1, seed=10))
+    assert retrainer.wait(60)
+    new = retrainer.poll(index)
+    assert new is not None and not retrainer.running
+    assert new.version == index.version + 1 and new.nprobe == index.nprobe
+    assert np.array_equal(new.ids(), index.ids())
+    np.testing.assert_array_equal(new.vectors(new.ids()), index.vectors(index.ids()))
+    assert index.end_journal() == []
+    xq = _data(20, seed=12)
+    assert np.array_equal(new.search(xq, 5, nprobe=16)[1], index.search(xq, 5, nprobe=16)[1])
+
+
+def test_retrainer_guards() -> None:
+    index = LiveIvfIndex.train(CFG, _data(2000, seed=1))
+    index.upsert(np.arange(100), _data(100))
+    retrainer = BackgroundRetrainer()
+    assert retrainer.poll(index) is None
+    with pytest.raises(IndexStateError, match="too few"):
+        retrainer.start(index, _data(5))
+    retrainer.start(index, _data(500))
+    with pytest.raises(IndexStateError, match="already running"):
+        retrainer.start(index, _data(500))
+    other = LiveIvfIndex.train(CFG, _data(2000, seed=2))
+    assert retrainer.wait(60)
+    with pytest.raises(IndexStateError, match="started on"):
+        retrainer.poll(other)
+    retrainer.cancel(index)
+    assert not retrainer.running and retrainer.poll(index) is None
+    index.upsert([1], _data(1))
+    assert index.end_journal() == []
