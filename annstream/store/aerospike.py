@@ -44,8 +44,9 @@ logger = logging.getLogger(__name__)
 
 AerospikeError: type[Exception] = aerospike.exception.AerospikeError  # type: ignore[attr-defined]
 OK, NOT_FOUND, FORBIDDEN, FILTERED_OUT = 0, 2, 22, 27
-# Timeouts, connection and client errors, server busy / overloaded / migrating: worth a retry.
-RETRYABLE = frozenset({-12, -11, -10, -8, -7, -6, -1, 1, 7, 9, 11, 14, 18})
+# No response, timeouts, connection and client errors, server busy / overloaded / migrating:
+# worth a retry. -15 is what a record gets when its batch never reached a node.
+RETRYABLE = frozenset({-15, -12, -11, -10, -8, -7, -6, -1, 1, 7, 9, 11, 14, 18})
 _EXP_OR, _EXP_NOT, _EXP_BIN_EXISTS, _EXP_LT, _EXP_BIN, _EXP_VAL, _EXP_END = (
     17, 18, 83, 5, 81, 200, 150,
 )  # fmt: skip
@@ -219,18 +220,26 @@ class AerospikeStore:
         if qids.size == 0:
             return lookup_result(qids, [])
         keys = [self._key(q) for q in qids.tolist()]
-        batch = self._call("batch_read", self._client.batch_read, keys)
-        found: list[dict[str, Any] | None] = []
-        for rec in batch.batch_records:
-            code = int(rec.result)
-            if code == OK and rec.record is not None:
-                found.append(rec.record[2])
-            elif code == NOT_FOUND:
-                found.append(None)
-            elif code in RETRYABLE:
-                raise StoreUnavailableError(f"Aerospike batch_read on {self.url}: result {code}")
-            else:
-                raise StoreError(f"Aerospike batch_read on {self.url}: result {code}")
+        for attempt in range(self.cfg.retries + 1):
+            batch = self._call("batch_read", self._client.batch_read, keys)
+            codes = [int(rec.result) for rec in batch.batch_records]
+            transient = sorted({c for c in codes if c in RETRYABLE})
+            if not transient:
+                break
+            if attempt == self.cfg.retries:
+                raise StoreUnavailableError(
+                    f"Aerospike batch_read on {self.url}: results {transient} after "
+                    f"{attempt + 1} tries",
+                    retry_after=max(self.cfg.retry_backoff_s, 1.0),
+                )
+            time.sleep(self._backoff(attempt))
+        other = sorted(set(codes) - {OK, NOT_FOUND})
+        if other:
+            raise StoreError(f"Aerospike batch_read on {self.url}: results {other}")
+        found = [
+            rec.record[2] if code == OK and rec.record is not None else None
+            for rec, code in zip(batch.batch_records, codes, strict=True)
+        ]
         return lookup_result(qids, found)
 
     def _check_batch(self, what: str, batch: Any, ttl: int | None = None) -> None:
@@ -239,6 +248,11 @@ class AerospikeStore:
             raise StoreConfigError(
                 f"Aerospike namespace {self.namespace!r} refused {what} with TTL {ttl} "
                 "(result 22 FORBIDDEN): set nsup-period on the namespace or ttl_s = 0"
+            )
+        if codes & RETRYABLE:
+            raise StoreUnavailableError(
+                f"Aerospike {what} on {self.url}: results {sorted(codes)}",
+                retry_after=max(self.cfg.retry_backoff_s, 1.0),
             )
         if codes:
             raise StoreError(f"Aerospike {what} on {self.url}: results {sorted(codes)}")
