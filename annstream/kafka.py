@@ -37,12 +37,14 @@ _CONSUMER_DEFAULTS: dict[str, Any] = {
     "fetch.wait.max.ms": 50,
     "max.poll.interval.ms": 300_000,
     "partition.assignment.strategy": "cooperative-sticky",
+    "log_level": 4,
 }
 _PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
     "acks": "all",
     "linger.ms": 5,
     "compression.type": "lz4",
+    "log_level": 4,
 }
 
 

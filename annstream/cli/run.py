@@ -1,0 +1,70 @@
+"""`annstream run`: the long-running refresher service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from annstream.config import load_config
+
+HELP = "run the refresher service: consume ads and engagements, keep neighbour lists fresh"
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        help="TOML config file (sections kafka, index, snapshot, drift, heads, refresh, store, "
+        "service); ANNSTREAM_<SECTION>__<KEY> environment variables override it",
+    )
+    parser.add_argument(
+        "--bootstrap-servers", help="Kafka bootstrap servers (kafka.bootstrap_servers)"
+    )
+    parser.add_argument("--store", help="store URL: sqlite:///path or aerospike://host:port/ns/set")
+    parser.add_argument("--snapshot-dir", help="where index snapshots live (snapshot.dir)")
+    parser.add_argument("--group-id", help="consumer group of the replicas (kafka.group_id)")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Command-line flags as config overrides (flags win over file and environment)."""
+    out: dict[str, dict[str, Any]] = {}
+    pairs = {
+        "bootstrap_servers": ("kafka", "bootstrap_servers"),
+        "store": ("store", "url"),
+        "snapshot_dir": ("snapshot", "dir"),
+        "group_id": ("kafka", "group_id"),
+    }
+    for attr, (section, key) in pairs.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from consumers.service import RefresherService
+
+    cfg = load_config(args.config, overrides=overrides_from(args))
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        logger.info("signal %d: finishing the micro-batch and shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    service = RefresherService(cfg)
+    stats = service.run(stop)
+    logger.info(
+        "stopped: %d ad events, %d engagement events, %d records written, %d dead letters",
+        stats.ad_events,
+        stats.engagement_events,
+        stats.records_written,
+        stats.dead_letters,
+    )
+    return 0
