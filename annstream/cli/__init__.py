@@ -15,7 +15,7 @@ from annstream.errors import AnnstreamError
 
 __all__ = ["main"]
 
-COMMANDS: tuple[str, ...] = ("broker", "bench")
+COMMANDS: tuple[str, ...] = ("demo", "run", "broker", "bench", "lookup")
 
 
 def build_parser() -> argparse.ArgumentParser:
