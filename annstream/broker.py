@@ -164,7 +164,7 @@ def create_topics(
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers, **(client or {})})
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 3, **(client or {})})
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     wanted = [
         NewTopic(t, num_partitions=partitions, replication_factor=1)

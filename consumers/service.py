@@ -177,7 +177,7 @@ class RefresherService:
         from confluent_kafka.admin import AdminClient
 
         k = self.cfg.kafka
-        admin = AdminClient({"bootstrap.servers": k.bootstrap_servers, **k.client})
+        admin = AdminClient({"bootstrap.servers": k.bootstrap_servers, "log_level": 3, **k.client})
         meta = admin.list_topics(k.engagement_topic, timeout=10).topics[k.engagement_topic]
         create_topics(
             k.bootstrap_servers,

@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
             next(progress)
             if feeder.error is not None:
                 raise feeder.error
-            if s.refresher is not None and feeder.ident is None:
+            if s.engagements is not None and s.engagements.assigned and feeder.ident is None:
                 s.stats.freshness_ms.clear()
                 stream_start[0] = time.monotonic()
                 feeder.start()
