@@ -109,6 +109,8 @@ class RefreshConfig:
     """Micro-batches: every `batch_ms` or `batch_events`, whichever comes first.
 
     Each head query keeps `k` + `margin` neighbours; `nprobe` 0 means the index's own.
+    `scan_k`: changed ads considered per head query and micro-batch; a query with more
+    qualifying candidates is searched again in full.
     """
 
     k: int = 100
@@ -117,6 +119,7 @@ class RefreshConfig:
     batch_events: int = 5_000
     full_recompute_per_batch: int = 20_000
     nprobe: int = 0
+    scan_k: int = 16
 
 
 @dataclass(frozen=True)

