@@ -115,7 +115,7 @@ class RefreshConfig:
 
     k: int = 100
     margin: int = 20
-    batch_ms: int = 500
+    batch_ms: int = 250
     batch_events: int = 5_000
     full_recompute_per_batch: int = 20_000
     nprobe: int = 0
