@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aerospike
 import numpy as np
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
@@ -29,6 +30,7 @@ from annstream.index import LiveIvfIndex
 from annstream.kafka import make_consumer, make_producer
 from annstream.schemas import open_registry
 from annstream.store.base import NeighbourStore
+from annstream.testing.aerospike_server import AerospikeTestServer, Fault
 from consumers.service import RefresherService
 from producers.publish import id_keys
 from producers.sources import synthetic_ads, synthetic_engagements
@@ -107,14 +109,14 @@ def _workload(seed: int, engagements: int = 3_000, stream_ads: int = 600) -> Wor
                 else:
                     live.pop(ad, None)
     scores: dict[int, float] = {}
-    vectors: dict[int, np.ndarray] = {}
+    query_vectors: dict[int, np.ndarray] = {}
     for b in steps:
         if isinstance(b, EngagementBatch):
             for q, w, v in zip(b.query_ids.tolist(), b.weights.tolist(), b.vectors, strict=True):
                 scores[q] = scores.get(q, 0.0) + w
-                vectors[q] = v
+                query_vectors[q] = v
     heads = np.array(sorted(q for q, s in scores.items() if s >= ENTER), dtype="int64")
-    return Workload(steps, live, heads, vectors)
+    return Workload(steps, live, heads, query_vectors)
 
 
 def test_workload_has_ad_changes_and_many_heads() -> None:
@@ -377,3 +379,79 @@ def test_end_to_end_store_holds_the_exact_top_k_of_every_head_query(
     finally:
         service.shutdown()
     assert _committed(bootstrap, topics.engagements, group) == feed.engagement_ends
+
+
+# ---- 4. backpressure -------------------------------------------------------------------------
+
+
+def test_store_outage_pauses_consumption_and_commits_nothing_past_unstored_results(
+    bootstrap: str, topics: Topics, training_file: Path, training: np.ndarray, tmp_path: Path
+) -> None:
+    work = _workload(seed=4)
+    first = [i for i, b in enumerate(work.steps) if isinstance(b, EngagementBatch)][8]
+    group = f"bp-{uuid.uuid4().hex[:8]}"
+    with AerospikeTestServer(namespaces=["test"]) as server:
+        url = f"aerospike://{server.url_host}/test/neighbours"
+        settings = _settings(
+            bootstrap,
+            topics,
+            training_file,
+            url,
+            tmp_path / "snap",
+            group,
+            store={"timeout_ms": 500},
+        )
+        feed = Feed(bootstrap, topics)
+        service = RefresherService(_config(settings))
+        try:
+            for b in work.steps[:first]:
+                feed.send(b)
+            feed.flush()
+            before = feed.engagement_ends
+            _step_until(
+                [service],
+                lambda: service.idle and _committed(bootstrap, topics.engagements, group) == before,
+                "the events before the outage stored and committed",
+            )
+            stored_before = server.record_count()
+            assert stored_before > 0
+
+            digests = frozenset(
+                bytes(aerospike.calc_digest("test", "neighbours", QUERY_BASE + q))
+                for q in range(N_QUERIES)
+            )
+            server.inject(Fault(digests, result=14))  # KEY_BUSY on every write: transient
+            for b in work.steps[first:]:
+                feed.send(b)
+            feed.flush()
+            _step_until(
+                [service],
+                lambda: service.stats.store_failures >= 1,
+                "a micro-batch hitting the outage",
+            )
+            consumed = service.stats.engagement_events
+            seen_ads = service.stats.ad_events
+            while service.stats.store_failures < 3:
+                service.step()
+                # one pending micro-batch, nothing buffered behind it, no more consumption
+                assert service._pending is not None and not service._eng_buf
+                assert not service._ad_buf
+                assert service.stats.engagement_events == consumed
+                assert service.stats.ad_events == seen_ads
+                assert _committed(bootstrap, topics.engagements, group) == before
+            assert server.record_count() == stored_before
+
+            server.clear_faults()
+            _step_until(
+                [service],
+                lambda: (
+                    service.idle
+                    and _committed(bootstrap, topics.engagements, group) == feed.engagement_ends
+                ),
+                "every event stored and committed after the store came back",
+            )
+            assert service.stats.ad_events == feed.messages[topics.ads]
+            assert server.record_count() == len(work.heads)
+            assert _problems(service.store, work, _oracle(training, work.live)) == []
+        finally:
+            service.shutdown()
