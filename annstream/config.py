@@ -141,12 +141,22 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """The long-running process: metrics port (0 = off), logging, shutdown bound."""
+    """The long-running process: metrics port (0 = off), logging, shutdown bound.
+
+    Every `recall_every_batches` micro-batches (0 = never) `recall_sample` head queries' stored
+    lists are compared with an exact search; a recall@K under `recall_warn_below` is logged.
+    `/healthz` turns 503 when no loop step was seen for `health_stale_s`.
+    """
 
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     log_json: bool = False
     log_level: str = "INFO"
     shutdown_timeout_s: float = 30.0
+    recall_every_batches: int = 100
+    recall_sample: int = 100
+    recall_warn_below: float = 0.90
+    health_stale_s: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,212 @@
+"""Metrics registry, the HTTP endpoints on a free loopback port, and consumer lag on the broker."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from annstream.metrics import MetricsServer, ServiceMetrics, consumer_lag
+
+NAMES = {
+    "annstream_consumer_lag",
+    "annstream_micro_batch_seconds",
+    "annstream_freshness_seconds",
+    "annstream_index_ads",
+    "annstream_index_imbalance",
+    "annstream_index_memory_bytes",
+    "annstream_index_version",
+    "annstream_head_queries",
+    "annstream_upserts",
+    "annstream_deletes",
+    "annstream_records_written",
+    "annstream_store_errors",
+    "annstream_dead_letters",
+    "annstream_snapshot_age_seconds",
+    "annstream_recall_at_k",
+}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.headers["Content-Type"], r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+@pytest.fixture
+def observed() -> tuple[ServiceMetrics, Clock]:
+    clock = Clock()
+    m = ServiceMetrics(clock=clock)
+    m.heartbeat()
+    m.observe_consumed(ad_events=120, engagement_events=30)
+    m.observe_batch(0.2, upserts=100, deletes=4)
+    m.observe_stored(np.array([0.03, 0.3, 0.3, 2.0, 400.0]), records=7)
+    m.observe_dead_letters(2)
+    m.observe_index(ads=5_000, imbalance=1.25, memory_bytes=1 << 20, version=3)
+    m.observe_head_queries(42)
+    m.observe_lag("ads", {0: 5, 1: 0})
+    m.observe_lag("engagements", {2: 11})
+    m.observe_recall(0.93, k=10)
+    m.observe_snapshot(at=clock.now - 12.5)
+    return m, clock
+
+
+def test_metrics_registry_holds_every_metric_with_values(
+    observed: tuple[ServiceMetrics, Clock],
+) -> None:
+    m, _ = observed
+    text = m.render().decode()
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert names >= NAMES
+    s = _samples(text)
+    assert s[("annstream_upserts_total", ())] == 100
+    assert s[("annstream_consumer_lag", (("partition", "0"), ("topic", "ads")))] == 5
+    assert s[("annstream_consumer_lag", (("partition", "2"), ("topic", "engagements")))] == 11
+    assert s[("annstream_snapshot_age_seconds", ())] == 12.5
+    assert s[("annstream_recall_at_k", ())] == 0.93
+    assert s[("annstream_freshness_seconds_count", ())] == 5
+    assert s[("annstream_freshness_seconds_bucket", (("le", "0.05"),))] == 1
+    assert s[("annstream_freshness_seconds_bucket", (("le", "0.5"),))] == 3
+    assert s[("annstream_freshness_seconds_bucket", (("le", "300.0"),))] == 4
+    assert s[("annstream_freshness_seconds_bucket", (("le", "+Inf"),))] == 5
+    assert s[("annstream_freshness_seconds_sum", ())] == pytest.approx(402.63)
+    m.observe_lag("ads", {1: 3})
+    s = _samples(m.render().decode())
+    assert ("annstream_consumer_lag", (("partition", "0"), ("topic", "ads"))) not in s
+
+
+def test_metrics_registries_are_independent() -> None:
+    a, b = ServiceMetrics(), ServiceMetrics()
+    a.observe_batch(0.1, upserts=5)
+    assert _samples(b.render().decode())[("annstream_upserts_total", ())] == 0
+    with pytest.raises(ValueError, match="pass the increment"):
+        a.observe_dead_letters(-1)
+
+
+@pytest.fixture
+def server(observed: tuple[ServiceMetrics, Clock]) -> Iterator[tuple[MetricsServer, Clock]]:
+    m, clock = observed
+    with MetricsServer(0, m, health=lambda: m.health(stale_after_s=30)) as srv:
+        yield srv, clock
+
+
+def test_server_serves_metrics_text(server: tuple[MetricsServer, Clock]) -> None:
+    srv, _ = server
+    assert srv.port > 0
+    code, ctype, body = _get(f"{srv.url}/metrics")
+    assert code == 200 and ctype.startswith("text/plain")
+    assert {f.name for f in text_string_to_metric_families(body.decode())} >= NAMES
+    assert _get(f"{srv.url}/nope")[0] == 404
+
+
+def test_server_healthz_turns_503_when_stale_or_store_fails(
+    server: tuple[MetricsServer, Clock],
+) -> None:
+    srv, clock = server
+    code, ctype, body = _get(f"{srv.url}/healthz")
+    assert (code, ctype) == (200, "application/json") and json.loads(body)["healthy"] is True
+    clock.now += 31
+    code, _, body = _get(f"{srv.url}/healthz")
+    assert code == 503 and json.loads(body)["last_step_age_s"] == 31
+    srv.metrics.heartbeat()
+    srv.metrics.observe_store_error()
+    code, _, body = _get(f"{srv.url}/healthz")
+    assert code == 503 and json.loads(body)["store_ok"] is False
+    srv.metrics.observe_stored([], records=0)
+    assert _get(f"{srv.url}/healthz")[0] == 200
+
+
+def test_server_status_document(server: tuple[MetricsServer, Clock]) -> None:
+    srv, _ = server
+    code, _, body = _get(f"{srv.url}/status")
+    doc = json.loads(body)
+    assert code == 200
+    assert doc["lag"] == {
+        "total": 16,
+        "partitions": {"ads": {"0": 5, "1": 0}, "engagements": {"2": 11}},
+    }
+    assert doc["freshness_s"]["p50"] == pytest.approx(0.3)
+    assert doc["freshness_s"]["p99"] == pytest.approx(
+        np.percentile([0.03, 0.3, 0.3, 2.0, 400.0], 99)
+    )
+    assert doc["recall"]["value"] == 0.93 and doc["recall"]["k"] == 10
+    assert doc["index"] == {"ads": 5_000, "imbalance": 1.25, "memory_bytes": 1 << 20, "version": 3}
+    assert doc["head_queries"] == 42 and doc["micro_batches"] == 1
+    assert doc["counters"]["dead_letters"] == 2 and doc["counters"]["upserts"] == 100
+    assert doc["snapshot_age_s"] == 12.5
+
+
+def test_server_status_of_a_fresh_service_is_valid_json() -> None:
+    with MetricsServer(0, ServiceMetrics()) as srv:
+        code, _, body = _get(f"{srv.url}/status")
+        doc = json.loads(body)
+        assert code == 200 and doc["recall"]["value"] is None and doc["snapshot_age_s"] is None
+        assert _get(f"{srv.url}/healthz")[0] == 503  # no loop step seen yet
+
+
+def test_server_stop_frees_the_port() -> None:
+    srv = MetricsServer(0, ServiceMetrics()).start()
+    port = srv.port
+    srv.stop()
+    again = MetricsServer(port, ServiceMetrics())
+    again.stop()
+
+
+def test_consumer_lag_uses_cached_watermarks(
+    bootstrap: str, topic_factory: Callable[..., str]
+) -> None:
+    topic = topic_factory("lag", partitions=2)
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for i in range(300):
+        producer.produce(topic, value=b"x", partition=0 if i < 200 else 1)
+    producer.flush(10)
+    conf: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": "lag-test",
+        "enable.auto.commit": False,
+        "fetch.wait.max.ms": 50,
+    }
+    consumer = Consumer(conf)
+    try:
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in (0, 1)])
+        assert consumer_lag(consumer, topic, [0, 1]) == {}  # nothing fetched: unknown
+        positions: dict[int, int] = {}
+        deadline = time.monotonic() + 30
+        lag: dict[int, int] = {}
+        while lag != {0: 150, 1: 100} and time.monotonic() < deadline:
+            for msg in consumer.consume(50, 0.5):
+                p = int(msg.partition())
+                if p == 0 and positions.get(0, 0) < 50:
+                    positions[0] = int(msg.offset()) + 1
+            lag = consumer_lag(consumer, topic, [0, 1], positions)
+        assert lag == {0: 150, 1: 100}
+        fetched = consumer_lag(consumer, topic, [0, 1])
+        assert set(fetched) <= {0, 1} and all(v >= 0 for v in fetched.values())
+    finally:
+        consumer.close()
