@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from annstream.errors import AnnstreamError
+from annstream.logs import configure_logging
 
 __all__ = ["main"]
 
@@ -26,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument(
+        "--log-json", action="store_true", help="log one JSON object per line (secrets masked)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         module = importlib.import_module(f"annstream.cli.{name}")
@@ -37,11 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO, json=args.log_json)
     try:
         return int(args._run(args))
     except AnnstreamError as exc:
