@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -210,3 +211,26 @@ def test_consumer_lag_uses_cached_watermarks(
         assert set(fetched) <= {0, 1} and all(v >= 0 for v in fetched.values())
     finally:
         consumer.close()
+
+
+def test_status_command_prints_the_document(
+    server: tuple[MetricsServer, Clock], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from annstream.cli import main
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        srv, _ = server
+        assert main(["status", "--url", srv.url, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["lag"]["total"] == 16
+        assert main(["status", "--url", srv.url]) == 0
+        table = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+        assert table["lag.partitions.ads.0"] == "5" and table["recall.value"] == "0.93"
+        assert table["freshness_s.p99"] != "-"
+        srv.stop()
+        assert main(["status", "--url", srv.url, "--timeout", "2"]) == 2
+        assert "cannot reach" in capsys.readouterr().err
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
