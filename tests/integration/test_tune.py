@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,3 +104,22 @@ def test_choose_prefers_cheapest_meeting_else_best_recall() -> None:
 def test_tune_rejects_a_bad_target(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["tune", "--target", "1.5"]) == 2
     assert "--target must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_plot_helpers_write_pngs_and_name_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from annstream.errors import ConfigError
+    from bench.plots import plot_freshness_cdf, plot_ingest
+
+    rng = np.random.default_rng(0)
+    cdf = plot_freshness_cdf(
+        {"a": rng.exponential(0.3, 500), "b": [0.1, np.nan]}, tmp_path / "f.png"
+    )
+    ingest = plot_ingest([0.0, 1.0, 2.0, 3.0], [0, 900, 2100, 3000], tmp_path / "i.png")
+    assert cdf.read_bytes()[:4] == ingest.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="same length"):
+        plot_ingest([0.0], [1], tmp_path / "x.png")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ConfigError, match=r"pip install 'annstream\[plot\]'"):
+        plot_freshness_cdf([0.1, 0.2], tmp_path / "g.png")
