@@ -68,19 +68,22 @@ def consumer_lag(
     """partition -> messages behind the cached high watermark (partitions not yet fetched
     are left out).
 
-    `positions` (partition -> next offset to process) defaults to the consumer's fetch
-    position, which runs ahead of processing by what librdkafka has buffered.
+    `positions` (partition -> next offset to process) is what the caller has processed; a
+    partition missing from it falls back to the consumer's fetch position, which runs ahead
+    of processing by what librdkafka has buffered, then to the low watermark.
     """
     parts = sorted(int(p) for p in partitions)
-    if positions is None:
-        fetched = consumer.position([TopicPartition(topic, p) for p in parts])
-        positions = {int(tp.partition): int(tp.offset) for tp in fetched}
+    known = dict(positions or {})
+    ask = [p for p in parts if p not in known]
+    if ask:
+        fetched = consumer.position([TopicPartition(topic, p) for p in ask])
+        known.update({int(tp.partition): int(tp.offset) for tp in fetched})
     out: dict[int, int] = {}
     for p in parts:
         low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
         if high < 0:
             continue
-        pos = int(positions.get(p, _UNKNOWN_OFFSET))
+        pos = int(known.get(p, _UNKNOWN_OFFSET))
         if pos < 0:
             pos = max(int(low), 0)
         out[p] = max(int(high) - pos, 0)
