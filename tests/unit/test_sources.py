@@ -1,0 +1,207 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from annstream.errors import ConfigError
+from annstream.events import OP_DELETE, AdBatch, EngagementBatch
+from producers.publish import TokenBucket, id_keys
+from producers.sources import (
+    SourceError,
+    avro_file_kind,
+    glove_vectors,
+    read_ads,
+    read_engagements,
+    synthetic_ads,
+    synthetic_engagements,
+    write_avro_file,
+    zipf_probabilities,
+)
+
+DIM = 8
+T0 = 1_700_000_000_000
+
+
+def _ads(n: int = 7, seed: int = 0) -> AdBatch:
+    rng = np.random.default_rng(seed)
+    return AdBatch.upserts(
+        np.arange(n) + 10,
+        rng.standard_normal((n, DIM)),
+        T0 + np.arange(n),
+        campaign_ids=np.arange(n) % 2,
+        model_version="m1",
+    )
+
+
+def _concat(batches: list[AdBatch]) -> AdBatch:
+    return AdBatch(
+        ad_ids=np.concatenate([b.ad_ids for b in batches]),
+        ops=np.concatenate([b.ops for b in batches]),
+        vectors=np.concatenate([b.vectors for b in batches]),
+        event_time_ms=np.concatenate([b.event_time_ms for b in batches]),
+        advertiser_ids=np.concatenate([b.advertiser_ids for b in batches]),
+        campaign_ids=np.concatenate([b.campaign_ids for b in batches]),
+        model_versions=sum((b.model_versions or ("",) * len(b) for b in batches), ()),
+    )
+
+
+def test_sources_npy_rows_become_ads_with_ids_from_id_start(tmp_path: Path) -> None:
+    vectors = np.random.default_rng(1).standard_normal((5, DIM)).astype("float32")
+    np.save(tmp_path / "v.npy", vectors)
+    batches = list(read_ads(tmp_path / "v.npy", DIM, batch_size=2, id_start=100, event_time_ms=T0))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    got = _concat(batches)
+    np.testing.assert_array_equal(got.ad_ids, np.arange(100, 105))
+    np.testing.assert_array_equal(got.vectors, vectors)
+    assert (got.event_time_ms == T0).all()
+
+
+def test_sources_npz_keeps_ids_times_and_ops(tmp_path: Path) -> None:
+    ads = _ads()
+    ops = np.zeros(len(ads), "uint8")
+    ops[3] = OP_DELETE
+    np.savez(
+        tmp_path / "a.npz",
+        ad_ids=ads.ad_ids,
+        vectors=ads.vectors,
+        event_time_ms=ads.event_time_ms,
+        campaign_ids=ads.campaign_ids,
+        ops=ops,
+    )
+    got = _concat(list(read_ads(tmp_path / "a.npz", DIM)))
+    np.testing.assert_array_equal(got.ad_ids, ads.ad_ids)
+    np.testing.assert_array_equal(got.event_time_ms, ads.event_time_ms)
+    np.testing.assert_array_equal(got.campaign_ids, ads.campaign_ids)
+    np.testing.assert_array_equal(got.ops, ops)
+
+
+def test_sources_avro_file_round_trip(tmp_path: Path) -> None:
+    ads = _concat([_ads(7), AdBatch.deletes(np.array([10]), DIM, T0 + 99)])
+    path = tmp_path / "ads.avro"
+    assert write_avro_file(path, [ads.take(np.arange(4)), ads.take(np.arange(4, 8))]) == 8
+    assert avro_file_kind(path) == "ads"
+    got = _concat(list(read_ads(path, DIM, batch_size=3)))
+    for name in ("ad_ids", "ops", "vectors", "event_time_ms", "advertiser_ids", "campaign_ids"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(ads, name), err_msg=name)
+    assert got.model_versions == ("m1",) * 7 + ("",)
+
+
+def test_sources_engagement_avro_round_trip(tmp_path: Path) -> None:
+    events = next(synthetic_engagements(50, queries=20, dim=DIM, ads=5, seed=3))
+    path = tmp_path / "eng.avro"
+    write_avro_file(path, [events])
+    assert avro_file_kind(path) == "engagements"
+    (got,) = list(read_engagements(path))
+    for name in ("query_ids", "item_ids", "event_types", "weights", "event_time_ms", "vectors"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(events, name), err_msg=name)
+    assert got.has_vector.all()
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "message"),
+    [
+        ("missing.npy", None, "file not found"),
+        ("ads.csv", "text", "unknown file extension '.csv'"),
+        ("wide.npy", "wide", "dimension 9, the index expects 8"),
+        ("bad.npz", "mismatch", "ids and vectors must have the same length"),
+        ("noids.npz", "noids", "no 'ad_ids'"),
+    ],
+)
+def test_sources_bad_inputs_are_rejected_with_a_reason(
+    tmp_path: Path, name: str, make: str | None, message: str
+) -> None:
+    path = tmp_path / name
+    if make == "text":
+        path.write_text("id,vector\n")
+    elif make == "wide":
+        np.save(path, np.ones((3, DIM + 1), "float32"))
+    elif make == "mismatch":
+        np.savez(path, ad_ids=np.arange(4), vectors=np.ones((3, DIM), "float32"))
+    elif make == "noids":
+        np.savez(path, vectors=np.ones((3, DIM), "float32"))
+    with pytest.raises(SourceError, match=message):
+        read_ads(path, DIM)
+
+
+def test_sources_avro_wrong_dimension_and_wrong_kind(tmp_path: Path) -> None:
+    path = tmp_path / "ads.avro"
+    write_avro_file(path, [_ads(3)])
+    with pytest.raises(SourceError, match=r"record 0 has an embedding of 8 floats, expected dim"):
+        list(read_ads(path, DIM + 4))
+    with pytest.raises(SourceError, match="holds ads, not engagements"):
+        read_engagements(path)
+
+
+def test_sources_parquet_needs_pyarrow_or_reads(tmp_path: Path) -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        (tmp_path / "a.parquet").write_bytes(b"PAR1")
+        with pytest.raises(ConfigError, match="pip install pyarrow"):
+            read_ads(tmp_path / "a.parquet", DIM)
+        return
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    ads = _ads(4)
+    table = pa.table(
+        {
+            "ad_id": ads.ad_ids,
+            "embedding": [list(map(float, v)) for v in ads.vectors],
+            "event_time": ads.event_time_ms,
+        }
+    )
+    pq.write_table(table, tmp_path / "a.parquet")
+    got = _concat(list(read_ads(tmp_path / "a.parquet", DIM)))
+    np.testing.assert_array_equal(got.ad_ids, ads.ad_ids)
+    np.testing.assert_allclose(got.vectors, ads.vectors)
+    np.testing.assert_array_equal(got.event_time_ms, ads.event_time_ms)
+
+
+def test_sources_synthetic_engagements_follow_zipf_and_are_seeded() -> None:
+    a = next(synthetic_engagements(20_000, queries=1_000, dim=DIM, seed=7, batch_size=20_000))
+    b = next(synthetic_engagements(20_000, queries=1_000, dim=DIM, seed=7, batch_size=20_000))
+    np.testing.assert_array_equal(a.query_ids, b.query_ids)
+    _, counts = np.unique(a.query_ids, return_counts=True)
+    counts.sort()
+    top, median = counts[-1], np.median(counts)
+    p = zipf_probabilities(1_000, 1.1)
+    assert top > 0.5 * p[0] * 20_000
+    assert top > 20 * median
+    # every event of one query carries that query's vector
+    first = a.query_ids == a.query_ids[0]
+    assert (a.vectors[first] == a.vectors[0]).all()
+
+
+def test_sources_synthetic_glove_ads_and_queries_use_disjoint_rows() -> None:
+    pool = glove_vectors()
+    assert pool.shape == (400_000, 50)
+    ads = next(synthetic_ads(200, seed=1, queries=300))
+    events = next(synthetic_engagements(500, seed=1, queries=300))
+    assert ads.vectors.flags.c_contiguous and ads.vectors.dtype == np.float32
+    assert ads.dim == 50 and events.dim == 50
+    ad_rows = {v.tobytes() for v in ads.vectors}
+    assert not ad_rows & {v.tobytes() for v in events.vectors}
+    assert np.any(ads.vectors != 0, axis=1).all()
+
+
+def test_publish_keys_are_big_endian_int64() -> None:
+    assert id_keys(np.array([1, -1, 2**40])) == [
+        (1).to_bytes(8, "big"),
+        (-1).to_bytes(8, "big", signed=True),
+        (2**40).to_bytes(8, "big"),
+    ]
+
+
+def test_publish_token_bucket_paces_by_rate_not_per_message() -> None:
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    bucket = TokenBucket(1_000, clock=lambda: now[0], sleep=sleep)
+    granted = 0
+    while granted < 5_000:
+        granted += bucket.grant(5_000 - granted)
+    assert 4.8 <= now[0] <= 5.0
