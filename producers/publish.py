@@ -73,15 +73,19 @@ class TokenBucket:
         """Wait until some tokens are there and take up to `wanted` of them (at least 1)."""
         if self.rate == 0 or wanted <= 0:
             return wanted
-        while True:
-            now = self._clock()
-            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-            self._last = now
-            if self._tokens >= 1:
-                take = min(wanted, int(self._tokens))
-                self._tokens -= take
-                return take
+        self._refill()
+        if self._tokens < 1:
             self._sleep((1 - self._tokens) / self.rate)
+            self._refill()
+            self._tokens = max(self._tokens, 1.0)
+        take = min(wanted, int(self._tokens))
+        self._tokens -= take
+        return take
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
 
 
 class Progress:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from annstream.errors import ConfigError
-from annstream.events import OP_DELETE, AdBatch, EngagementBatch
+from annstream.events import OP_DELETE, AdBatch
 from producers.publish import TokenBucket, id_keys
 from producers.sources import (
     SourceError,
