@@ -10,7 +10,11 @@ so decay never matters and the head set is exactly the queries whose engagement 
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -29,6 +33,8 @@ from annstream.events import AdBatch, EngagementBatch
 from annstream.index import LiveIvfIndex
 from annstream.kafka import make_consumer, make_producer
 from annstream.schemas import open_registry
+from annstream.snapshot import load_latest_snapshot
+from annstream.store import open_store
 from annstream.store.base import NeighbourStore
 from annstream.testing.aerospike_server import AerospikeTestServer, Fault
 from consumers.service import RefresherService
@@ -379,6 +385,238 @@ def test_end_to_end_store_holds_the_exact_top_k_of_every_head_query(
     finally:
         service.shutdown()
     assert _committed(bootstrap, topics.engagements, group) == feed.engagement_ends
+
+
+# ---- 2. crash recovery -----------------------------------------------------------------------
+
+_RUN = "import sys; from annstream.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _spawn(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`annstream run --config FILE` in a child process, its output in `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-c", _RUN, "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=config.parent,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def _wait_for_log(
+    proc: subprocess.Popen[bytes], log: Path, text: str, count: int, guard_s: float
+) -> None:
+    """Until `text` appears `count` times in `log` (the service logs progress, we read it)."""
+    deadline = time.monotonic() + guard_s
+    while log.read_text(errors="replace").count(text) < count:
+        if proc.poll() is not None:
+            raise AssertionError(f"service exited with {proc.returncode}:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {count} x {text!r} within {guard_s:.0f} s:\n{_tail(log)}")
+        time.sleep(0.1)
+
+
+def _tail(log: Path, lines: int = 40) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _wait_until(done: Callable[[], bool], what: str, guard_s: float = HANG_GUARD_S) -> None:
+    deadline = time.monotonic() + guard_s
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {guard_s:.0f} s: {what}")
+        time.sleep(0.5)
+
+
+def test_kill_9_at_random_points_then_restart_ends_like_an_uninterrupted_run(
+    bootstrap: str, topics: Topics, training_file: Path, training: np.ndarray, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(2024)
+    work = _workload(seed=2)
+    group = f"crash-{uuid.uuid4().hex[:8]}"
+    db = tmp_path / "store.db"
+    settings = _settings(
+        bootstrap,
+        topics,
+        training_file,
+        f"sqlite:///{db}",
+        tmp_path / "snap",
+        group,
+        kafka={"client": {"session.timeout.ms": "3000"}},
+        service={"log_level": "INFO", "shutdown_timeout_s": 20.0},
+    )
+    config = tmp_path / "annstream.toml"
+    config.write_text(_toml(settings))
+    feed = Feed(bootstrap, topics)
+    first_eng = next(i for i, b in enumerate(work.steps) if isinstance(b, EngagementBatch))
+    for b in work.steps[:first_eng]:
+        feed.send(b)
+    feed.flush()
+    chunks = np.array_split(np.arange(first_eng, len(work.steps)), 4)
+    oracle = _oracle(training, work.live)
+    logs: list[Path] = []
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        for run, chunk in enumerate(chunks):
+            logs.append(tmp_path / f"run-{run}.log")
+            proc = _spawn(config, logs[-1])
+            # every partition restored: from here on each kill lands while events flow
+            restored = "head-state chunks of partition"
+            _wait_for_log(proc, logs[-1], restored, ENG_PARTITIONS, HANG_GUARD_S)
+            half = len(chunk) // 2
+            for i in chunk[:half].tolist():
+                feed.send(work.steps[i])
+            feed.flush()
+            if run < 3:
+                time.sleep(float(rng.uniform(0.0, 0.5)))
+            for i in chunk[half:].tolist():
+                feed.send(work.steps[i])
+            feed.flush()
+            if run < 3:
+                time.sleep(float(rng.uniform(0.0, 0.4)))
+                proc.send_signal(signal.SIGKILL)
+                assert proc.wait(30) == -signal.SIGKILL
+        assert proc is not None
+        store = open_store(f"sqlite:///{db}")
+        try:
+            _wait_until(
+                lambda: (
+                    proc.poll() is None
+                    and _committed(bootstrap, topics.engagements, group) == feed.engagement_ends
+                    and _sqlite_query_ids(db) == set(work.heads.tolist())
+                    and not _problems(store, work, oracle)
+                ),
+                "the store equal to the oracle after the last restart",
+            )
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, _tail(logs[-1])
+            assert _problems(store, work, oracle) == []
+        finally:
+            store.close()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert _committed(bootstrap, topics.engagements, group) == feed.engagement_ends
+    snap = load_latest_snapshot(tmp_path / "snap", ICFG)
+    assert snap is not None
+    assert {p: o for (t, p), o in snap.offsets.items() if t == topics.ads} == feed.ends[topics.ads]
+    np.testing.assert_array_equal(snap.index.ids(), sorted(work.live))
+    assert _sqlite_query_ids(db) == set(work.heads.tolist())
+
+
+# ---- 3. two replicas -------------------------------------------------------------------------
+
+
+def _owned_heads(service: RefresherService) -> np.ndarray:
+    return np.empty(0, "int64") if service.refresher is None else service.refresher.head_ids()
+
+
+def test_two_replicas_shard_head_queries_and_the_survivor_takes_over(
+    bootstrap: str, topics: Topics, training_file: Path, training: np.ndarray, tmp_path: Path
+) -> None:
+    work = _workload(seed=3)
+    group = f"replicas-{uuid.uuid4().hex[:8]}"
+    db = tmp_path / "store.db"
+
+    def replica(name: str) -> RefresherService:
+        settings = _settings(
+            bootstrap,
+            topics,
+            training_file,
+            f"sqlite:///{db}",
+            tmp_path / f"snap-{name}",
+            group,
+            kafka={"client": {"session.timeout.ms": "3000"}},
+        )
+        return RefresherService(_config(settings))
+
+    feed = Feed(bootstrap, topics)
+    n = len(work.steps)
+    phases = [work.steps[: n // 3], work.steps[n // 3 : 2 * n // 3], work.steps[2 * n // 3 :]]
+    a = replica("a")
+    b: RefresherService | None = None
+    try:
+        for batch in phases[0]:
+            feed.send(batch)
+        feed.flush()
+        ends = feed.engagement_ends
+        _step_until(
+            [a],
+            lambda: a.idle and _committed(bootstrap, topics.engagements, group) == ends,
+            "replica a alone consumed the first events",
+        )
+        assert a.engagements is not None and a.engagements.assigned == set(range(ENG_PARTITIONS))
+        assert len(_owned_heads(a))
+
+        b = replica("b")
+        both = [a, b]
+
+        def sharded() -> bool:
+            pa = a.engagements.assigned if a.engagements else set()
+            pb = b.engagements.assigned if b.engagements else set()
+            return bool(pa) and bool(pb) and not pa & pb and len(pa | pb) == ENG_PARTITIONS
+
+        def check_disjoint_shards() -> None:
+            """Each replica's head queries come from the partitions it owns, none from both.
+
+            Checked once both ran a micro-batch after the rebalance: a replica forgets the
+            head queries of revoked partitions in its next micro-batch, and the new owner
+            re-enters them in its next one."""
+            assert not len(np.intersect1d(_owned_heads(a), _owned_heads(b)))
+            for s in both:
+                owned = s.engagements.assigned if s.engagements else set()
+                parts = {s._query_partition[q] for q in _owned_heads(s).tolist()}
+                assert parts <= owned, (parts, owned)
+
+        _step_until(both, sharded, "the partitions split between the two replicas")
+        for batch in phases[1]:
+            feed.send(batch)
+        feed.flush()
+        ends = feed.engagement_ends
+        _step_until(
+            both,
+            lambda: (
+                sharded()
+                and a.idle
+                and b.idle
+                and _committed(bootstrap, topics.engagements, group) == ends
+            ),
+            "both replicas consumed their shards",
+        )
+        check_disjoint_shards()
+        assert len(_owned_heads(a)) and len(_owned_heads(b))
+
+        a.shutdown()
+        survivor = b
+        _step_until(
+            [survivor],
+            lambda: (
+                survivor.engagements is not None
+                and survivor.engagements.assigned == set(range(ENG_PARTITIONS))
+            ),
+            "the survivor owning every partition",
+        )
+        for batch in phases[2]:
+            feed.send(batch)
+        feed.flush()
+        ends = feed.engagement_ends
+        _step_until(
+            [survivor],
+            lambda: (
+                survivor.idle
+                and survivor.stats.ad_events >= feed.messages[topics.ads]
+                and _committed(bootstrap, topics.engagements, group) == ends
+            ),
+            "the survivor consumed the rest",
+        )
+        np.testing.assert_array_equal(_owned_heads(survivor), work.heads)
+        assert _sqlite_query_ids(db) == set(work.heads.tolist())
+        assert _problems(survivor.store, work, _oracle(training, work.live)) == []
+    finally:
+        if b is not None:
+            b.shutdown()
 
 
 # ---- 4. backpressure -------------------------------------------------------------------------
