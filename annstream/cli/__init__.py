@@ -16,7 +16,17 @@ from annstream.logs import configure_logging
 
 __all__ = ["main"]
 
-COMMANDS: tuple[str, ...] = ("demo", "run", "broker", "bench", "lookup", "tune", "status")
+COMMANDS: tuple[str, ...] = (
+    "demo",
+    "run",
+    "broker",
+    "produce",
+    "replay",
+    "bench",
+    "lookup",
+    "tune",
+    "status",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

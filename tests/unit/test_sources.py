@@ -8,6 +8,7 @@ import pytest
 from annstream.errors import ConfigError
 from annstream.events import OP_DELETE, AdBatch
 from producers.publish import TokenBucket, id_keys
+from producers.replay import _Pacer
 from producers.sources import (
     SourceError,
     avro_file_kind,
@@ -205,3 +206,11 @@ def test_publish_token_bucket_paces_by_rate_not_per_message() -> None:
     while granted < 5_000:
         granted += bucket.grant(5_000 - granted)
     assert 4.8 <= now[0] <= 5.0
+
+
+def test_replay_pacer_spaces_events_by_event_time_over_speed() -> None:
+    pacer = _Pacer(speed=2.0, clock=lambda: 100.0)
+    due = pacer.due(np.array([T0, T0 + 1_000, T0 + 500, T0 + 4_000]))
+    assert due is not None
+    np.testing.assert_allclose(due, [100.0, 100.5, 100.5, 102.0])
+    assert _Pacer(speed=0).due(np.array([T0, T0 + 1])) is None
