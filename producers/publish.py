@@ -106,7 +106,7 @@ class Progress:
         self.log_every_s = log_every_s
         self.done = 0
         self._start = time.monotonic()
-        self._shown = 0.0
+        self._shown = 0.0 if self.bar else self._start
 
     def update(self, n: int) -> None:
         self.done += n
@@ -198,7 +198,7 @@ class Publisher:
                 self.stats.failed += 1
                 if not self.stats.first_error:
                     self.stats.first_error = str(err)
-                logger.error("delivery to %s failed: %s", self.topic, err)
+                    logger.error("delivery to %s failed: %s", self.topic, err)
             else:
                 self.stats.delivered += 1
                 if self.progress:

@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     batches, total = _batches(args, cfg)
     if args.to_file:
         rows = write_avro_file(args.to_file, batches)
-        print(f"wrote {rows} {args.kind} events to {args.to_file}")
+        print(f"wrote {rows} events ({args.kind}) to {args.to_file}")
         return 0
     peek = cast(AdBatch | EngagementBatch | None, next(batches, None))
     if peek is None:

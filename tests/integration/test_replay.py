@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 
+from annstream.broker import free_port
 from annstream.cli import main
 from annstream.codec import AdCodec
 from annstream.config import KafkaConfig
@@ -166,6 +167,23 @@ def test_replay_cli_file_with_checkpoint(
     assert main(argv) == 0
     assert "(resumed after 200 delivered earlier)" in capsys.readouterr().out
     assert sum(_check_target(consume_all(bootstrap, target, N), history).values()) == 0
+
+
+def test_replay_cli_failed_deliveries_exit_nonzero_and_leave_no_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "ads.avro"
+    write_avro_file(path, [_history().take(np.arange(20))])
+    config = tmp_path / "c.toml"
+    config.write_text('[kafka.client]\n"message.timeout.ms" = "500"\n')
+    ckpt = tmp_path / "c.ckpt"
+    argv = ["replay", "--from-file", str(path), "--to-topic", "t", "--config", str(config),
+            "--bootstrap-servers", f"127.0.0.1:{free_port()}", "--checkpoint", str(ckpt)]  # fmt: skip
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "0 of 20 events delivered" in captured.out and "20 failed" in captured.out
+    assert "20 events not delivered" in captured.err
+    assert not ckpt.exists()
 
 
 def test_replay_refuses_a_checkpoint_of_another_replay(tmp_path: Path) -> None:
