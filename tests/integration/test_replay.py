@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from producers.sources import write_avro_file
 DIM = 8
 T0 = 1_700_000_000_000
 N = 600
+CLI = "import sys; from annstream.cli import main; sys.exit(main())"
 KEYS = 40
 
 
@@ -114,6 +117,38 @@ def test_replay_file_resumes_after_interruption_without_gaps(
 
     again = replay_file(path, _publisher(bootstrap, target), registry, checkpoint=ckpt)
     assert again.stats.sent == 0
+
+
+def test_replay_killed_with_sigkill_resumes_with_at_most_the_unconfirmed_tail(
+    bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    history = _history()
+    path = tmp_path / "ads.avro"
+    write_avro_file(path, [history])
+    target = topic_factory("kill", partitions=3)
+    ckpt = tmp_path / "kill.ckpt"
+    batch = 40
+    argv = [sys.executable, "-c", CLI, "replay", "--from-file", str(path),
+            "--to-topic", target, "--bootstrap-servers", bootstrap, "--checkpoint", str(ckpt),
+            "--batch-size", str(batch)]  # fmt: skip
+    proc = subprocess.Popen([*argv, "--rate", "400"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ckpt.exists() and json.loads(ckpt.read_text())["delivered"] >= N // 3:
+                break
+            time.sleep(0.02)
+    finally:
+        proc.kill()  # SIGKILL: no flush, no final checkpoint
+        proc.wait()
+    confirmed = json.loads(ckpt.read_text())["delivered"]
+    assert N // 3 <= confirmed < N
+
+    assert subprocess.run(argv, stdout=subprocess.DEVNULL, check=False).returncode == 0
+    dups = _check_target(consume_all(bootstrap, target, N), history)
+    # only what was sent after the last checkpoint, and not yet confirmed, can come twice
+    assert sum(dups.values()) <= 3 * batch
+    assert set(dups) <= set(range(confirmed, N))
 
 
 def test_replay_topic_time_range_keeps_order_and_resumes(
