@@ -1,0 +1,7 @@
+"""`python -m annstream.cli` runs the annstream command."""
+
+import sys
+
+from annstream.cli import main
+
+sys.exit(main())
