@@ -47,8 +47,8 @@ Float32Array = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
 VectorLookup = Callable[[Int64Array], npt.ArrayLike]
 
-_REBUILD_FRACTION = 0.1
-_DELETE_TOL = 1e-3
+_HOLD_BITS = 18
+_FILTER_TOL = 1e-4
 
 
 def _empty_ids() -> Int64Array:
@@ -121,63 +121,6 @@ class MicroBatcher:
         self.started_ms = self._now(now_ms)
 
 
-class _Routing:
-    """list -> head query slots, as a CSR table plus a small CSR of recent additions."""
-
-    def __init__(self, nlist: int) -> None:
-        self.nlist = nlist
-        self.ptr = np.zeros(nlist + 1, dtype=np.int64)
-        self.slots = _empty_ids()
-        self.xptr = np.zeros(nlist + 1, dtype=np.int64)
-        self.xslots = _empty_ids()
-        self.extra: list[Int64Array] = []
-        self.n_extra = 0
-
-    def _csr(self, slots: Int64Array, probes: Int64Array) -> tuple[Int64Array, Int64Array]:
-        lists = probes.reshape(-1)
-        owners = np.repeat(slots, probes.shape[1])
-        ok = lists >= 0
-        lists, owners = lists[ok], owners[ok]
-        order = np.argsort(lists, kind="stable")
-        counts = np.bincount(lists, minlength=self.nlist)
-        ptr = np.zeros(self.nlist + 1, dtype=np.int64)
-        np.cumsum(counts, out=ptr[1:])
-        return ptr, owners[order]
-
-    def rebuild(self, slots: Int64Array, probes: Int64Array) -> None:
-        self.ptr, self.slots = self._csr(slots, probes)
-        self.xptr = np.zeros(self.nlist + 1, dtype=np.int64)
-        self.xslots = _empty_ids()
-        self.extra, self.n_extra = [], 0
-
-    def add(self, slots: Int64Array, all_probes: npt.NDArray[np.int64]) -> bool:
-        """Route new slots; True when the caller should rebuild the main table instead."""
-        if len(slots) == 0:
-            return False
-        self.extra.append(slots)
-        self.n_extra += len(slots)
-        if self.n_extra > _REBUILD_FRACTION * max(
-            len(self.slots) / max(all_probes.shape[1], 1), 1024
-        ):
-            return True
-        extra = np.concatenate(self.extra)
-        self.xptr, self.xslots = self._csr(extra, all_probes[extra])
-        return False
-
-    def gather(self, lists: Int64Array) -> Int64Array:
-        """Slots routed to any of `lists` (with repeats and dead slots)."""
-        parts = []
-        for ptr, slots in ((self.ptr, self.slots), (self.xptr, self.xslots)):
-            if len(slots) == 0:
-                continue
-            start, stop = ptr[lists], ptr[lists + 1]
-            counts = stop - start
-            total = int(counts.sum())
-            offsets = np.repeat(start - np.cumsum(counts) + counts, counts)
-            parts.append(slots[np.arange(total) + offsets])
-        return np.concatenate(parts) if parts else _empty_ids()
-
-
 class Refresher:
     """Maintains the K + margin neighbour lists of the head queries against a live index."""
 
@@ -211,7 +154,10 @@ class Refresher:
         self._keys = _empty_ids()
         self._key_slots = _empty_ids()
         self._pending = _empty_ids()
-        self._routing = _Routing(int(index.ivf.nlist))
+        self._snapped = np.zeros(0, dtype=bool)
+        self._before_slots: list[Int64Array] = []
+        self._before_ids: list[Int64Array] = []
+        self._nlist = int(index.ivf.nlist)
 
     @property
     def nprobe_eff(self) -> int:
@@ -301,50 +247,100 @@ class Refresher:
         self._n = len(live)
         self._pending = remap[self._pending]
         self._pending = self._pending[self._pending >= 0]
-        routed = np.flatnonzero(self._routed[: self._n])
-        self._routing.rebuild(routed, self._probe[routed])
         self._reindex()
-
-    def _route_new(self, slots: Int64Array) -> None:
-        if self._routing.add(slots, self._probe):
-            if self._n > 2 * len(self._keys) + 1024:
-                self._compact()
-            else:
-                routed = np.flatnonzero(self._routed[: self._n])
-                self._routing.rebuild(routed, self._probe[routed])
 
     # ---- scoring -----------------------------------------------------------------------
 
-    def _scan(
-        self, vecs: Float32Array, lists: Int64Array, slots: Int64Array, k: int
-    ) -> tuple[Float32Array, Int64Array]:
-        """Score the batch's changed ads against `slots` through their stored probe lists.
+    def _held(self, removed: Int64Array) -> tuple[Int64Array, Int64Array]:
+        """(rows, columns) of the routed neighbour-list entries holding a removed ad.
 
-        The ads go into a throwaway IVFFlat sharing the live quantizer, at the lists they
-        hold in the live index; one `search_preassigned` then returns, per head query, the
-        best `k` of them among its probe lists: (scores higher-is-better, rows into `vecs`).
+        A bitmap on the low id bits screens every entry in one pass; only the few entries it
+        lets through are looked up exactly (`removed` is sorted and unique).
         """
-        ivf = self.index.ivf
-        tmp = faiss.IndexIVFFlat(ivf.quantizer, self.index.dim, int(ivf.nlist), ivf.metric_type)
+        n = self._n
+        mask = (1 << _HOLD_BITS) - 1
+        bitmap = np.zeros(1 << _HOLD_BITS, dtype=bool)
+        bitmap[removed & mask] = True
+        ids = self._I[:n]
+        rows, cols = np.nonzero(bitmap[ids & mask])
+        found = ids[rows, cols]
+        pos = np.minimum(np.searchsorted(removed, found), len(removed) - 1)
+        ok = (removed[pos] == found) & self._routed[rows]
+        return rows[ok], cols[ok]
+
+    def _candidates(
+        self, vecs: Float32Array, lists: Int64Array, slots: Int64Array, thr: Float32Array
+    ) -> tuple[Int64Array, Int64Array, Float32Array]:
+        """Pairs (slot, row into `vecs`, score) where a new ad beats the slot's threshold.
+
+        One `range_search_preassigned` over a throwaway IVF holding the new ads at their live
+        lists finds them: the threshold rides in two extra dimensions (score - thr > 0 as one
+        inner product), so each head query scans only its own probe lists and gets back only
+        qualifying ads, however many. Survivors of that float32 filter (with a tolerance) are
+        scored again with the kernel the index's search uses, so scores and ties match it.
+        """
+        d = self.index.dim
+        q = self._q[slots]
+        finite = thr[np.isfinite(thr)]
+        t_max = float(np.abs(finite).max()) if len(finite) else 0.0
+        a_max = float(np.sqrt((vecs * vecs).sum(axis=1).max()))
+        q_max = float(np.sqrt(self._qnorm[slots].max()))
+        aug_a = np.zeros((len(vecs), d + 2), dtype=np.float32)
+        aug_q = np.empty((len(slots), d + 2), dtype=np.float32)
+        l2 = self.index.metric == "l2"
+        with np.errstate(over="ignore", invalid="ignore"):
+            if l2:  # -|q - a|^2 - thr = 2 q.a - |a|^2 - (|q|^2 + thr)
+                aug_a[:, :d] = 2.0 * vecs
+                aug_a[:, d] = -np.einsum("ij,ij->i", vecs, vecs)
+                aug_q[:, d] = 1.0
+                aug_q[:, d + 1] = -(self._qnorm[slots] + thr)
+                scale = (q_max + a_max) ** 2
+            else:
+                aug_a[:, :d] = vecs
+                aug_q[:, d] = 0.0
+                aug_q[:, d + 1] = -thr
+                scale = q_max * a_max
+        aug_a[:, d + 1] = 1.0
+        aug_q[:, :d] = q
+        tol = _FILTER_TOL * (1.0 + scale + t_max)
+        coarse = faiss.IndexFlatIP(d + 2)
+        tmp = faiss.IndexIVFFlat(
+            coarse, d + 2, int(self.index.ivf.nlist), faiss.METRIC_INNER_PRODUCT
+        )
         tmp.is_trained = True
         ids = np.arange(len(vecs), dtype=np.int64)
         assign = np.ascontiguousarray(lists, dtype=np.int64)
-        tmp.add_core(len(vecs), faiss.swig_ptr(vecs), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
+        tmp.add_core(len(vecs), faiss.swig_ptr(aug_a), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
         probes = np.ascontiguousarray(self._probe[slots])
         tmp.nprobe = probes.shape[1]
         searcher: Any = tmp  # the numpy wrapper of faiss, not the SWIG signature
-        out: tuple[Float32Array, Int64Array] = searcher.search_preassigned(
-            np.ascontiguousarray(self._q[slots]),
-            k,
-            probes,
-            np.zeros(probes.shape, dtype=np.float32),
+        lims, _, rows = searcher.range_search_preassigned(
+            aug_q, -tol, probes, np.zeros(probes.shape, dtype=np.float32)
         )
-        dist, rows = out
-        scores = np.ascontiguousarray(dist, dtype=np.float32)
-        if self.index.metric == "l2":
-            np.negative(scores, out=scores)
-        scores[rows < 0] = -np.inf
-        return scores, np.ascontiguousarray(rows, dtype=np.int64)
+        qi = np.repeat(np.arange(len(slots), dtype=np.int64), np.diff(lims.astype(np.int64)))
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        q_rows = np.ascontiguousarray(slots[qi])
+        scores = np.empty(len(rows), dtype=np.float32)
+        if len(rows):
+            base = np.ascontiguousarray(self._q)
+            kernel = (
+                faiss.pairwise_indexed_L2sqr  # type: ignore[attr-defined]
+                if l2
+                else faiss.pairwise_indexed_inner_product  # type: ignore[attr-defined]
+            )
+            kernel(
+                d,
+                len(rows),
+                faiss.swig_ptr(base),
+                faiss.swig_ptr(q_rows),
+                faiss.swig_ptr(vecs),
+                faiss.swig_ptr(rows),
+                faiss.swig_ptr(scores),
+            )
+            if l2:
+                np.negative(scores, out=scores)
+        ok = scores > thr[qi]
+        return q_rows[ok], rows[ok], scores[ok]
 
     def _threshold(self) -> Float32Array:
         """Per slot, the last valid score: an ad must beat it to enter the valid prefix."""
@@ -361,8 +357,8 @@ class Refresher:
     def swap_index(self, index: LiveIvfIndex) -> None:
         """Use a new index (e.g. after a retrain); a new quantizer recomputes every query."""
         self.index = index
-        if int(index.ivf.nlist) != self._routing.nlist or self._probe.shape[1] != self.nprobe_eff:
-            self._routing = _Routing(int(index.ivf.nlist))
+        if int(index.ivf.nlist) != self._nlist or self._probe.shape[1] != self.nprobe_eff:
+            self._nlist = int(index.ivf.nlist)
             self._probe_width_check()
             self.recompute_all()
 
@@ -376,7 +372,6 @@ class Refresher:
         """Schedule a full search of every head query (rate-limited per micro-batch)."""
         live = self._key_slots
         self._routed[: self._n] = False
-        self._routing.rebuild(_empty_ids(), np.zeros((0, self.nprobe_eff), dtype=np.int64))
         self._pending = live.copy()
         logger.info("full recompute of %d head queries scheduled", len(live))
 
@@ -400,9 +395,9 @@ class Refresher:
 
     def _apply_ads(
         self, ads: AdChanges
-    ) -> tuple[Int64Array, Int64Array, Float32Array, Int64Array, Int64Array, Float32Array, int]:
-        """Apply to the index; returns the removed ids with their old lists and vectors, the
-        inserted ids with their lists and vectors, and the number of deletes."""
+    ) -> tuple[Int64Array, Int64Array, Int64Array, Float32Array, int]:
+        """Apply to the index; returns the removed ids (sorted: deletes and the old versions of
+        updates), the inserted ids with their lists and stored vectors, and the delete count."""
         index = self.index
         up_ids = np.ascontiguousarray(ads.upsert_ids, dtype=np.int64).reshape(-1)
         up_vecs = np.ascontiguousarray(ads.upsert_vectors, dtype=np.float32)
@@ -417,29 +412,94 @@ class Refresher:
             keep = np.sort(len(up_ids) - 1 - last)
             up_ids, up_vecs = up_ids[keep], np.ascontiguousarray(up_vecs[keep])
         touched = np.unique(np.concatenate([up_ids, del_ids]))
-        old_ids = touched[index.contains(touched)] if len(touched) else _empty_ids()
-        if len(old_ids):
-            # scores come from what the lists hold (decoded codes under IVFPQ), lists from
-            # the exact vectors, as when the ads were added
-            old_vecs = np.ascontiguousarray(index.ivf.reconstruct_batch(old_ids), dtype=np.float32)
-            exact = old_vecs if index.cfg.kind == "ivfflat" else index.vectors(old_ids)
-            old_lists = index.assign_lists(exact)
-        else:
-            old_vecs = np.empty((0, index.dim), dtype=np.float32)
-            old_lists = _empty_ids()
+        removed = touched[index.contains(touched)] if len(touched) else _empty_ids()
         ins = ~np.isin(up_ids, del_ids)
         if len(up_ids):
             index.upsert(up_ids, up_vecs)
-            ins_lists = index.assign_lists(up_vecs)[ins]
-        else:
-            ins_lists = _empty_ids()
         n_deleted = len(index.delete(del_ids)) if len(del_ids) else 0
         ins_ids = np.ascontiguousarray(up_ids[ins])
         if len(ins_ids):
+            # lists from the exact vectors, as the index assigned them; scores from what the
+            # lists hold (decoded codes under IVFPQ), as its search computes them
+            ins_lists = index.assign_lists(up_vecs[ins])
             new_vecs = np.ascontiguousarray(index.ivf.reconstruct_batch(ins_ids), dtype=np.float32)
         else:
+            ins_lists = _empty_ids()
             new_vecs = np.empty((0, index.dim), dtype=np.float32)
-        return old_ids, old_lists, old_vecs, ins_ids, ins_lists, new_vecs, n_deleted
+        return removed, ins_ids, ins_lists, new_vecs, n_deleted
+
+    def _snapshot(self, slots: Int64Array) -> None:
+        """Remember the current top K ids of `slots` (first time only) for change detection."""
+        new = slots[~self._snapped[slots]]
+        if len(new):
+            self._snapped[new] = True
+            self._before_slots.append(new)
+            self._before_ids.append(self._I[new, : self.k].copy())
+
+    def _drop_held(self, rows: Int64Array, cols: Int64Array) -> Int64Array:
+        """Compact the rows holding removed ads (`c` shrinks); returns rows now short of K."""
+        w = self.width
+        hit, inv, gone_n = np.unique(rows, return_inverse=True, return_counts=True)
+        in_top = np.zeros(len(hit), dtype=bool)
+        in_top[inv[cols < self.k]] = True
+        self._snapshot(hit[in_top])
+        held = np.zeros((len(hit), w), dtype=bool)
+        held[inv, cols] = True
+        sub_i, sub_s = self._I[hit], self._S[hit]
+        c = self._c[hit]
+        complete = (c > 0) & (sub_s[np.arange(len(hit)), np.maximum(c - 1, 0)] == -np.inf)
+        fill = np.arange(w)[None, :] < (w - gone_n)[:, None]
+        out_i = np.full((len(hit), w), -1, dtype=np.int64)
+        out_s = np.full((len(hit), w), -np.inf, dtype=np.float32)
+        kept = ~held
+        out_i[fill] = sub_i[kept]
+        out_s[fill] = sub_s[kept]
+        self._I[hit], self._S[hit] = out_i, out_s
+        c_new = np.where(complete, c, c - gone_n)
+        self._c[hit] = c_new
+        return hit[c_new < self.k]
+
+    def _merge(
+        self, slots: Int64Array, ids: Int64Array, scores: Float32Array
+    ) -> tuple[Int64Array, Int64Array, Int64Array]:
+        """Insert candidates into their rows, all rows at once.
+
+        Returns the merged rows, the rows sent to a full search instead (more than `scan_k`
+        candidates) and the merged rows whose top K changed (a candidate landed in it).
+        """
+        order = np.lexsort((-scores, slots))
+        slots, ids, scores = slots[order], ids[order], scores[order]
+        upd, start, counts = np.unique(slots, return_index=True, return_counts=True)
+        over = counts > self.cfg.scan_k
+        overflow = upd[over]
+        if over.any():
+            keep = np.repeat(~over, counts)
+            slots, ids, scores = slots[keep], ids[keep], scores[keep]
+            upd, counts = upd[~over], counts[~over]
+            start = np.cumsum(counts) - counts
+        if not len(upd):
+            return upd, overflow, _empty_ids()
+        w, m = self.width, len(upd)
+        r = np.repeat(np.arange(m), counts)
+        j = np.arange(len(slots)) - np.repeat(start, counts)
+        rows_s, rows_i = self._S[upd], self._I[upd]
+        # rank in the merged row: candidates before it plus entries scoring at least as high
+        pos = j + (rows_s[r] >= scores[:, None]).sum(axis=1)
+        wc = int(counts.max())
+        taken = np.zeros((m, w + wc), dtype=bool)
+        taken[r, pos] = True
+        taken[:, w:] |= np.arange(wc)[None, :] >= counts[:, None]
+        cand_s = np.full((m, wc), -np.inf, dtype=np.float32)
+        cand_i = np.full((m, wc), -1, dtype=np.int64)
+        cand_s[r, j], cand_i[r, j] = scores, ids
+        out_s = np.empty((m, w + wc), dtype=np.float32)
+        out_i = np.empty((m, w + wc), dtype=np.int64)
+        out_s[taken], out_i[taken] = cand_s.reshape(-1), cand_i.reshape(-1)
+        rest = ~taken
+        out_s[rest], out_i[rest] = rows_s.reshape(-1), rows_i.reshape(-1)
+        self._S[upd], self._I[upd] = out_s[:, :w], out_i[:, :w]
+        self._c[upd] = np.minimum(self._c[upd] + counts, w)
+        return upd, overflow, upd[pos[start] < self.k]
 
     def apply(
         self,
@@ -482,117 +542,42 @@ class Refresher:
         t0 = time.perf_counter()
 
         # 1. the index
-        old_ids, old_lists, old_vecs, ins_ids, ins_lists, new_vecs, n_deleted = self._apply_ads(ads)
+        removed, ins_ids, ins_lists, new_vecs, n_deleted = self._apply_ads(ads)
         t1 = time.perf_counter()
 
         n = self._n
-        before_slots: list[Int64Array] = []
-        before_ids: list[Int64Array] = []
-        snapped = np.zeros(n, dtype=bool)
+        self._snapped = np.zeros(n, dtype=bool)
+        self._before_slots, self._before_ids = [], []
 
-        def snapshot(slots: Int64Array) -> None:
-            new = slots[~snapped[slots]]
-            snapped[new] = True
-            before_slots.append(new)
-            before_ids.append(self._I[new, : self.k].copy())
-
-        # 2. one scan of the changed ads (old versions and new) over the routed head queries
-        #    probing their lists; thresholds only rise when ads leave a valid prefix, so the
-        #    pre-delete threshold selects a superset of the insert candidates
-        old_n = len(old_ids)
-        lists = np.concatenate([old_lists, ins_lists])
-        scan = _empty_ids()
-        if len(lists):
-            hit_mask = np.zeros(n, dtype=bool)
-            hit_mask[self._routing.gather(np.unique(lists))] = True
-            scan = np.flatnonzero(hit_mask & self._routed[:n])
-        thr = self._threshold()
+        # 2. removed ads leave the rows holding them; a row short of K is searched again
         reset = _empty_ids()
-        n_overflow = 0
-        del_slots, del_ids = _empty_ids(), _empty_ids()
-        ins_slots, ins_rows = _empty_ids(), _empty_ids()
-        ins_scores = np.empty(0, dtype=np.float32)
-        if len(scan):
-            kscan = min(self.cfg.scan_k, len(lists))
-            vecs = np.ascontiguousarray(np.concatenate([old_vecs, new_vecs]))
-            sc, rows = self._scan(vecs, lists, scan, kscan)
-            t_row = thr[scan]
-            finite = np.isfinite(t_row)
-            t_del = t_row.copy()
-            t_del[finite] -= _DELETE_TOL * (np.abs(t_row[finite]) + 1.0)
-            # a full row whose worst candidate still qualifies may hide more: search it again
-            full = (rows[:, -1] >= 0) & (sc[:, -1] >= t_del)
-            reset = scan[full]
-            n_overflow = len(reset)
-            keep = ~full
-            scan, sc, rows, t_row, t_del = (
-                scan[keep],
-                sc[keep],
-                rows[keep],
-                t_row[keep],
-                t_del[keep],
-            )
-            is_old = (rows >= 0) & (rows < old_n)
-            qi, ci = np.nonzero(is_old & (sc >= t_del[:, None]))
-            del_slots, del_ids = scan[qi], old_ids[rows[qi, ci]]
-            qi, ci = np.nonzero((rows >= old_n) & (sc > t_row[:, None]))
-            ins_slots, ins_rows, ins_scores = scan[qi], rows[qi, ci] - old_n, sc[qi, ci]
-        scanned = len(scan) + len(reset)
-
-        # removed ads: check the rows whose valid prefix can hold them, compact them
         hit_rows = 0
-        if len(del_slots):
-            eq = self._I[del_slots] == del_ids[:, None]
-            has = eq.any(axis=1)
-            slots, pos = del_slots[has], eq[has].argmax(axis=1)
-            if len(slots):
-                hit = np.unique(slots)
-                hit_rows = len(hit)
-                snapshot(hit)
-                r = np.searchsorted(hit, slots)
-                mask = np.zeros((len(hit), self.width), dtype=bool)
-                mask[r, pos] = True
-                order = np.argsort(mask, axis=1, kind="stable")
-                c = self._c[hit]
-                complete = self._S[hit, c - 1] == -np.inf
-                sub_i = np.take_along_axis(self._I[hit], order, axis=1)
-                sub_s = np.take_along_axis(self._S[hit], order, axis=1)
-                gone_n = mask.sum(axis=1)
-                tail = np.arange(self.width)[None, :] >= (self.width - gone_n)[:, None]
-                sub_i[tail] = -1
-                sub_s[tail] = -np.inf
-                self._I[hit], self._S[hit] = sub_i, sub_s
-                self._c[hit] = np.where(complete, c, c - gone_n)
-                reset = np.union1d(reset, hit[self._c[hit] < self.k])
+        if len(removed):
+            rows, cols = self._held(removed)
+            if len(rows):
+                reset = self._drop_held(rows, cols)
+                hit_rows = len(np.unique(rows))
         t2 = time.perf_counter()
 
-        # 3. new ads merged where they beat the last valid score (after the deletes)
+        # 3. new ads enter the rows of the head queries probing their list where they beat
+        #    the last valid score
         thr = self._threshold()
         thr[reset] = np.inf
-        ok = ins_scores > thr[ins_slots]
-        rows, slots, scores = ins_rows[ok], ins_slots[ok], ins_scores[ok]
-        merged = 0
-        if len(rows):
-            order = np.argsort(slots, kind="stable")
-            rows, slots, scores = rows[order], slots[order], scores[order]
-            upd, start, counts = np.unique(slots, return_index=True, return_counts=True)
-            merged = len(upd)
-            snapshot(upd)
-            width_c = int(counts.max())
-            col = np.arange(len(slots)) - np.repeat(start, counts)
-            r = np.repeat(np.arange(len(upd)), counts)
-            cand_s = np.full((len(upd), width_c), -np.inf, dtype=np.float32)
-            cand_i = np.full((len(upd), width_c), -1, dtype=np.int64)
-            cand_s[r, col] = scores
-            cand_i[r, col] = ins_ids[rows]
-            all_s = np.concatenate([self._S[upd], cand_s], axis=1)
-            all_i = np.concatenate([self._I[upd], cand_i], axis=1)
-            top = np.argsort(-all_s, axis=1, kind="stable")[:, : self.width]
-            self._S[upd] = np.take_along_axis(all_s, top, axis=1)
-            self._I[upd] = np.take_along_axis(all_i, top, axis=1)
-            self._c[upd] = np.minimum(self._c[upd] + counts, self.width)
-        if len(reset):
-            snapshot(reset)
+        scanned = merged = n_overflow = 0
+        merged_changed = _empty_ids()
+        if len(ins_ids):
+            lists_hit = np.zeros(self._nlist + 1, dtype=bool)  # the last entry catches -1
+            lists_hit[ins_lists] = True
+            probing = lists_hit[self._probe[:n]].any(axis=1)
+            scan = np.flatnonzero(probing & self._routed[:n] & (thr < np.inf))
+            scanned = len(scan)
+            if scanned:
+                c_slots, c_rows, c_scores = self._candidates(new_vecs, ins_lists, scan, thr[scan])
+                upd, overflow, merged_changed = self._merge(c_slots, ins_ids[c_rows], c_scores)
+                merged, n_overflow = len(upd), len(overflow)
+                if n_overflow:
+                    reset = np.union1d(reset, overflow)
+        self._snapshot(reset)
         t3 = time.perf_counter()
 
         # 4. full searches: new and changed queries, underflowing rows, the retrain backlog
@@ -620,25 +605,33 @@ class Refresher:
         self._routed[routed_new] = True
         t4 = time.perf_counter()
 
-        # 5. what changed
-        b_slots = np.concatenate(before_slots) if before_slots else _empty_ids()
-        b_ids = np.concatenate(before_ids) if before_ids else np.empty((0, self.k), np.int64)
+        # 5. what changed: snapshotted rows by comparison, merged-only rows by where the
+        #    candidates landed
+        b_slots = np.concatenate(self._before_slots) if self._before_slots else _empty_ids()
+        if self._before_ids:
+            b_ids = np.concatenate(self._before_ids)
+        else:
+            b_ids = np.empty((0, self.k), np.int64)
         diff = np.any(self._I[b_slots, : self.k] != b_ids, axis=1)
-        changed_old = b_slots[diff]
+        merged_only = merged_changed[~self._snapped[merged_changed]]
         moved_changed = moved[np.any(self._I[moved, : self.k] != self._I[batch, : self.k], axis=1)]
-        out = np.concatenate([changed_old, new_slots, moved_changed])
+        out = np.concatenate([b_slots[diff], merged_only, new_slots, moved_changed])
         out = out[np.argsort(self._qid[out], kind="stable")]
         out_q = self._qid[out]
-        out_s = self._S[out].copy()
-        out_i = self._I[out].copy()
-        self._reindex()
-        self._route_new(routed_new)
+        out_s = self._S[out]
+        out_i = self._I[out]
+        if len(gone) or len(fresh_q) or len(batch):
+            self._reindex()
+            if self._n > 2 * len(self._keys) + 1024:
+                self._compact()
+        self._snapped = np.zeros(0, dtype=bool)
+        self._before_slots, self._before_ids = [], []
         self._last_version = version
         t5 = time.perf_counter()
         stats.update(
             inserted=len(ins_ids),
             deleted=n_deleted,
-            removed=len(old_ids),
+            removed=len(removed),
             entered=len(heads.entered),
             exited=len(heads.exited) + len(heads.dropped),
             head_queries=len(self._keys),
@@ -646,7 +639,7 @@ class Refresher:
             overflow_searches=n_overflow,
             delete_hits=hit_rows,
             merged=merged,
-            affected=int(len(b_slots) + len(routed_new)),
+            affected=int(len(b_slots) + len(merged_only) + len(routed_new)),
             full_searches=len(search),
             re_searched=len(reset),
             pending_full=self.pending_full,
