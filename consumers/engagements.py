@@ -62,6 +62,7 @@ class EngagementStream:
         self.listener = listener
         self.consumer = consumer or make_consumer(cfg, group_id=cfg.group_id)
         self.assigned: set[int] = set()
+        self.paused = False
         self.consumer.subscribe(
             [self.topic],
             on_assign=self._on_assign,
@@ -76,6 +77,8 @@ class EngagementStream:
         consumer.incremental_assign(
             [TopicPartition(self.topic, p, start.get(p, OFFSET_INVALID)) for p in got]
         )
+        if self.paused:
+            consumer.pause([TopicPartition(self.topic, p) for p in got])
         self.assigned.update(got)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -126,9 +129,12 @@ class EngagementStream:
         return {tp.partition: tp.offset for tp in tps}
 
     def pause(self) -> None:
+        """Stop fetching from every owned partition, and from those gained until `resume()`."""
+        self.paused = True
         self.consumer.pause([TopicPartition(self.topic, p) for p in sorted(self.assigned)])
 
     def resume(self) -> None:
+        self.paused = False
         self.consumer.resume([TopicPartition(self.topic, p) for p in sorted(self.assigned)])
 
     def close(self) -> None:

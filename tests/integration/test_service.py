@@ -31,12 +31,13 @@ from annstream.codec import AdCodec, EngagementCodec
 from annstream.config import Config, IndexConfig, KafkaConfig, load_config
 from annstream.events import AdBatch, EngagementBatch
 from annstream.index import LiveIvfIndex
-from annstream.kafka import make_consumer, make_producer
+from annstream.kafka import DeadLetterPublisher, make_consumer, make_producer
 from annstream.schemas import open_registry
 from annstream.snapshot import load_latest_snapshot
 from annstream.store import open_store
 from annstream.store.base import NeighbourStore
 from annstream.testing.aerospike_server import AerospikeTestServer, Fault
+from consumers.engagements import EngagementStream
 from consumers.service import RefresherService
 from producers.publish import id_keys
 from producers.sources import synthetic_ads, synthetic_engagements
@@ -693,3 +694,46 @@ def test_store_outage_pauses_consumption_and_commits_nothing_past_unstored_resul
             assert _problems(service.store, work, _oracle(training, work.live)) == []
         finally:
             service.shutdown()
+
+
+class _Listener:
+    def partitions_assigned(self, partitions: list[int]) -> dict[int, int]:
+        return {}
+
+    def partitions_revoked(self, partitions: list[int], lost: bool) -> None:
+        pass
+
+
+def test_partitions_assigned_while_paused_deliver_nothing(bootstrap: str, topics: Topics) -> None:
+    """The service keeps the consumer alive with `consume()` while a micro-batch waits for the
+    store and drops whatever that returns: a partition gained then must start paused."""
+    feed = Feed(bootstrap, topics)
+    for b in _workload(seed=5, engagements=600).steps:
+        if isinstance(b, EngagementBatch):
+            feed.send(b)
+    feed.flush()
+    cfg = KafkaConfig(
+        bootstrap_servers=bootstrap,
+        engagement_topic=topics.engagements,
+        dead_letter_topic=topics.dead_letters,
+        group_id=f"paused-{uuid.uuid4().hex[:8]}",
+    )
+    codec = EngagementCodec(open_registry(), DIM)
+    stream = EngagementStream(
+        cfg, codec, DeadLetterPublisher(feed.producer, cfg.dead_letter_topic), _Listener()
+    )
+    try:
+        stream.pause()
+        deadline = time.monotonic() + HANG_GUARD_S
+        while stream.assigned != set(range(ENG_PARTITIONS)):
+            assert time.monotonic() < deadline, "no assignment"
+            assert stream.consumer.consume(10, 0.1) == []
+        for _ in range(10):
+            assert stream.consumer.consume(10, 0.1) == []
+        stream.resume()
+        got = 0
+        while got < feed.messages[topics.engagements]:
+            assert time.monotonic() < deadline, f"only {got} events after resume"
+            got += stream.poll(1000, 0.2).messages
+    finally:
+        stream.close()
