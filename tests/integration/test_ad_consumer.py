@@ -454,3 +454,60 @@ def _read_all(cfg: KafkaConfig, topic: str, n: int) -> list[dict[str, Any]]:
         consumer.close()
     assert len(out) == n and not extra, (len(out), len(extra))
     return out
+
+
+def _mutated(rng: np.random.Generator, message: bytes) -> bytes | None:
+    kind = rng.integers(6)
+    if kind == 0:
+        return message[: rng.integers(len(message))]
+    if kind == 1:
+        flipped = bytearray(message)
+        flipped[rng.integers(len(message))] ^= 1 << int(rng.integers(8))
+        return bytes(flipped)
+    if kind == 2:
+        return message + bytes(rng.integers(0, 256, rng.integers(1, 4), dtype="uint8"))
+    if kind == 3:
+        return frame(int(rng.choice([0, 2, 99])), message[5:])
+    if kind == 4:
+        return None
+    return b"\x00" * int(rng.integers(6))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_batch_parser_agrees_with_per_message_decoding(seed: int) -> None:
+    """The consumer's fast path (numpy over the batch) equals fastavro message by message."""
+    rng = np.random.default_rng(seed)
+    n = 400
+    ids = rng.integers(-(2**63), 2**63 - 1, n, dtype="int64", endpoint=True)
+    ids[: n // 2] = rng.integers(0, 10_000, n // 2)
+    ops = np.where(rng.random(n) < 0.8, OP_UPSERT, OP_DELETE).astype("uint8")
+    vectors = rng.standard_normal((n, DIM)).astype("float32")
+    vectors[rng.random(n) < 0.05] = 0.0
+    vectors[rng.random(n) < 0.05, 2] = np.inf
+    optional = rng.integers(-(2**40), 2**40, (2, n))
+    optional[:, rng.random(n) < 0.5] = NO_ID
+    events = AdBatch(
+        ad_ids=ids,
+        ops=ops,
+        vectors=np.where((ops == OP_UPSERT)[:, None], vectors, np.float32(0)),
+        event_time_ms=rng.integers(-(2**45), 2**45, n),
+        advertiser_ids=optional[0],
+        campaign_ids=optional[1],
+        model_versions=tuple(rng.choice(["", "m1", "glove-6B-50d", "modèle-ü"], n).tolist()),
+    )
+    fast = AdCodec(LocalSchemaRegistry(), DIM, ICFG.metric)
+    slow = AdCodec(LocalSchemaRegistry(), DIM, ICFG.metric)
+    slow._parse_fast = False
+    messages: list[bytes | None] = list(fast.encode(events))
+    messages += [fast.encode(events.take(np.array([i])))[0] for i in range(3)]
+    messages += [_mutated(rng, m) for m in messages if m is not None and rng.random() < 0.3]
+    order = rng.permutation(len(messages))
+    messages = [messages[i] for i in order.tolist()]
+
+    got, got_rejected = fast.decode(messages)
+    want, want_rejected = slow.decode(messages)
+    assert got_rejected == want_rejected
+    assert len(want) > n // 2 and len(want_rejected) > 20
+    for name in ("ad_ids", "ops", "vectors", "event_time_ms", "advertiser_ids", "campaign_ids"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    assert got.model_versions == want.model_versions
