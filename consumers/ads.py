@@ -51,10 +51,7 @@ def net_changes(batch: AdBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def next_offsets(messages: list[Message]) -> dict[int, int]:
     """Per partition, the offset after the last of `messages` (what a restart resumes from)."""
-    out: dict[int, int] = {}
-    for m in messages:
-        out[int(m.partition() or 0)] = int(m.offset() or 0) + 1
-    return out
+    return {m.partition() or 0: (m.offset() or 0) + 1 for m in messages}
 
 
 class AdStream:
@@ -94,13 +91,12 @@ class AdStream:
     def poll(self, max_messages: int = 5000, timeout_s: float = 0.05) -> AdPoll:
         """Fetch up to `max_messages`, decode them as one batch, dead-letter the bad ones."""
         messages = self.consumer.consume(max_messages, timeout_s)
-        good: list[Message] = []
-        for m in messages:
-            err = message_error(m)
-            if err is None and m.error() is None:
-                good.append(m)
-            elif err is not None:
-                logger.warning("ad consumer error: %s", err)
+        good = [m for m in messages if m.error() is None]
+        if len(good) != len(messages):
+            for m in messages:
+                err = message_error(m)
+                if err is not None:
+                    logger.warning("ad consumer error: %s", err)
         batch, rejected = self.codec.decode([m.value() for m in good])
         if rejected:
             self.dead_letters.publish(good, rejected)
