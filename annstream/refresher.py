@@ -262,8 +262,9 @@ class Refresher:
         bitmap = np.zeros(1 << _HOLD_BITS, dtype=bool)
         bitmap[removed & mask] = True
         ids = self._I[:n]
-        rows, cols = np.nonzero(bitmap[ids & mask])
-        found = ids[rows, cols]
+        flat = np.flatnonzero(bitmap[ids & mask])
+        rows, cols = np.divmod(flat, self.width)
+        found = ids.reshape(-1)[flat]
         pos = np.minimum(np.searchsorted(removed, found), len(removed) - 1)
         ok = (removed[pos] == found) & self._routed[rows]
         return rows[ok], cols[ok]
@@ -484,7 +485,18 @@ class Refresher:
         j = np.arange(len(slots)) - np.repeat(start, counts)
         rows_s, rows_i = self._S[upd], self._I[upd]
         # rank in the merged row: candidates before it plus entries scoring at least as high
-        pos = j + (rows_s[r] >= scores[:, None]).sum(axis=1)
+        # (rows are sorted by descending score: a binary search per candidate)
+        lo = np.zeros(len(scores), dtype=np.int64)
+        hi = np.full(len(scores), w, dtype=np.int64)
+        while True:
+            open_ = lo < hi
+            if not open_.any():
+                break
+            mid = (lo + hi) >> 1
+            ge = open_ & (rows_s[r, np.minimum(mid, w - 1)] >= scores)
+            lo = np.where(ge, mid + 1, lo)
+            hi = np.where(open_ & ~ge, mid, hi)
+        pos = j + lo
         wc = int(counts.max())
         taken = np.zeros((m, w + wc), dtype=bool)
         taken[r, pos] = True
