@@ -11,6 +11,7 @@ retries; nothing past unstored results is committed.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -22,11 +23,14 @@ import numpy as np
 from annstream.broker import create_topics
 from annstream.codec import AdCodec, EngagementCodec
 from annstream.config import Config
+from annstream.drift import BackgroundRetrainer, DriftMonitor
 from annstream.errors import StoreUnavailableError
 from annstream.events import AdBatch, EngagementBatch
 from annstream.heads import HeadQueryTracker
 from annstream.index import LiveIvfIndex
 from annstream.kafka import DeadLetterPublisher, make_producer
+from annstream.metrics import MetricsServer, ServiceMetrics, consumer_lag
+from annstream.recall import RecallMonitor
 from annstream.refresher import AdChanges, MicroBatcher, Refresher
 from annstream.schemas import open_registry
 from annstream.sink import NeighbourSink
@@ -38,7 +42,7 @@ from consumers.ads import AdStream, net_changes
 from consumers.engagements import EngagementStream
 from consumers.head_state import HeadStateLog
 
-__all__ = ["RefresherService", "ServiceStats"]
+__all__ = ["RefresherService", "ServiceStats", "snapshot_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +129,11 @@ def _concat_engagements(
     )
 
 
+def snapshot_dir(template: str) -> str:
+    """`snapshot.dir` with `{hostname}` expanded, so replicas sharing a volume do not collide."""
+    return template.replace("{hostname}", socket.gethostname())
+
+
 class RefresherService:
     """The long-running refresher; `run()` until `stop` is set or `until(self)` is true."""
 
@@ -149,7 +158,8 @@ class RefresherService:
         self._ad_codec = AdCodec(registry, cfg.index.dim, cfg.index.metric)
         self._engagement_codec = EngagementCodec(registry, cfg.index.dim, cfg.index.metric)
 
-        snap = load_latest_snapshot(cfg.snapshot.dir, cfg.index)
+        self.snapshot_dir = snapshot_dir(cfg.snapshot.dir)
+        snap = load_latest_snapshot(self.snapshot_dir, cfg.index)
         self.index: LiveIvfIndex | None = snap.index if snap else None
         offsets = {p: o for (t, p), o in snap.offsets.items() if t == k.ad_topic} if snap else {}
         self._version = int(snap.meta.get("version", 0)) if snap else 0
@@ -163,8 +173,22 @@ class RefresherService:
         self._pending: _Pending | None = None
         self._retry_at = 0.0
         self._now_ms = 0
+        self._rebalanced = False
         self.batcher = MicroBatcher(cfg.refresh)
         self.snapshot_policy = SnapshotPolicy(cfg.snapshot)
+        self.drift = DriftMonitor(cfg.drift, cfg.index.dim)
+        self.retrainer = BackgroundRetrainer()
+        self.metrics = ServiceMetrics()
+        self.recall_monitor = RecallMonitor.from_config(cfg.service, k=cfg.refresh.k)
+        self.metrics_server: MetricsServer | None = None
+        if cfg.service.metrics_port > 0:
+            self.metrics_server = MetricsServer(
+                cfg.service.metrics_port,
+                self.metrics,
+                health=lambda: self.metrics.health(cfg.service.health_stale_s),
+                status=self.metrics.status,
+                host=cfg.service.metrics_host,
+            ).start()
         if self.index is None and cfg.index.training_file:
             vectors = np.load(cfg.index.training_file)
             self.index = LiveIvfIndex.train(cfg.index, np.ascontiguousarray(vectors, "float32"))
@@ -226,6 +250,7 @@ class RefresherService:
                 self._query_partition.update(dict.fromkeys(state["query_ids"].tolist(), p))
             if applied >= 0:
                 start[p] = applied
+        self._rebalanced = True
         return start
 
     def partitions_revoked(self, partitions: list[int], lost: bool) -> None:
@@ -242,11 +267,13 @@ class RefresherService:
             del self._query_partition[q]
         if queries:
             self.tracker.drop(np.asarray(queries, dtype="int64"))
+        self._rebalanced = True
 
     # ---- the loop ----------------------------------------------------------------------
 
     def step(self, timeout_s: float = 0.05) -> None:
         """One poll of both topics, and a micro-batch when one is due."""
+        self.metrics.heartbeat()
         if self._pending is not None:
             if time.monotonic() >= self._retry_at:
                 self._finish_pending()
@@ -256,6 +283,8 @@ class RefresherService:
         polled = self.ads.poll(self.cfg.refresh.batch_events, timeout_s)
         self.stats.ad_events += polled.messages
         self.stats.dead_letters += polled.rejected
+        self.metrics.observe_consumed(ad_events=polled.messages)
+        self.metrics.observe_dead_letters(polled.rejected)
         if self.index is None:
             if len(polled.batch):
                 self._training.append(polled.batch)
@@ -268,12 +297,15 @@ class RefresherService:
             ep = self.engagements.poll(self.cfg.refresh.batch_events, 0 if events else timeout_s)
             self.stats.engagement_events += ep.messages
             self.stats.dead_letters += ep.rejected
+            self.metrics.observe_consumed(engagement_events=ep.messages)
+            self.metrics.observe_dead_letters(ep.rejected)
             if len(ep.batch):
                 self._eng_buf.append((ep.batch, ep.partitions))
             self._eng_offsets.update(ep.offsets)
             events += ep.messages
         self.batcher.add(events)
-        if self.batcher.due() and (self._ad_buf or self._eng_buf or self._eng_offsets):
+        busy = self._ad_buf or self._eng_buf or self._eng_offsets or self._rebalanced
+        if self.batcher.due() and (busy or self.retrainer.running or self.refresher_pending):
             self.micro_batch()
         elif self.batcher.due():
             self.batcher.reset()
@@ -293,6 +325,8 @@ class RefresherService:
         """Apply what was polled, recompute affected head queries, store, commit."""
         assert self.index is not None and self.refresher is not None
         t0 = time.perf_counter()
+        self._rebalanced = False
+        self._swap_retrained_index()
         dim = self.cfg.index.dim
         ads = _concat_ads(self._ad_buf, dim)
         eng, parts = _concat_engagements(self._eng_buf, dim)
@@ -327,6 +361,10 @@ class RefresherService:
         self.stats.head_queries = len(self.refresher)
         self._finish_pending()
         self.stats.last_batch_s = time.perf_counter() - t0
+        self.drift.observe(up_vecs)
+        self._observe_batch(len(up_ids), len(del_ids))
+        if self.drift.after_batch(self.index) is not None:
+            self._maybe_retrain()
 
     def _finish_pending(self) -> None:
         p = self._pending
@@ -337,6 +375,7 @@ class RefresherService:
                 self.sink.head_exits(p.exited)
             except StoreUnavailableError as exc:
                 self.stats.store_failures += 1
+                self.metrics.observe_store_error()
                 self._retry_at = time.monotonic() + exc.retry_after
                 logger.warning("store unavailable, pausing for %.1fs: %s", exc.retry_after, exc)
                 if self.engagements is not None:
@@ -345,6 +384,7 @@ class RefresherService:
             p.sink_done = True
             stored_at = time.time() * 1000
             self.stats.records_written += len(p.lists)
+            self.metrics.observe_stored((stored_at - p.ad_event_time_ms) / 1000.0, len(p.lists))
             if len(p.ad_event_time_ms):
                 self.stats.freshness_ms.extend((stored_at - p.ad_event_time_ms).tolist())
                 del self.stats.freshness_ms[:-100_000]
@@ -353,6 +393,12 @@ class RefresherService:
             self.engagements.commit(p.engagement_offsets)
             self.engagements.resume()
         self._pending = None
+        if self.refresher is not None and self.index is not None:
+            recall = self.recall_monitor.after_batch(
+                self.store, self.index, self.refresher.head_ids(), self.tracker.vectors
+            )
+            if recall is not None:
+                self.metrics.observe_recall(recall, self.recall_monitor.k)
         if self.snapshot_policy.due():
             self.snapshot()
 
@@ -381,7 +427,7 @@ class RefresherService:
             return
         offsets = {(self.ads.topic, p): o for p, o in self.ads.offsets.items()}
         write_snapshot(
-            self.cfg.snapshot.dir,
+            self.snapshot_dir,
             self.index,
             offsets,
             {"version": self._version},
@@ -389,6 +435,7 @@ class RefresherService:
         )
         self.snapshot_policy.written()
         self.stats.snapshots += 1
+        self.metrics.observe_snapshot()
 
     def run(
         self,
@@ -425,12 +472,54 @@ class RefresherService:
             if self._pending is None:
                 self.snapshot()
         finally:
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
+            if self.index is not None and self.retrainer.running:
+                self.retrainer.cancel(self.index)
             self.dead_letters.flush()
             self.producer.flush(10)
             if self.engagements is not None:
                 self.engagements.close()
             self.ads.close()
             self.store.close()
+
+    @property
+    def refresher_pending(self) -> bool:
+        """Head queries still waiting for their full recompute after a retrain."""
+        return self.refresher is not None and self.refresher.pending_full > 0
+
+    def _observe_batch(self, upserts: int, deletes: int) -> None:
+        m, index = self.metrics, self.index
+        assert index is not None
+        m.observe_batch(self.stats.last_batch_s, upserts=upserts, deletes=deletes)
+        m.observe_index(index.ntotal, index.imbalance(), index.memory_bytes(), index.version)
+        m.observe_head_queries(self.stats.head_queries)
+        c = self.ads.consumer
+        parts = [tp.partition for tp in c.assignment()]
+        m.observe_lag(self.ads.topic, consumer_lag(c, self.ads.topic, parts, self.ads.offsets))
+        if self.engagements is not None:
+            e = self.engagements
+            m.observe_lag(e.topic, consumer_lag(e.consumer, e.topic, sorted(e.assigned)))
+
+    def _maybe_retrain(self) -> None:
+        """Start a background retrain when the drift monitor says the quantizer went stale."""
+        retrain, reason = self.drift.should_retrain()
+        if not retrain or self.retrainer.running or self.index is None:
+            return
+        logger.warning("index drift: %s; retraining in the background", reason)
+        self.retrainer.start(self.index, self.drift.reservoir.sample())
+
+    def _swap_retrained_index(self) -> None:
+        """Between micro-batches: swap in a finished retrain; every head query is recomputed."""
+        if self.index is None or self.refresher is None:
+            return
+        new = self.retrainer.poll(self.index)
+        if new is None:
+            return
+        logger.info("swapping in the retrained index (version %d)", new.version)
+        self.index = new
+        self.refresher.swap_index(new)
+        self.drift.reset()
 
     @property
     def idle(self) -> bool:

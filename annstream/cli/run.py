@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import threading
@@ -10,6 +11,7 @@ from types import FrameType
 from typing import Any
 
 from annstream.config import load_config
+from annstream.logs import configure_logging, redact
 
 HELP = "run the refresher service: consume ads and engagements, keep neighbour lists fresh"
 
@@ -50,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from consumers.service import RefresherService
 
     cfg = load_config(args.config, overrides=overrides_from(args))
+    if not args.verbose:
+        configure_logging(cfg.service.log_level, json=cfg.service.log_json or args.log_json)
+    logger.info("configuration: %s", redact(dataclasses.asdict(cfg)))
     stop = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
