@@ -58,7 +58,7 @@ def _as_matrix(x: npt.ArrayLike, name: str, d: int | None = None) -> F32:
 def normalize(x: npt.ArrayLike) -> F32:
     """Rows scaled to unit L2 norm (zero rows stay zero); rows already unit are left bit-exact."""
     a = _as_matrix(x, "vectors")
-    norms = np.linalg.norm(a.astype("float64"), axis=1)
+    norms = np.sqrt(np.einsum("ij,ij->i", a, a, dtype="float64"))
     scale = np.ones_like(norms)
     rescale = (np.abs(norms - 1.0) > _UNIT_TOL) & (norms > 0)
     scale[rescale] = norms[rescale]
