@@ -150,13 +150,13 @@ def _progress(service: Any, feeder: _Feeder, initial: int, quiet: bool) -> Itera
 
 
 def run(args: argparse.Namespace) -> int:
-    from annstream.ann import knn_exact, recall_at_k
     from annstream.broker import EmbeddedBroker, create_topics
     from annstream.codec import AdCodec
     from annstream.config import load_config
     from annstream.kafka import make_producer
+    from annstream.recall import stored_recall
     from annstream.schemas import open_registry
-    from annstream.serving import NeighbourReader
+    from annstream.store import open_store
     from consumers.service import RefresherService
     from producers.publish import Publisher, publish_batches
     from producers.sources import glove_vectors, synthetic_ads
@@ -244,16 +244,11 @@ def run(args: argparse.Namespace) -> int:
         index = service.index
         assert index is not None and queries
         sample, query_vectors = queries[0]
-        from annstream.store import open_store
-
         store = open_store(cfg.store.url, cfg.store)
         try:
-            served = NeighbourReader(store).lookup(sample, k=args.k)
+            recall = stored_recall(store, index, sample, query_vectors, args.k)
         finally:
             store.close()
-        ids, vectors = index.export()
-        _, exact = knn_exact(vectors, ids, index.prepare(query_vectors), args.k, index.metric)
-        recall = recall_at_k(served.ids, exact, args.k) if len(sample) else float("nan")
     summary = {
         "ads_indexed": int(index.ntotal),
         "head_queries": len(heads[0]),
