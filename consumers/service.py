@@ -477,10 +477,14 @@ class RefresherService:
             if self.index is not None and self.retrainer.running:
                 self.retrainer.cancel(self.index)
             self.dead_letters.flush()
-            self.producer.flush(10)
+            left = self.producer.flush(10)
+            if left:
+                logger.error("%d dead-letter or head-state records not delivered at shutdown", left)
+                self.producer.purge()
             if self.engagements is not None:
                 self.engagements.close()
             self.ads.close()
+            self.producer.close()
             self.store.close()
 
     @property
