@@ -17,14 +17,13 @@ import numpy as np
 
 from annstream.config import StoreConfig
 from annstream.errors import StoreUnavailableError
+from annstream.store import apply_head_exit
 from annstream.store.base import NeighbourStore
 from annstream.store.record import NeighbourLists
 
 __all__ = ["NeighbourSink", "SinkStats"]
 
 logger = logging.getLogger(__name__)
-
-HEAD_EXIT_POLICIES = ("expire", "delete", "keep")
 
 
 @dataclass
@@ -46,11 +45,6 @@ class NeighbourSink:
         cfg: StoreConfig,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if cfg.on_head_exit not in HEAD_EXIT_POLICIES:
-            raise ValueError(
-                f"store.on_head_exit must be one of {', '.join(HEAD_EXIT_POLICIES)}, "
-                f"got {cfg.on_head_exit!r}"
-            )
         self.store = store
         self.cfg = cfg
         self.stats = SinkStats()
@@ -87,12 +81,11 @@ class NeighbourSink:
         )
 
     def head_exits(self, query_ids: np.ndarray) -> None:
-        """Apply the documented policy to queries that left the head set."""
-        if len(query_ids) == 0 or self.cfg.on_head_exit == "keep":
+        """Apply store.on_head_exit (expire or delete) to queries that left the head set."""
+        if len(query_ids) == 0:
             return
+        apply_head_exit(self.store, query_ids, self.cfg)
         if self.cfg.on_head_exit == "delete":
-            self.store.remove(query_ids)
             self.stats.removed += len(query_ids)
         else:
-            self.store.expire(query_ids, self.cfg.exit_ttl_s)
             self.stats.expired += len(query_ids)
