@@ -5,7 +5,9 @@ Domain classes never import Avro; annstream.codec converts between these and Kaf
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -98,6 +100,20 @@ class AdBatch:
             campaign_ids=np.full(n, NO_ID, dtype="int64"),
         )
 
+    @classmethod
+    def concat(cls, batches: Sequence[AdBatch], dim: int) -> AdBatch:
+        """One batch of all events in order (an empty batch of dimension `dim` for none)."""
+        if len(batches) == 1:
+            return batches[0]
+        if not batches:
+            return cls.deletes(np.empty(0, "int64"), dim, 0)
+        versions = (
+            ()
+            if any(not b.model_versions for b in batches)
+            else sum((b.model_versions for b in batches), ())
+        )
+        return cls(**_stacked(batches, "model_versions"), model_versions=versions)
+
     def take(self, rows: np.ndarray) -> AdBatch:
         """The events at `rows` (indices or a boolean mask), in that order."""
         idx = np.flatnonzero(rows) if rows.dtype == bool else rows
@@ -143,6 +159,24 @@ class EngagementBatch:
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
+    @classmethod
+    def concat(cls, batches: Sequence[EngagementBatch], dim: int) -> EngagementBatch:
+        """One batch of all events in order (an empty batch of dimension `dim` for none)."""
+        if len(batches) == 1:
+            return batches[0]
+        if not batches:
+            empty = np.empty(0, "int64")
+            return cls(
+                empty,
+                empty,
+                np.empty(0, "uint8"),
+                np.empty(0, "float32"),
+                empty,
+                np.empty((0, dim), "float32"),
+                np.empty(0, bool),
+            )
+        return cls(**_stacked(batches))
+
     def take(self, rows: np.ndarray) -> EngagementBatch:
         idx = np.flatnonzero(rows) if rows.dtype == bool else rows
         return EngagementBatch(
@@ -162,6 +196,12 @@ class Rejection:
 
     index: int
     reason: str
+
+
+def _stacked(batches: Sequence[Any], *skip: str) -> dict[str, np.ndarray]:
+    """The array columns of same-typed batches, concatenated."""
+    names = [f.name for f in fields(batches[0]) if f.name not in skip]
+    return {name: np.concatenate([getattr(b, name) for b in batches]) for name in names}
 
 
 def _ids_or_none(a: np.ndarray | None, n: int) -> np.ndarray:

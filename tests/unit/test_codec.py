@@ -190,3 +190,12 @@ def test_registry_errors_name_the_problem(tmp_path: Path) -> None:
         LocalSchemaRegistry().id_for("nope")
     with pytest.raises(InvalidEventError, match="unknown schema id 77"):
         LocalSchemaRegistry().schema(77)
+
+
+def test_batches_concat_in_order() -> None:
+    a, b = _ads(3, seed=1), _ads(2, seed=2)
+    both = AdBatch.concat([a, b], DIM)
+    np.testing.assert_array_equal(both.vectors, np.vstack([a.vectors, b.vectors]))
+    assert both.model_versions == a.model_versions + b.model_versions
+    assert len(AdBatch.concat([], DIM)) == 0 and AdBatch.concat([], DIM).dim == DIM
+    assert len(EngagementBatch.concat([], DIM)) == 0
