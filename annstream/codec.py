@@ -40,11 +40,13 @@ from annstream.schemas import (
     unframe,
 )
 
-__all__ = ["AdCodec", "EngagementCodec", "check_vectors"]
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "AdCodec", "EngagementCodec", "check_vectors"]
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("cosine", "ip", "l2")
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+"""librdkafka's default `message.max.bytes`; a d=4096 float32 ad event is about 16 KiB."""
 
 
 def _raw(schema: Any) -> Any:
@@ -79,14 +81,26 @@ class _Codec:
     subject: str
     record_name: str
 
-    def __init__(self, registry: SchemaRegistry, dim: int, metric: str = "cosine") -> None:
+    def __init__(
+        self,
+        registry: SchemaRegistry,
+        dim: int,
+        metric: str = "cosine",
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        if max_message_bytes < HEADER_SIZE + 4 * dim:
+            raise ValueError(
+                f"max_message_bytes {max_message_bytes} cannot hold one {dim}-d embedding: "
+                f"raise kafka.max_message_bytes to at least {HEADER_SIZE + 4 * dim + 64}"
+            )
         self.registry = registry
         self.dim = dim
         self.metric = metric
+        self.max_message_bytes = max_message_bytes
         self.schema_id = registry.id_for(self.subject)
         self._own = fastavro.parse_schema(_raw(registry.schema(self.schema_id)))
         self._writers: dict[int, tuple[Any, Any]] = {self.schema_id: (self._own, None)}
@@ -106,6 +120,11 @@ class _Codec:
         return pair
 
     def _read(self, message: bytes) -> dict[str, Any]:
+        if message is not None and len(message) > self.max_message_bytes:
+            raise InvalidEventError(
+                f"message of {len(message)} bytes is over kafka.max_message_bytes "
+                f"({self.max_message_bytes})"
+            )
         schema_id, payload = unframe(message)
         writer, reader = self._resolution(schema_id)
         buf = io.BytesIO(payload)
@@ -194,8 +213,14 @@ class AdCodec(_Codec):
     subject = AD_SUBJECT
     record_name = "annstream.AdEvent"
 
-    def __init__(self, registry: SchemaRegistry, dim: int, metric: str = "cosine") -> None:
-        super().__init__(registry, dim, metric)
+    def __init__(
+        self,
+        registry: SchemaRegistry,
+        dim: int,
+        metric: str = "cosine",
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        super().__init__(registry, dim, metric, max_message_bytes)
         fields = [(f["name"], _shape(f["type"])) for f in cast(dict[str, Any], self._own)["fields"]]
         self._parse_fast = fields == _AD_LAYOUT
         if not self._parse_fast:
@@ -233,7 +258,7 @@ class AdCodec(_Codec):
     def _columns(self, messages: Sequence[bytes | None]) -> tuple[_AdColumns, list[Rejection]]:
         """Columns of the readable messages in order (`rows`), a Rejection for each other one."""
         if self._parse_fast:
-            fast_rows, fast = _parse_ads(messages, self.schema_id)
+            fast_rows, fast = _parse_ads(messages, self.schema_id, self.max_message_bytes)
         else:
             fast_rows, fast = np.zeros(0, dtype="int64"), _AdColumns.of_records([], [])
         slow = np.setdiff1d(np.arange(len(messages)), fast_rows)
@@ -470,8 +495,11 @@ def _strings(buf: np.ndarray, start: np.ndarray, length: np.ndarray, ok: np.ndar
     return out
 
 
-def _parse_ads(messages: Sequence[bytes | None], schema_id: int) -> tuple[np.ndarray, _AdColumns]:
-    """(rows parsed, their columns): the messages that are well-formed AdEvents of `schema_id`.
+def _parse_ads(
+    messages: Sequence[bytes | None], schema_id: int, max_bytes: int
+) -> tuple[np.ndarray, _AdColumns]:
+    """(rows parsed, their columns): the messages of at most `max_bytes` that are well-formed
+    AdEvents of `schema_id`.
 
     Avro binary is read one field at a time for the whole batch; a row any step cannot vouch
     for is left out (and goes through fastavro).
@@ -486,7 +514,7 @@ def _parse_ads(messages: Sequence[bytes | None], schema_id: int) -> tuple[np.nda
     start = end - lens
     head = buf[np.minimum(start[:, None] + np.arange(HEADER_SIZE), buf.size - 1)].astype("int64")
     ids = (head[:, 1] << 24) | (head[:, 2] << 16) | (head[:, 3] << 8) | head[:, 4]
-    ok = (lens > HEADER_SIZE) & (head[:, 0] == 0) & (ids == schema_id)
+    ok = (lens > HEADER_SIZE) & (lens <= max_bytes) & (head[:, 0] == 0) & (ids == schema_id)
     pos = start + HEADER_SIZE
     every = np.ones(n, dtype=bool)
 

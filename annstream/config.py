@@ -37,7 +37,10 @@ ENV_PREFIX = "ANNSTREAM_"
 
 @dataclass(frozen=True)
 class KafkaConfig:
-    """Broker, topics and client settings; `client` is passed to librdkafka as is (SASL/SSL)."""
+    """Broker, topics and client settings; `client` is passed to librdkafka as is (SASL/SSL).
+
+    Ad and engagement messages over `max_message_bytes` are dead-lettered without decoding.
+    """
 
     bootstrap_servers: str = "127.0.0.1:9092"
     ad_topic: str = "annstream.ads"
@@ -48,6 +51,7 @@ class KafkaConfig:
     group_id: str = "annstream-refresher"
     schema_registry_url: str = ""
     schema_registry_file: str = ""
+    max_message_bytes: int = 1 << 20
     client: dict[str, str] = field(default_factory=dict)
 
 

@@ -155,8 +155,9 @@ class RefresherService:
         self.head_log = HeadStateLog(k, self.producer)
         self.tracker = HeadQueryTracker(cfg.heads, cfg.index.dim)
         self._query_partition: dict[int, int] = {}
-        self._ad_codec = AdCodec(registry, cfg.index.dim, cfg.index.metric)
-        self._engagement_codec = EngagementCodec(registry, cfg.index.dim, cfg.index.metric)
+        limit = k.max_message_bytes
+        self._ad_codec = AdCodec(registry, cfg.index.dim, cfg.index.metric, limit)
+        self._engagement_codec = EngagementCodec(registry, cfg.index.dim, cfg.index.metric, limit)
 
         self.snapshot_dir = snapshot_dir(cfg.snapshot.dir)
         snap = load_latest_snapshot(self.snapshot_dir, cfg.index)
