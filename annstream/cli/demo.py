@@ -12,13 +12,15 @@ import json
 import logging
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from annstream.events import AdBatch
+from producers.stream import MixedStream
 
 HELP = "run the main job end to end on embedded defaults and print a summary"
 
@@ -53,85 +55,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-class _Feeder(threading.Thread):
-    """Streams engagements and ad changes at a rate while the service runs."""
+def _feeder(args: argparse.Namespace, cfg: Any, pool: np.ndarray | None) -> MixedStream:
+    """Engagements with new and deleted ads spread among them, each topic at half the rate."""
+    from annstream.codec import AdCodec, EngagementCodec
+    from annstream.kafka import make_producer
+    from annstream.schemas import open_registry
+    from producers.publish import Publisher
+    from producers.sources import synthetic_ads, synthetic_engagements
+    from producers.stream import Lane, MixedStream
 
-    def __init__(self, args: argparse.Namespace, cfg: Any, pool: np.ndarray | None) -> None:
-        super().__init__(name="demo-feeder", daemon=True)
-        self.args, self.cfg, self.pool = args, cfg, pool
-        self.sent_ads = 0
-        self.sent_engagements = 0
-        self.error: BaseException | None = None
+    a = args
+    dim = cfg.index.dim
+    registry = open_registry()
+    producer = make_producer(cfg.kafka)
+    rate = a.rate / 2 if a.rate > 0 else 0.0
+    batch = 250
+    engagements = synthetic_engagements(
+        a.engagements,
+        queries=a.queries,
+        seed=a.seed,
+        dim=dim if pool is None else None,
+        pool=pool,
+        batch_size=batch,
+        ads=a.ads,
+    )
+    new_ads = synthetic_ads(
+        a.stream_ads,
+        seed=a.seed + 1,
+        dim=dim if pool is None else None,
+        pool=pool,
+        batch_size=batch,
+        id_start=a.ads + 1,
+        queries=a.queries,
+    )
 
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # surfaced by the main thread
-            self.error = exc
-
-    def _run(self) -> None:
-        from annstream.codec import AdCodec, EngagementCodec
-        from annstream.events import AdBatch
-        from annstream.kafka import make_producer
-        from annstream.schemas import open_registry
-        from producers.publish import Publisher
-        from producers.sources import synthetic_ads, synthetic_engagements
-
-        a, cfg = self.args, self.cfg
-        dim = cfg.index.dim
-        registry = open_registry()
-        producer = make_producer(cfg.kafka)
-        rate = a.rate / 2 if a.rate > 0 else 0.0
-        ad_pub = Publisher(producer, cfg.kafka.ad_topic, rate=rate)
-        eng_pub = Publisher(producer, cfg.kafka.engagement_topic, rate=rate)
-        ad_codec, eng_codec = AdCodec(registry, dim), EngagementCodec(registry, dim)
-        batch = 250
-        engagements = synthetic_engagements(
-            a.engagements,
-            queries=a.queries,
-            seed=a.seed,
-            dim=dim if self.pool is None else None,
-            pool=self.pool,
-            batch_size=batch,
-            ads=a.ads,
-        )
-        new_ads = synthetic_ads(
-            a.stream_ads,
-            seed=a.seed + 1,
-            dim=dim if self.pool is None else None,
-            pool=self.pool,
-            batch_size=batch,
-            id_start=a.ads + 1,
-            queries=a.queries,
-        )
+    def ads_and_deletes() -> Iterator[AdBatch]:
         rng = np.random.default_rng(a.seed + 2)
-        ratio = max(1, a.engagements // max(1, a.stream_ads))
-        for i, eb in enumerate(engagements):
-            eng_pub.send(_keys(eb.query_ids), eng_codec.encode(eb), eb.event_time_ms)
-            self.sent_engagements += len(eb)
-            if i % ratio == 0:
-                ab = next(new_ads, None)
-                if ab is not None:
-                    ad_pub.send(_keys(ab.ad_ids), ad_codec.encode(ab), ab.event_time_ms)
-                    self.sent_ads += len(ab)
-                    dead = rng.integers(1, a.ads + 1, max(1, len(ab) // 10))
-                    gone = AdBatch.deletes(dead, dim, int(time.time() * 1000))
-                    ad_pub.send(_keys(gone.ad_ids), ad_codec.encode(gone), gone.event_time_ms)
-                    self.sent_ads += len(gone)
         for ab in new_ads:
-            ad_pub.send(_keys(ab.ad_ids), ad_codec.encode(ab), ab.event_time_ms)
-            self.sent_ads += len(ab)
-        ad_pub.flush()
-        eng_pub.flush()
+            yield ab
+            dead = rng.integers(1, a.ads + 1, max(1, len(ab) // 10))
+            yield AdBatch.deletes(dead, dim, int(time.time() * 1000))
+
+    lanes = {
+        "engagements": Lane(
+            Publisher(producer, cfg.kafka.engagement_topic, rate=rate),
+            EngagementCodec(registry, dim),
+            engagements,
+            share=max(1, a.engagements),
+        ),
+        "ads": Lane(
+            Publisher(producer, cfg.kafka.ad_topic, rate=rate),
+            AdCodec(registry, dim),
+            ads_and_deletes(),
+            share=max(1, a.stream_ads + a.stream_ads // 10),
+        ),
+    }
+    return MixedStream(lanes, name="demo-feeder")
 
 
-def _keys(ids: np.ndarray) -> list[bytes]:
-    from producers.publish import id_keys
-
-    return id_keys(ids)
-
-
-def _progress(service: Any, feeder: _Feeder, initial: int, quiet: bool) -> Iterator[None]:
+def _progress(service: Any, feeder: MixedStream, initial: int, quiet: bool) -> Iterator[None]:
     last = 0.0
     while True:
         now = time.monotonic()
@@ -139,8 +121,8 @@ def _progress(service: Any, feeder: _Feeder, initial: int, quiet: bool) -> Itera
             last = now
             s = service.stats
             print(
-                f"[demo] ads {s.ad_events}/{initial + feeder.sent_ads}  engagements "
-                f"{s.engagement_events}/{feeder.sent_engagements}  head queries "
+                f"[demo] ads {s.ad_events}/{initial + feeder.sent('ads')}  engagements "
+                f"{s.engagement_events}/{feeder.sent('engagements')}  head queries "
                 f"{s.head_queries}  records written {s.records_written}  "
                 f"micro-batches {s.micro_batches}",
                 file=sys.stderr,
@@ -208,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
             ),
         )
         service = RefresherService(cfg)
-        feeder = _Feeder(args, cfg, pool)
+        feeder = _feeder(args, cfg, pool)
         progress = _progress(service, feeder, args.ads, args.json)
         stream_start = [0.0]
 
@@ -223,8 +205,8 @@ def run(args: argparse.Namespace) -> int:
             finished = (
                 feeder.ident is not None
                 and not feeder.is_alive()
-                and s.stats.ad_events >= args.ads + feeder.sent_ads
-                and s.stats.engagement_events >= feeder.sent_engagements
+                and s.stats.ad_events >= args.ads + feeder.sent("ads")
+                and s.stats.engagement_events >= feeder.sent("engagements")
                 and s.idle
             )
             if finished and s.refresher is not None:
@@ -257,7 +239,9 @@ def run(args: argparse.Namespace) -> int:
         "k": args.k,
         "recall_sample": len(sample),
         "freshness_ms": {key: round(v, 1) for key, v in stats.freshness().items()},
-        "events_per_s": round((feeder.sent_ads + feeder.sent_engagements) / max(elapsed, 1e-9), 1),
+        "events_per_s": round(
+            (feeder.sent("ads") + feeder.sent("engagements")) / max(elapsed, 1e-9), 1
+        ),
         "ad_events": stats.ad_events,
         "engagement_events": stats.engagement_events,
         "dead_letters": stats.dead_letters,
