@@ -25,6 +25,7 @@ computed from the vectors the index holds (decoded codes under IVFPQ), as its se
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,6 +120,34 @@ class MicroBatcher:
     def reset(self, now_ms: float | None = None) -> None:
         self.events = 0
         self.started_ms = self._now(now_ms)
+
+
+class _Background:
+    """Runs one call in a thread (Faiss and large numpy operations release the GIL)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._fn, self._args = fn, args
+        self._out: Any = None
+        self._err: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="refresher-scan", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            # one core for the scan, the other for the caller's numpy work meanwhile (the
+            # OpenMP setting is per thread)
+            faiss.omp_set_num_threads(1)
+            self._out = self._fn(*self._args)
+        except BaseException as exc:  # re-raised in the caller's thread by result()
+            self._err = exc
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._err is not None:
+            raise self._err
+        return self._out
 
 
 class Refresher:
@@ -561,7 +590,22 @@ class Refresher:
         self._snapped = np.zeros(n, dtype=bool)
         self._before_slots, self._before_ids = [], []
 
-        # 2. removed ads leave the rows holding them; a row short of K is searched again
+        # 2. new ads are scored in the background against the head queries probing their list,
+        #    with the thresholds before the deletes: those only rise when ads leave a valid
+        #    prefix, so this finds a superset of the candidates, filtered below
+        thr = self._threshold()
+        scan = _empty_ids()
+        if len(ins_ids):
+            lists_hit = np.zeros(self._nlist + 1, dtype=bool)  # the last entry catches -1
+            lists_hit[ins_lists] = True
+            probing = lists_hit[self._probe[:n]].any(axis=1)
+            scan = np.flatnonzero(probing & self._routed[:n] & (thr < np.inf))
+        scanner = _Background(self._candidates, new_vecs, ins_lists, scan, thr[scan])
+        if len(scan):
+            scanner.start()
+
+        # 3. meanwhile removed ads leave the rows holding them; a row short of K is searched
+        #    again
         reset = _empty_ids()
         hit_rows = 0
         if len(removed):
@@ -571,28 +615,24 @@ class Refresher:
                 hit_rows = len(np.unique(rows))
         t2 = time.perf_counter()
 
-        # 3. new ads enter the rows of the head queries probing their list where they beat
-        #    the last valid score
-        thr = self._threshold()
-        thr[reset] = np.inf
-        scanned = merged = n_overflow = 0
+        # 4. new ads enter the rows where they beat the last valid score after the deletes
+        merged = n_overflow = 0
         merged_changed = _empty_ids()
-        if len(ins_ids):
-            lists_hit = np.zeros(self._nlist + 1, dtype=bool)  # the last entry catches -1
-            lists_hit[ins_lists] = True
-            probing = lists_hit[self._probe[:n]].any(axis=1)
-            scan = np.flatnonzero(probing & self._routed[:n] & (thr < np.inf))
-            scanned = len(scan)
-            if scanned:
-                c_slots, c_rows, c_scores = self._candidates(new_vecs, ins_lists, scan, thr[scan])
-                upd, overflow, merged_changed = self._merge(c_slots, ins_ids[c_rows], c_scores)
-                merged, n_overflow = len(upd), len(overflow)
-                if n_overflow:
-                    reset = np.union1d(reset, overflow)
+        if len(scan):
+            c_slots, c_rows, c_scores = scanner.result()
+            thr = self._threshold()
+            thr[reset] = np.inf
+            ok = c_scores > thr[c_slots]
+            upd, overflow, merged_changed = self._merge(
+                c_slots[ok], ins_ids[c_rows[ok]], c_scores[ok]
+            )
+            merged, n_overflow = len(upd), len(overflow)
+            if n_overflow:
+                reset = np.union1d(reset, overflow)
         self._snapshot(reset)
         t3 = time.perf_counter()
 
-        # 4. full searches: new and changed queries, underflowing rows, the retrain backlog
+        # 5. full searches: new and changed queries, underflowing rows, the retrain backlog
         new_slots = self._alloc(fresh_q)
         self._raw[new_slots] = raw_fresh
         pend = self._pending[self._alive[self._pending]] if len(self._pending) else _empty_ids()
@@ -617,7 +657,7 @@ class Refresher:
         self._routed[routed_new] = True
         t4 = time.perf_counter()
 
-        # 5. what changed: snapshotted rows by comparison, merged-only rows by where the
+        # 6. what changed: snapshotted rows by comparison, merged-only rows by where the
         #    candidates landed
         b_slots = np.concatenate(self._before_slots) if self._before_slots else _empty_ids()
         if self._before_ids:
@@ -647,7 +687,7 @@ class Refresher:
             entered=len(heads.entered),
             exited=len(heads.exited) + len(heads.dropped),
             head_queries=len(self._keys),
-            touched=scanned,
+            touched=len(scan),
             overflow_searches=n_overflow,
             delete_hits=hit_rows,
             merged=merged,
