@@ -28,8 +28,8 @@ from annstream.codec import AdCodec, EngagementCodec
 from annstream.config import Config, IndexConfig, KafkaConfig, load_config
 from annstream.events import AdBatch, EngagementBatch
 from annstream.index import LiveIvfIndex
-from annstream.kafka import make_consumer, make_producer
-from annstream.schemas import open_registry
+from annstream.kafka import headers_dict, make_consumer, make_producer
+from annstream.schemas import HEADER_SIZE, frame, open_registry
 from annstream.store.base import NeighbourStore
 from producers.publish import id_keys
 from producers.sources import synthetic_ads, synthetic_engagements
@@ -54,8 +54,10 @@ __all__ = [
     "Feed",
     "Topics",
     "Workload",
+    "bad_inputs",
     "build_oracle",
     "committed_offsets",
+    "read_dead_letters",
     "log_tail",
     "oracle_agreement",
     "problems",
@@ -349,6 +351,108 @@ class Feed:
     @property
     def engagement_ends(self) -> dict[int, int]:
         return dict(self.ends.get(self.topics.engagements, {}))
+
+
+BAD_KINDS = ("null", "short", "magic", "schema", "truncated", "dim", "nan", "weight", "oversized")
+
+
+def bad_inputs(
+    rng: np.random.Generator, feed: Feed, n: int, max_message_bytes: int
+) -> list[tuple[str, str, bytes | None]]:
+    """`n` messages (topic, kind, value) that no decoder may accept, half per topic: null,
+    shorter than the header, bad magic byte, unknown schema id, truncated, wrong dimension,
+    NaN embedding, negative weight, over `max_message_bytes`."""
+    out: list[tuple[str, str, bytes | None]] = []
+    wide_ad = AdCodec(feed.ad_codec.registry, DIM + 1)
+    wide_eng = EngagementCodec(feed.eng_codec.registry, DIM + 1)
+    for i in range(n):
+        ads = i % 2 == 0
+        topic = feed.topics.ads if ads else feed.topics.engagements
+        kind = BAD_KINDS[int(rng.integers(len(BAD_KINDS)))]
+        vec = rng.standard_normal((1, DIM)).astype("float32")
+        one = np.array([int(rng.integers(1, 2**40))])
+        eng = EngagementBatch(
+            one, one, np.zeros(1, "uint8"), np.ones(1, "float32"), one, vec, np.ones(1, bool)
+        )
+        valid = (
+            feed.ad_codec.encode(AdBatch.upserts(one, vec, T0))
+            if ads
+            else feed.eng_codec.encode(eng)
+        )[0]
+        value: bytes | None
+        if kind == "null":
+            value = None
+        elif kind == "short":
+            value = rng.bytes(int(rng.integers(0, HEADER_SIZE + 1)))
+        elif kind == "magic":
+            value = bytes([int(rng.integers(1, 256))]) + rng.bytes(int(rng.integers(5, 80)))
+        elif kind == "schema":
+            value = frame(int(rng.integers(1_000, 2**31)), rng.bytes(int(rng.integers(1, 80))))
+        elif kind == "truncated":
+            value = valid[: int(rng.integers(0, len(valid)))]
+        elif kind == "dim":
+            wide = rng.standard_normal((1, DIM + 1)).astype("float32")
+            value = (
+                wide_ad.encode(AdBatch.upserts(one, wide, T0))
+                if ads
+                else wide_eng.encode(
+                    EngagementBatch(
+                        one,
+                        one,
+                        np.zeros(1, "uint8"),
+                        np.ones(1, "float32"),
+                        one,
+                        wide,
+                        np.ones(1, bool),
+                    )
+                )
+            )[0]
+        elif kind == "nan":
+            vec[0, int(rng.integers(DIM))] = np.nan
+            eng.vectors[:] = vec
+            value = (
+                feed.ad_codec.encode(AdBatch.upserts(one, vec, T0))
+                if ads
+                else feed.eng_codec.encode(eng)
+            )[0]
+        elif kind == "weight" and not ads:
+            eng.weights[0] = -1.0
+            value = feed.eng_codec.encode(eng)[0]
+        else:
+            kind = "oversized"
+            value = valid[:HEADER_SIZE] + rng.bytes(max_message_bytes + 1 - HEADER_SIZE)
+        out.append((topic, kind, value))
+    return out
+
+
+def read_dead_letters(
+    bootstrap: str, topic: str, n: int, guard_s: float = 60.0
+) -> list[dict[str, Any]]:
+    """The first `n` messages of the dead-letter topic: value, reason and source of each."""
+    consumer: Consumer = make_consumer(
+        KafkaConfig(bootstrap_servers=bootstrap), group_id=f"dlq-reader-{os.getpid()}-{time.time()}"
+    )
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + guard_s
+    try:
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        while len(out) < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {len(out)} of {n} dead letters in {guard_s:.0f} s")
+            for m in consumer.consume(n - len(out), 0.2):
+                if m.error() is not None:
+                    continue
+                headers = headers_dict(m)
+                out.append(
+                    {
+                        "value": m.value(),
+                        "reason": headers.get("annstream.reason", b"").decode(),
+                        "source": headers.get("annstream.source", b"").decode(),
+                    }
+                )
+    finally:
+        consumer.close()
+    return out
 
 
 def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int, int]:

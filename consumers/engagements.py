@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from confluent_kafka import OFFSET_INVALID, Consumer, Message, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, TopicPartition
 
 from annstream.codec import EngagementCodec
 from annstream.config import KafkaConfig
@@ -62,6 +62,7 @@ class EngagementStream:
         self.listener = listener
         self.consumer = consumer or make_consumer(cfg, group_id=cfg.group_id)
         self.assigned: set[int] = set()
+        self._uncommitted: dict[int, int] = {}
         self.paused = False
         self.consumer.subscribe(
             [self.topic],
@@ -81,15 +82,20 @@ class EngagementStream:
             consumer.pause([TopicPartition(self.topic, p) for p in got])
         self.assigned.update(got)
 
+    def _forget(self, gone: list[int]) -> None:
+        self.assigned.difference_update(gone)
+        for p in gone:
+            self._uncommitted.pop(p, None)
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = sorted(p.partition for p in partitions)
-        self.assigned.difference_update(gone)
+        self._forget(gone)
         logger.info("engagement partitions revoked: %s", gone)
         self.listener.partitions_revoked(gone, lost=False)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = sorted(p.partition for p in partitions)
-        self.assigned.difference_update(gone)
+        self._forget(gone)
         logger.warning("engagement partitions lost: %s (nothing committed for them)", gone)
         self.listener.partitions_revoked(gone, lost=True)
 
@@ -114,15 +120,30 @@ class EngagementStream:
             offsets[int(m.partition() or 0)] = int(m.offset() or 0) + 1
         return EngagementPoll(batch, partitions, offsets, len(rejected), len(good))
 
-    def commit(self, offsets: dict[int, int]) -> None:
-        """Synchronously commit `offsets` (partition -> next offset) of still-owned partitions."""
+    def commit(self, offsets: dict[int, int]) -> bool:
+        """Synchronously commit `offsets` (partition -> next offset) of still-owned partitions.
+
+        A failed commit (broker unreachable, membership lost while it was stopped) is logged
+        and retried with the next one, never raised: the stored results and the head-state
+        changelog already cover these events, so only a redelivery is at stake.
+        """
+        for p, o in offsets.items():
+            self._uncommitted[p] = max(o, self._uncommitted.get(p, o))
         owned = [
             TopicPartition(self.topic, p, o)
-            for p, o in sorted(offsets.items())
+            for p, o in sorted(self._uncommitted.items())
             if p in self.assigned
         ]
-        if owned:
+        if not owned:
+            return True
+        try:
             self.consumer.commit(offsets=owned, asynchronous=False)
+        except KafkaException as exc:
+            logger.warning("engagement offset commit failed, retried with the next one: %s", exc)
+            return False
+        for tp in owned:
+            del self._uncommitted[tp.partition]
+        return True
 
     def committed(self, partitions: Sequence[int]) -> dict[int, int]:
         tps = self.consumer.committed([TopicPartition(self.topic, p) for p in partitions], 10)

@@ -1,0 +1,269 @@
+"""Faults against the running service (in process, so its state can be watched): the broker
+stopped (SIGSTOP) for a while, the store gone for a while, a corrupted snapshot, hostile
+messages on both topics. Each ends with the store equal to the oracle of bench/harness.py,
+without restarting the service except where the fault is a restart. Kill -9 at random points
+is in test_service.py; longer and combined schedules are `annstream bench faults`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from annstream.broker import EmbeddedBroker
+from annstream.events import EngagementBatch
+from annstream.snapshot import list_snapshots
+from annstream.testing.aerospike_server import AerospikeTestServer
+from bench.harness import (
+    Feed,
+    Topics,
+    bad_inputs,
+    build_oracle,
+    committed_offsets,
+    problems,
+    read_dead_letters,
+    service_settings,
+    step_until,
+    to_config,
+    workload,
+)
+from consumers.service import RefresherService
+
+pytest_plugins = ["service_harness"]
+
+FAULT_S = 10.0
+"""The low end of the issue's 10-30 s; `annstream bench faults` runs longer ones."""
+
+
+def _service(
+    bootstrap: str,
+    topics: Topics,
+    training_file: Path,
+    tmp_path: Path,
+    store_url: str,
+    group: str = "",
+    **kw: dict[str, Any],
+) -> tuple[RefresherService, str]:
+    group = group or f"faults-{uuid.uuid4().hex[:8]}"
+    settings = service_settings(
+        bootstrap,
+        topics,
+        training_file,
+        store_url,
+        tmp_path / "snap",
+        group,
+        kafka={"client": {"session.timeout.ms": "6000"}, **kw.pop("kafka", {})},
+        **kw,
+    )
+    return RefresherService(to_config(settings)), group
+
+
+def _everything_done(service: RefresherService, feed: Feed, bootstrap: str, group: str) -> bool:
+    return (
+        service.idle
+        and service.stats.ad_events >= feed.messages[feed.topics.ads]
+        and committed_offsets(bootstrap, feed.topics.engagements, group) == feed.engagement_ends
+    )
+
+
+def test_broker_stopped_for_seconds_then_the_service_recovers_without_restart(
+    kafka_broker: EmbeddedBroker,
+    bootstrap: str,
+    topics: Topics,
+    training_file: Path,
+    training: np.ndarray,
+    tmp_path: Path,
+) -> None:
+    work = workload(seed=11)
+    eng_at = [i for i, b in enumerate(work.steps) if isinstance(b, EngagementBatch)]
+    before, during = eng_at[len(eng_at) // 3], eng_at[len(eng_at) // 2]
+    service, group = _service(
+        bootstrap, topics, training_file, tmp_path, f"sqlite:///{tmp_path / 'store.db'}"
+    )
+    feed = Feed(bootstrap, topics)
+    try:
+        for b in work.steps[:before]:
+            feed.send(b)
+        feed.flush()
+        step_until([service], lambda: _everything_done(service, feed, bootstrap, group), "start")
+        for b in work.steps[before:during]:
+            feed.send(b)
+        feed.flush()
+        service.step()  # some of them in flight when the broker stops
+        kafka_broker.pause()
+        resume = threading.Timer(FAULT_S, kafka_broker.resume)
+        resume.start()
+        try:
+            end = time.monotonic() + FAULT_S
+            while time.monotonic() < end:
+                service.step()
+        finally:
+            resume.join()
+            kafka_broker.resume()
+        for b in work.steps[during:]:
+            feed.send(b)
+        feed.flush()
+        step_until(
+            [service],
+            lambda: _everything_done(service, feed, bootstrap, group),
+            "every event consumed, stored and committed after the broker came back",
+            guard_s=120.0,
+        )
+        assert problems(service.store, work, build_oracle(training, work.live)) == []
+        assert service.index is not None
+        np.testing.assert_array_equal(service.index.ids(), sorted(work.live))
+    finally:
+        kafka_broker.resume()
+        service.shutdown()
+
+
+def test_store_down_for_seconds_commits_nothing_then_recovers_without_restart(
+    bootstrap: str, topics: Topics, training_file: Path, training: np.ndarray, tmp_path: Path
+) -> None:
+    work = workload(seed=12)
+    eng_at = [i for i, b in enumerate(work.steps) if isinstance(b, EngagementBatch)]
+    before = eng_at[len(eng_at) // 3]
+    server = AerospikeTestServer(namespaces=["test"]).start()
+    try:
+        service, group = _service(
+            bootstrap,
+            topics,
+            training_file,
+            tmp_path,
+            f"aerospike://{server.url_host}/test/neighbours",
+            store={"timeout_ms": 300},
+        )
+        feed = Feed(bootstrap, topics)
+        try:
+            for b in work.steps[:before]:
+                feed.send(b)
+            feed.flush()
+            step_until(
+                [service], lambda: _everything_done(service, feed, bootstrap, group), "start"
+            )
+            stored = committed_offsets(bootstrap, topics.engagements, group)
+            assert server.record_count() > 0
+
+            server.stop()
+            for b in work.steps[before:]:
+                feed.send(b)
+            feed.flush()
+            end = time.monotonic() + FAULT_S
+            next_check = 0.0
+            while time.monotonic() < end:
+                service.step()
+                if time.monotonic() >= next_check:
+                    # nothing the outage kept from the store is ever committed
+                    assert committed_offsets(bootstrap, topics.engagements, group) == stored
+                    next_check = time.monotonic() + 1.0
+            assert service.stats.store_failures >= 1 and service._pending is not None
+            assert committed_offsets(bootstrap, topics.engagements, group) == stored
+
+            server.start()  # same port, same records
+            step_until(
+                [service],
+                lambda: _everything_done(service, feed, bootstrap, group),
+                "every event stored and committed after the store came back",
+                guard_s=120.0,
+            )
+            assert server.record_count() == len(work.heads)
+            assert problems(service.store, work, build_oracle(training, work.live)) == []
+        finally:
+            service.shutdown()
+    finally:
+        server.stop()
+
+
+def test_corrupted_newest_snapshot_falls_back_and_ends_like_the_oracle(
+    bootstrap: str,
+    topics: Topics,
+    training_file: Path,
+    training: np.ndarray,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    work = workload(seed=13)
+    half = len(work.steps) // 2
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    service, group = _service(bootstrap, topics, training_file, tmp_path, url)
+    feed = Feed(bootstrap, topics)
+    try:
+        for b in work.steps[:half]:
+            feed.send(b)
+        feed.flush()
+        step_until([service], lambda: _everything_done(service, feed, bootstrap, group), "half")
+    finally:
+        service.shutdown()
+    snaps = list_snapshots(tmp_path / "snap")
+    assert snaps
+    data = bytearray(snaps[0].read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    snaps[0].write_bytes(bytes(data))
+
+    with caplog.at_level(logging.WARNING, logger="annstream.snapshot"):
+        service, _ = _service(bootstrap, topics, training_file, tmp_path, url, group=group)
+    assert any("unusable" in r.getMessage() for r in caplog.records)
+    try:
+        for b in work.steps[half:]:
+            feed.send(b)
+        feed.flush()
+        step_until([service], lambda: _everything_done(service, feed, bootstrap, group), "the rest")
+        assert service.index is not None
+        np.testing.assert_array_equal(service.index.ids(), sorted(work.live))
+        assert problems(service.store, work, build_oracle(training, work.live)) == []
+    finally:
+        service.shutdown()
+
+
+def test_hostile_messages_on_both_topics_are_dead_lettered_and_the_rest_processed(
+    bootstrap: str, topics: Topics, training_file: Path, training: np.ndarray, tmp_path: Path
+) -> None:
+    work = workload(seed=14)
+    limit = 4096
+    rng = np.random.default_rng(14)
+    service, group = _service(
+        bootstrap,
+        topics,
+        training_file,
+        tmp_path,
+        f"sqlite:///{tmp_path / 'store.db'}",
+        kafka={"max_message_bytes": limit},
+    )
+    feed = Feed(bootstrap, topics)
+    bad = bad_inputs(rng, feed, 120, limit)
+    spots = np.sort(rng.integers(0, len(work.steps), len(bad)))
+    try:
+        at = 0
+        for i, b in enumerate(work.steps):
+            while at < len(bad) and spots[at] == i:
+                topic, _, value = bad[at]
+                feed.raw(topic, [rng.bytes(8)], [value])
+                at += 1
+            feed.send(b)
+        feed.flush()
+        step_until(
+            [service],
+            lambda: _everything_done(service, feed, bootstrap, group),
+            "every event consumed",
+        )
+        assert service.stats.dead_letters == len(bad)
+        assert problems(service.store, work, build_oracle(training, work.live)) == []
+        assert service.index is not None
+        np.testing.assert_array_equal(service.index.ids(), sorted(work.live))
+    finally:
+        service.shutdown()
+    letters = read_dead_letters(bootstrap, topics.dead_letters, len(bad))
+    assert all(d["reason"].strip() for d in letters)
+    assert Counter(d["value"] for d in letters) == Counter(v for _, _, v in bad)
+    assert Counter(d["source"].split("/")[0] for d in letters) == Counter(t for t, _, _ in bad)
+    assert {k for _, k, _ in bad} >= {"null", "truncated", "dim", "nan", "oversized"}
+    oversized = [d for d in letters if d["value"] is not None and len(d["value"]) > limit]
+    assert oversized and all("max_message_bytes" in d["reason"] for d in oversized)
