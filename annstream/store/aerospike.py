@@ -70,6 +70,12 @@ def stale_guard(version: int) -> list[tuple[Any, ...]]:
     ]
 
 
+def _answered(rec: Any) -> bool:
+    """A batch row the server answered carries the key's digest back."""
+    record = getattr(rec, "record", None)
+    return record is not None and record[0] is not None and record[0][3] is not None
+
+
 def _code(exc: BaseException) -> int:
     code = getattr(exc, "code", None)
     return int(code) if isinstance(code, int) else -1
@@ -168,8 +174,12 @@ class AerospikeStore:
                 logger.warning("Aerospike %s (attempt %d)", reason, attempt + 1)
                 continue
             retry: list[int] = []
+            whole = int(batch.result)
             for i, rec in zip(pending, batch.batch_records, strict=True):
                 code = int(rec.result)
+                if code == OK and whole != OK and not _answered(rec):
+                    # client 19.x with no node left: rows never sent keep result 0
+                    code = whole if whole in RETRYABLE else -1
                 if code == OK:
                     stored[i] = True
                 elif code == FILTERED_OUT:
