@@ -122,6 +122,32 @@ class MicroBatcher:
         self.started_ms = self._now(now_ms)
 
 
+_F32_EMPTY = np.empty(0, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class _AdPlan:
+    """Validated, deduplicated ad changes and the ids they remove from the index."""
+
+    up_ids: Int64Array
+    up_vecs: Float32Array
+    del_ids: Int64Array
+    removed: Int64Array
+
+
+@dataclass(frozen=True)
+class _Applied:
+    """What the background step did: inserts, deletes, and the candidates (slot, id, score)."""
+
+    ins_ids: Int64Array
+    n_deleted: int
+    scanned: int
+    slots: Int64Array
+    ids: Int64Array
+    scores: Float32Array
+    index_s: float
+
+
 class _Background:
     """Runs one call in a thread (Faiss and large numpy operations release the GIL)."""
 
@@ -369,7 +395,7 @@ class Refresher:
             )
             if l2:
                 np.negative(scores, out=scores)
-        ok = scores > thr[qi]
+        ok = scores >= thr[qi]
         return q_rows[ok], rows[ok], scores[ok]
 
     def _threshold(self) -> Float32Array:
@@ -423,11 +449,8 @@ class Refresher:
         self._routed[old] = False
         return old
 
-    def _apply_ads(
-        self, ads: AdChanges
-    ) -> tuple[Int64Array, Int64Array, Int64Array, Float32Array, int]:
-        """Apply to the index; returns the removed ids (sorted: deletes and the old versions of
-        updates), the inserted ids with their lists and stored vectors, and the delete count."""
+    def _plan_ads(self, ads: AdChanges) -> _AdPlan:
+        """Validate and deduplicate the ad changes; the index is not touched yet."""
         index = self.index
         up_ids = np.ascontiguousarray(ads.upsert_ids, dtype=np.int64).reshape(-1)
         up_vecs = np.ascontiguousarray(ads.upsert_vectors, dtype=np.float32)
@@ -441,22 +464,41 @@ class Refresher:
             _, last = np.unique(up_ids[::-1], return_index=True)
             keep = np.sort(len(up_ids) - 1 - last)
             up_ids, up_vecs = up_ids[keep], np.ascontiguousarray(up_vecs[keep])
+            index.prepare(up_vecs)  # bad vectors raise here, before anything changes
         touched = np.unique(np.concatenate([up_ids, del_ids]))
         removed = touched[index.contains(touched)] if len(touched) else _empty_ids()
-        ins = ~np.isin(up_ids, del_ids)
+        return _AdPlan(up_ids, up_vecs, del_ids, removed)
+
+    def _apply_and_scan(self, plan: _AdPlan, thr: Float32Array) -> _Applied:
+        """Apply the ad changes to the index, then find the new ads' candidate rows.
+
+        `thr` is each slot's threshold before the deletes: the candidates are a superset.
+        """
+        t0 = time.perf_counter()
+        index = self.index
+        up_ids, up_vecs = plan.up_ids, plan.up_vecs
         if len(up_ids):
             index.upsert(up_ids, up_vecs)
-        n_deleted = len(index.delete(del_ids)) if len(del_ids) else 0
+        n_deleted = len(index.delete(plan.del_ids)) if len(plan.del_ids) else 0
+        ins = ~np.isin(up_ids, plan.del_ids)
         ins_ids = np.ascontiguousarray(up_ids[ins])
-        if len(ins_ids):
-            # lists from the exact vectors, as the index assigned them; scores from what the
-            # lists hold (decoded codes under IVFPQ), as its search computes them
-            ins_lists = index.assign_lists(up_vecs[ins])
-            new_vecs = np.ascontiguousarray(index.ivf.reconstruct_batch(ins_ids), dtype=np.float32)
-        else:
-            ins_lists = _empty_ids()
-            new_vecs = np.empty((0, index.dim), dtype=np.float32)
-        return removed, ins_ids, ins_lists, new_vecs, n_deleted
+        t1 = time.perf_counter()
+        if not len(ins_ids):
+            return _Applied(ins_ids, n_deleted, 0, _empty_ids(), _empty_ids(), _F32_EMPTY, t1 - t0)
+        # lists from the exact vectors, as the index assigned them; scores from what the lists
+        # hold (decoded codes under IVFPQ), as its search computes them
+        ins_lists = index.assign_lists(up_vecs[ins])
+        new_vecs = np.ascontiguousarray(index.ivf.reconstruct_batch(ins_ids), dtype=np.float32)
+        t1 = time.perf_counter()
+        n = self._n
+        lists_hit = np.zeros(self._nlist + 1, dtype=bool)  # the last entry catches -1
+        lists_hit[ins_lists] = True
+        probing = lists_hit[self._probe[:n]].any(axis=1)
+        scan = np.flatnonzero(probing & self._routed[:n] & (thr < np.inf))
+        if not len(scan):
+            return _Applied(ins_ids, n_deleted, 0, _empty_ids(), _empty_ids(), _F32_EMPTY, t1 - t0)
+        slots, rows, scores = self._candidates(new_vecs, ins_lists, scan, thr[scan])
+        return _Applied(ins_ids, n_deleted, len(scan), slots, ins_ids[rows], scores, t1 - t0)
 
     def _snapshot(self, slots: Int64Array) -> None:
         """Remember the current top K ids of `slots` (first time only) for change detection."""
@@ -489,6 +531,35 @@ class Refresher:
         self._c[hit] = c_new
         return hit[c_new < self.k]
 
+    def _beats_last(
+        self, slots: Int64Array, ids: Int64Array, scores: Float32Array, thr: Float32Array
+    ) -> BoolArray:
+        """Which candidates come before their row's last valid entry in search order."""
+        t = thr[slots]
+        ok = scores > t
+        tie = np.flatnonzero((scores == t) & np.isfinite(t))
+        if len(tie):
+            last = self._I[slots[tie], self._c[slots[tie]] - 1]
+            ok[tie] = ids[tie] > last if self.index.metric != "l2" else ids[tie] < last
+        return ok
+
+    def _count_ahead(
+        self, rows_s: Float32Array, r: Int64Array, scores: Float32Array, *, strict: bool
+    ) -> Int64Array:
+        """Per candidate, entries of its row (descending) scoring above it (or at least it)."""
+        w = rows_s.shape[1]
+        lo = np.zeros(len(scores), dtype=np.int64)
+        hi = np.full(len(scores), w, dtype=np.int64)
+        while True:
+            open_ = lo < hi
+            if not open_.any():
+                return lo
+            mid = (lo + hi) >> 1
+            got = rows_s[r, np.minimum(mid, w - 1)]
+            ahead = open_ & ((got > scores) if strict else (got >= scores))
+            lo = np.where(ahead, mid + 1, lo)
+            hi = np.where(open_ & ~ahead, mid, hi)
+
     def _merge(
         self, slots: Int64Array, ids: Int64Array, scores: Float32Array
     ) -> tuple[Int64Array, Int64Array, Int64Array]:
@@ -497,7 +568,10 @@ class Refresher:
         Returns the merged rows, the rows sent to a full search instead (more than `scan_k`
         candidates) and the merged rows whose top K changed (a candidate landed in it).
         """
-        order = np.lexsort((-scores, slots))
+        # the order of the index's search: by score, ties by id (larger first under inner
+        # product, smaller under L2)
+        larger_first = self.index.metric != "l2"
+        order = np.lexsort((-ids if larger_first else ids, -scores, slots))
         slots, ids, scores = slots[order], ids[order], scores[order]
         upd, start, counts = np.unique(slots, return_index=True, return_counts=True)
         over = counts > self.cfg.scan_k
@@ -513,18 +587,17 @@ class Refresher:
         r = np.repeat(np.arange(m), counts)
         j = np.arange(len(slots)) - np.repeat(start, counts)
         rows_s, rows_i = self._S[upd], self._I[upd]
-        # rank in the merged row: candidates before it plus entries scoring at least as high
-        # (rows are sorted by descending score: a binary search per candidate)
-        lo = np.zeros(len(scores), dtype=np.int64)
-        hi = np.full(len(scores), w, dtype=np.int64)
-        while True:
-            open_ = lo < hi
-            if not open_.any():
-                break
-            mid = (lo + hi) >> 1
-            ge = open_ & (rows_s[r, np.minimum(mid, w - 1)] >= scores)
-            lo = np.where(ge, mid + 1, lo)
-            hi = np.where(open_ & ~ge, mid, hi)
+        # rank in the merged row: candidates before it plus entries ahead of it (rows are in
+        # search order: a binary search per candidate, then the rare equal scores by id)
+        lo = self._count_ahead(rows_s, r, scores, strict=True)
+        hi = self._count_ahead(rows_s, r, scores, strict=False)
+        tied = np.flatnonzero(hi > lo)
+        first = lo[tied]
+        for t in range(int((hi - lo).max()) if len(tied) else 0):
+            col = first + t
+            other = rows_i[r[tied], np.minimum(col, w - 1)]
+            ahead = other > ids[tied] if larger_first else other < ids[tied]
+            lo[tied] += (col < hi[tied]) & ahead
         pos = j + lo
         wc = int(counts.max())
         taken = np.zeros((m, w + wc), dtype=bool)
@@ -568,6 +641,8 @@ class Refresher:
             self._probe_width_check()
             self.recompute_all()
 
+        plan = self._plan_ads(ads)
+
         # head set changes: exits and drops forget the query, entries and new vectors re-enter
         gone = np.union1d(heads.exited, heads.dropped).astype(np.int64)
         fresh_q = np.union1d(heads.entered, heads.vector_changed).astype(np.int64)
@@ -582,49 +657,38 @@ class Refresher:
             )
         t0 = time.perf_counter()
 
-        # 1. the index
-        removed, ins_ids, ins_lists, new_vecs, n_deleted = self._apply_ads(ads)
-        t1 = time.perf_counter()
-
         n = self._n
         self._snapped = np.zeros(n, dtype=bool)
         self._before_slots, self._before_ids = [], []
 
-        # 2. new ads are scored in the background against the head queries probing their list,
-        #    with the thresholds before the deletes: those only rise when ads leave a valid
-        #    prefix, so this finds a superset of the candidates, filtered below
-        thr = self._threshold()
-        scan = _empty_ids()
-        if len(ins_ids):
-            lists_hit = np.zeros(self._nlist + 1, dtype=bool)  # the last entry catches -1
-            lists_hit[ins_lists] = True
-            probing = lists_hit[self._probe[:n]].any(axis=1)
-            scan = np.flatnonzero(probing & self._routed[:n] & (thr < np.inf))
-        scanner = _Background(self._candidates, new_vecs, ins_lists, scan, thr[scan])
-        if len(scan):
-            scanner.start()
+        # 1. in the background, on one core: the index updates, then the new ads scored
+        #    against the head queries probing their list with the thresholds before the
+        #    deletes (those only rise when ads leave a valid prefix: a superset, filtered below)
+        worker = _Background(self._apply_and_scan, plan, self._threshold())
+        worker.start()
 
-        # 3. meanwhile removed ads leave the rows holding them; a row short of K is searched
+        # 2. meanwhile removed ads leave the rows holding them; a row short of K is searched
         #    again
         reset = _empty_ids()
         hit_rows = 0
-        if len(removed):
-            rows, cols = self._held(removed)
+        if len(plan.removed):
+            rows, cols = self._held(plan.removed)
             if len(rows):
                 reset = self._drop_held(rows, cols)
                 hit_rows = len(np.unique(rows))
+        t1 = time.perf_counter()
+        applied: _Applied = worker.result()
         t2 = time.perf_counter()
 
-        # 4. new ads enter the rows where they beat the last valid score after the deletes
+        # 3. new ads enter the rows where they beat the last valid score after the deletes
         merged = n_overflow = 0
         merged_changed = _empty_ids()
-        if len(scan):
-            c_slots, c_rows, c_scores = scanner.result()
+        if len(applied.slots):
             thr = self._threshold()
             thr[reset] = np.inf
-            ok = c_scores > thr[c_slots]
+            ok = self._beats_last(applied.slots, applied.ids, applied.scores, thr)
             upd, overflow, merged_changed = self._merge(
-                c_slots[ok], ins_ids[c_rows[ok]], c_scores[ok]
+                applied.slots[ok], applied.ids[ok], applied.scores[ok]
             )
             merged, n_overflow = len(upd), len(overflow)
             if n_overflow:
@@ -632,7 +696,7 @@ class Refresher:
         self._snapshot(reset)
         t3 = time.perf_counter()
 
-        # 5. full searches: new and changed queries, underflowing rows, the retrain backlog
+        # 4. full searches: new and changed queries, underflowing rows, the retrain backlog
         new_slots = self._alloc(fresh_q)
         self._raw[new_slots] = raw_fresh
         pend = self._pending[self._alive[self._pending]] if len(self._pending) else _empty_ids()
@@ -657,7 +721,7 @@ class Refresher:
         self._routed[routed_new] = True
         t4 = time.perf_counter()
 
-        # 6. what changed: snapshotted rows by comparison, merged-only rows by where the
+        # 5. what changed: snapshotted rows by comparison, merged-only rows by where the
         #    candidates landed
         b_slots = np.concatenate(self._before_slots) if self._before_slots else _empty_ids()
         if self._before_ids:
@@ -681,13 +745,13 @@ class Refresher:
         self._last_version = version
         t5 = time.perf_counter()
         stats.update(
-            inserted=len(ins_ids),
-            deleted=n_deleted,
-            removed=len(removed),
+            inserted=len(applied.ins_ids),
+            deleted=applied.n_deleted,
+            removed=len(plan.removed),
             entered=len(heads.entered),
             exited=len(heads.exited) + len(heads.dropped),
             head_queries=len(self._keys),
-            touched=len(scan),
+            touched=applied.scanned,
             overflow_searches=n_overflow,
             delete_hits=hit_rows,
             merged=merged,
@@ -697,8 +761,9 @@ class Refresher:
             pending_full=self.pending_full,
             changed=len(out),
             heads_s=t0 - t_start,
-            index_s=t1 - t0,
-            delete_s=t2 - t1,
+            index_s=applied.index_s,
+            delete_s=t1 - t0,
+            scan_wait_s=t2 - t1,
             insert_s=t3 - t2,
             search_s=t4 - t3,
             emit_s=t5 - t4,

@@ -210,3 +210,42 @@ def test_micro_batcher_time_or_count() -> None:
     mb.reset(200)
     assert not mb.due(250) and mb.remaining_ms(250) == 50
     assert mb.due(300)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+def test_refresher_orders_equal_scores_like_the_index_search(metric: str) -> None:
+    """Copies of held ads tie exactly; the lists keep the search's order (ties by id)."""
+    w = World(metric=metric, margin=3, n_ads=200)
+    w.queries = {i: w.rng.standard_normal(DIM).astype(np.float32) for i in range(30)}
+    qids = np.arange(30, dtype=np.int64)
+    w.step(heads=HeadChanges(entered=qids))
+    for _ in range(3):
+        _, held = w.refresher.topk(qids)
+        src = np.unique(held[:, : K + 3])
+        src = w.rng.choice(src[src >= 0], 12, replace=False)
+        vecs = w.index.vectors(src)
+        new = np.arange(w.next_ad, w.next_ad + 2 * len(src), dtype=np.int64)
+        w.next_ad += len(new)
+        gone = w.rng.choice(src, 3, replace=False)
+        w.step(AdChanges(new, np.concatenate([vecs, vecs]), gone))
+        # at its k-th place a search keeps the tied ad it met first, so compare with a
+        # search as wide as the lists
+        want_s, want_i = w.index.search(w.lookup(qids), K + 3)
+        got_s, got_i = w.refresher.topk(qids)
+        np.testing.assert_array_equal(got_i[:, :K], want_i[:, :K])
+        np.testing.assert_array_equal(got_s[:, :K], want_s[:, :K])
+
+
+def test_refresher_bad_ad_vectors_raise_before_anything_changes() -> None:
+    w = World()
+    w.queries = {i: w.rng.standard_normal(DIM).astype(np.float32) for i in range(5)}
+    w.step(heads=HeadChanges(entered=np.arange(5, dtype=np.int64)))
+    before = w.refresher.topk(np.arange(5))
+    n_ads = w.index.ntotal
+    bad = np.full((1, DIM), np.nan, dtype=np.float32)
+    with pytest.raises(Exception, match="NaN"):
+        w.step(AdChanges(np.array([w.next_ad]), bad, w.index.ids()[:3]))
+    assert w.index.ntotal == n_ads
+    after = w.refresher.topk(np.arange(5))
+    np.testing.assert_array_equal(after[1], before[1])
+    w.check()
