@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -40,7 +40,14 @@ from annstream.schemas import (
     unframe,
 )
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "AdCodec", "EngagementCodec", "check_vectors"]
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "AdCodec",
+    "EngagementCodec",
+    "ad_records",
+    "check_vectors",
+    "engagement_records",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -234,26 +241,7 @@ class AdCodec(_Codec):
 
     def encode(self, batch: AdBatch) -> list[bytes]:
         self._check_dim(batch.vectors)
-        le = batch.vectors.astype("<f4", copy=False)
-        versions = batch.model_versions or ("",) * len(batch)
-        records = [
-            {
-                "ad_id": int(batch.ad_ids[i]),
-                "op": OPS[batch.ops[i]],
-                "embedding": le[i].tobytes() if batch.ops[i] == OP_UPSERT else None,
-                "dim": self.dim if batch.ops[i] == OP_UPSERT else 0,
-                "model_version": versions[i],
-                "event_time": int(batch.event_time_ms[i]),
-                "advertiser_id": None
-                if batch.advertiser_ids[i] == NO_ID
-                else int(batch.advertiser_ids[i]),
-                "campaign_id": None
-                if batch.campaign_ids[i] == NO_ID
-                else int(batch.campaign_ids[i]),
-            }
-            for i in range(len(batch))
-        ]
-        return self._encode(records)
+        return self._encode(list(ad_records(batch)))
 
     def _columns(self, messages: Sequence[bytes | None]) -> tuple[_AdColumns, list[Rejection]]:
         """Columns of the readable messages in order (`rows`), a Rejection for each other one."""
@@ -313,19 +301,7 @@ class EngagementCodec(_Codec):
 
     def encode(self, batch: EngagementBatch) -> list[bytes]:
         self._check_dim(batch.vectors)
-        le = batch.vectors.astype("<f4", copy=False)
-        records = [
-            {
-                "query_id": int(batch.query_ids[i]),
-                "item_id": None if batch.item_ids[i] == NO_ID else int(batch.item_ids[i]),
-                "event_type": ENGAGEMENT_TYPES[batch.event_types[i]],
-                "weight": float(batch.weights[i]),
-                "event_time": int(batch.event_time_ms[i]),
-                "query_embedding": le[i].tobytes() if batch.has_vector[i] else None,
-            }
-            for i in range(len(batch))
-        ]
-        return self._encode(records)
+        return self._encode(list(engagement_records(batch)))
 
     def decode(self, messages: Sequence[bytes | None]) -> tuple[EngagementBatch, list[Rejection]]:
         records, rows, rejected = self._read_all(messages)
@@ -352,6 +328,60 @@ class EngagementCodec(_Codec):
             has_vector=present[idx],
         )
         return batch, rejected
+
+
+def _opt_id(value: int) -> int | None:
+    return None if value == NO_ID else value
+
+
+def ad_records(batch: AdBatch) -> Iterator[dict[str, Any]]:
+    """The Avro records (AdEvent dicts) of a batch, for the codec and Avro container files."""
+    le = batch.vectors.astype("<f4", copy=False)
+    versions = batch.model_versions or ("",) * len(batch)
+    columns = zip(
+        batch.ad_ids.tolist(),
+        batch.ops.tolist(),
+        batch.event_time_ms.tolist(),
+        batch.advertiser_ids.tolist(),
+        batch.campaign_ids.tolist(),
+        versions,
+        strict=True,
+    )
+    for i, (ad_id, op, event_time, advertiser, campaign, version) in enumerate(columns):
+        upsert = op == OP_UPSERT
+        yield {
+            "ad_id": ad_id,
+            "op": OPS[op],
+            "embedding": le[i].tobytes() if upsert else None,
+            "dim": batch.dim if upsert else 0,
+            "model_version": version,
+            "event_time": event_time,
+            "advertiser_id": _opt_id(advertiser),
+            "campaign_id": _opt_id(campaign),
+        }
+
+
+def engagement_records(batch: EngagementBatch) -> Iterator[dict[str, Any]]:
+    """The Avro records (EngagementEvent dicts) of a batch."""
+    le = batch.vectors.astype("<f4", copy=False)
+    columns = zip(
+        batch.query_ids.tolist(),
+        batch.item_ids.tolist(),
+        batch.event_types.tolist(),
+        batch.weights.tolist(),
+        batch.event_time_ms.tolist(),
+        batch.has_vector.tolist(),
+        strict=True,
+    )
+    for i, (query_id, item_id, event_type, weight, event_time, has_vector) in enumerate(columns):
+        yield {
+            "query_id": query_id,
+            "item_id": _opt_id(item_id),
+            "event_type": ENGAGEMENT_TYPES[event_type],
+            "weight": weight,
+            "event_time": event_time,
+            "query_embedding": le[i].tobytes() if has_vector else None,
+        }
 
 
 def _opt_ids(records: list[dict[str, Any]], key: str) -> np.ndarray:

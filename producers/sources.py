@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 import fastavro
 import numpy as np
 
+from annstream.codec import ad_records, engagement_records
 from annstream.errors import ConfigError
 from annstream.events import (
     ENGAGEMENT_TYPES,
@@ -338,38 +339,6 @@ def _avro_batches(
     return gen()
 
 
-def _ad_records(batch: AdBatch) -> Iterator[dict[str, Any]]:
-    le = batch.vectors.astype("<f4", copy=False)
-    versions = batch.model_versions or ("",) * len(batch)
-    for i in range(len(batch)):
-        upsert = batch.ops[i] == OP_UPSERT
-        yield {
-            "ad_id": int(batch.ad_ids[i]),
-            "op": OPS[batch.ops[i]],
-            "embedding": le[i].tobytes() if upsert else None,
-            "dim": batch.dim if upsert else 0,
-            "model_version": versions[i],
-            "event_time": int(batch.event_time_ms[i]),
-            "advertiser_id": None
-            if batch.advertiser_ids[i] == NO_ID
-            else int(batch.advertiser_ids[i]),
-            "campaign_id": None if batch.campaign_ids[i] == NO_ID else int(batch.campaign_ids[i]),
-        }
-
-
-def _engagement_records(batch: EngagementBatch) -> Iterator[dict[str, Any]]:
-    le = batch.vectors.astype("<f4", copy=False)
-    for i in range(len(batch)):
-        yield {
-            "query_id": int(batch.query_ids[i]),
-            "item_id": None if batch.item_ids[i] == NO_ID else int(batch.item_ids[i]),
-            "event_type": ENGAGEMENT_TYPES[batch.event_types[i]],
-            "weight": float(batch.weights[i]),
-            "event_time": int(batch.event_time_ms[i]),
-            "query_embedding": le[i].tobytes() if batch.has_vector[i] else None,
-        }
-
-
 def write_avro_file(
     path: str | Path, batches: Iterable[AdBatch] | Iterable[EngagementBatch], codec: str = "deflate"
 ) -> int:
@@ -390,7 +359,7 @@ def write_avro_file(
                 raise ValueError(f"{p}: cannot mix ad and engagement batches in one file")
             count += len(batch)
             yield from (
-                _ad_records(batch) if isinstance(batch, AdBatch) else _engagement_records(batch)
+                ad_records(batch) if isinstance(batch, AdBatch) else engagement_records(batch)
             )
 
     tmp = p.with_name(p.name + ".tmp")
