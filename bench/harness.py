@@ -426,9 +426,10 @@ def bad_inputs(
 
 
 def read_dead_letters(
-    bootstrap: str, topic: str, n: int, guard_s: float = 60.0
+    bootstrap: str, topic: str, n: int, guard_s: float = 60.0, drain_s: float = 0.0
 ) -> list[dict[str, Any]]:
-    """The first `n` messages of the dead-letter topic: value, reason and source of each."""
+    """The first `n` messages of the dead-letter topic (then any more arriving within `drain_s`
+    of each other): value, reason and source of each."""
     consumer: Consumer = make_consumer(
         KafkaConfig(bootstrap_servers=bootstrap), group_id=f"dlq-reader-{os.getpid()}-{time.time()}"
     )
@@ -442,6 +443,19 @@ def read_dead_letters(
             for m in consumer.consume(n - len(out), 0.2):
                 if m.error() is not None:
                     continue
+                headers = headers_dict(m)
+                out.append(
+                    {
+                        "value": m.value(),
+                        "reason": headers.get("annstream.reason", b"").decode(),
+                        "source": headers.get("annstream.source", b"").decode(),
+                    }
+                )
+        while drain_s > 0:
+            more = [m for m in consumer.consume(1000, drain_s) if m.error() is None]
+            if not more:
+                break
+            for m in more:
                 headers = headers_dict(m)
                 out.append(
                     {

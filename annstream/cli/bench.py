@@ -13,7 +13,7 @@ import sys
 
 HELP = "run a benchmark (ingest, refresh, store, ...) and print one JSON object"
 
-BENCHMARKS: tuple[str, ...] = ("ingest", "refresh", "store", "freshness", "load")
+BENCHMARKS: tuple[str, ...] = ("ingest", "refresh", "store", "freshness", "load", "faults")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
