@@ -82,53 +82,6 @@ class _Pending:
     sink_done: bool = False
 
 
-def _concat_ads(batches: list[AdBatch], dim: int) -> AdBatch:
-    if len(batches) == 1:
-        return batches[0]
-    if not batches:
-        return AdBatch.deletes(np.empty(0, "int64"), dim, 0)
-    return AdBatch(
-        ad_ids=np.concatenate([b.ad_ids for b in batches]),
-        ops=np.concatenate([b.ops for b in batches]),
-        vectors=np.concatenate([b.vectors for b in batches]),
-        event_time_ms=np.concatenate([b.event_time_ms for b in batches]),
-        advertiser_ids=np.concatenate([b.advertiser_ids for b in batches]),
-        campaign_ids=np.concatenate([b.campaign_ids for b in batches]),
-    )
-
-
-def _concat_engagements(
-    batches: list[tuple[EngagementBatch, np.ndarray]], dim: int
-) -> tuple[EngagementBatch, np.ndarray]:
-    if not batches:
-        empty = np.empty(0, "int64")
-        return (
-            EngagementBatch(
-                empty,
-                empty,
-                np.empty(0, "uint8"),
-                np.empty(0, "float32"),
-                empty,
-                np.empty((0, dim), "float32"),
-                np.empty(0, bool),
-            ),
-            np.empty(0, "int32"),
-        )
-    bs = [b for b, _ in batches]
-    return (
-        EngagementBatch(
-            query_ids=np.concatenate([b.query_ids for b in bs]),
-            item_ids=np.concatenate([b.item_ids for b in bs]),
-            event_types=np.concatenate([b.event_types for b in bs]),
-            weights=np.concatenate([b.weights for b in bs]),
-            event_time_ms=np.concatenate([b.event_time_ms for b in bs]),
-            vectors=np.concatenate([b.vectors for b in bs]),
-            has_vector=np.concatenate([b.has_vector for b in bs]),
-        ),
-        np.concatenate([p for _, p in batches]),
-    )
-
-
 def snapshot_dir(template: str) -> str:
     """`snapshot.dir` with `{hostname}` expanded, so replicas sharing a volume do not collide."""
     return template.replace("{hostname}", socket.gethostname())
@@ -226,7 +179,7 @@ class RefresherService:
 
     def _train_from_buffer(self, force: bool = False) -> None:
         """Train the coarse quantizer on the first `index.train_size` ads, then index them."""
-        ads = _concat_ads(self._training, self.cfg.index.dim)
+        ads = AdBatch.concat(self._training, self.cfg.index.dim)
         up, vectors, _ = net_changes(ads)
         if len(up) < self.cfg.index.train_size and not force:
             return
@@ -329,8 +282,9 @@ class RefresherService:
         self._rebalanced = False
         self._swap_retrained_index()
         dim = self.cfg.index.dim
-        ads = _concat_ads(self._ad_buf, dim)
-        eng, parts = _concat_engagements(self._eng_buf, dim)
+        ads = AdBatch.concat(self._ad_buf, dim)
+        eng = EngagementBatch.concat([b for b, _ in self._eng_buf], dim)
+        parts = np.concatenate([p for _, p in self._eng_buf] or [np.empty(0, "int32")])
         eng_offsets = dict(self._eng_offsets)
         self._ad_buf, self._eng_buf, self._eng_offsets = [], [], {}
         self.batcher.reset()
