@@ -69,7 +69,7 @@ def _service(
 def _everything_done(service: RefresherService, feed: Feed, bootstrap: str, group: str) -> bool:
     return (
         service.idle
-        and service.stats.ad_events >= feed.messages[feed.topics.ads]
+        and service.ads.offsets == feed.ends[feed.topics.ads]
         and committed_offsets(bootstrap, feed.topics.engagements, group) == feed.engagement_ends
     )
 

@@ -114,6 +114,9 @@ def test_end_to_end_store_holds_the_exact_top_k_of_every_head_query(
 
 # ---- 2. crash recovery -----------------------------------------------------------------------
 
+KILLS = 5
+"""kill -9 points per run (the issue asks for at least 5)."""
+
 
 def test_kill_9_at_random_points_then_restart_ends_like_an_uninterrupted_run(
     bootstrap: str, topics: Topics, training_file: Path, training: np.ndarray, tmp_path: Path
@@ -139,7 +142,7 @@ def test_kill_9_at_random_points_then_restart_ends_like_an_uninterrupted_run(
     for b in work.steps[:first_eng]:
         feed.send(b)
     feed.flush()
-    chunks = np.array_split(np.arange(first_eng, len(work.steps)), 4)
+    chunks = np.array_split(np.arange(first_eng, len(work.steps)), KILLS + 1)
     oracle = build_oracle(training, work.live)
     logs: list[Path] = []
     proc: subprocess.Popen[bytes] | None = None
@@ -154,12 +157,12 @@ def test_kill_9_at_random_points_then_restart_ends_like_an_uninterrupted_run(
             for i in chunk[:half].tolist():
                 feed.send(work.steps[i])
             feed.flush()
-            if run < 3:
+            if run < KILLS:
                 time.sleep(float(rng.uniform(0.0, 0.5)))
             for i in chunk[half:].tolist():
                 feed.send(work.steps[i])
             feed.flush()
-            if run < 3:
+            if run < KILLS:
                 time.sleep(float(rng.uniform(0.0, 0.4)))
                 proc.send_signal(signal.SIGKILL)
                 assert proc.wait(30) == -signal.SIGKILL
