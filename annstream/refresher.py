@@ -133,13 +133,15 @@ class _AdPlan:
     up_vecs: Float32Array
     del_ids: Int64Array
     removed: Int64Array
+    ins_ids: Int64Array
+    ins_lists: Int64Array
+    ins_vecs: Float32Array
 
 
 @dataclass(frozen=True)
 class _Applied:
-    """What the background step did: inserts, deletes, and the candidates (slot, id, score)."""
+    """What the background step did: deletes, scan size, the candidates (slot, id, score)."""
 
-    ins_ids: Int64Array
     n_deleted: int
     scanned: int
     slots: Int64Array
@@ -450,7 +452,8 @@ class Refresher:
         return old
 
     def _plan_ads(self, ads: AdChanges) -> _AdPlan:
-        """Validate and deduplicate the ad changes; the index is not touched yet."""
+        """Validate and deduplicate the ad changes and route the new ads; the index is not
+        touched yet."""
         index = self.index
         up_ids = np.ascontiguousarray(ads.upsert_ids, dtype=np.int64).reshape(-1)
         up_vecs = np.ascontiguousarray(ads.upsert_vectors, dtype=np.float32)
@@ -460,45 +463,51 @@ class Refresher:
                 f"got {up_vecs.shape}"
             )
         del_ids = np.unique(np.asarray(ads.delete_ids, dtype=np.int64).reshape(-1))
+        prepared = np.empty((0, index.dim), dtype=np.float32)
         if len(up_ids):
             _, last = np.unique(up_ids[::-1], return_index=True)
             keep = np.sort(len(up_ids) - 1 - last)
             up_ids, up_vecs = up_ids[keep], np.ascontiguousarray(up_vecs[keep])
-            index.prepare(up_vecs)  # bad vectors raise here, before anything changes
+            prepared = index.prepare(up_vecs)  # bad vectors raise here, before any change
         touched = np.unique(np.concatenate([up_ids, del_ids]))
         removed = touched[index.contains(touched)] if len(touched) else _empty_ids()
-        return _AdPlan(up_ids, up_vecs, del_ids, removed)
+        ins = ~np.isin(up_ids, del_ids)
+        ins_ids = np.ascontiguousarray(up_ids[ins])
+        # the lists the index will add them to (from the same prepared rows)
+        ins_lists = index.assign_lists(prepared[ins]) if len(ins_ids) else _empty_ids()
+        return _AdPlan(up_ids, up_vecs, del_ids, removed, ins_ids, ins_lists, prepared[ins])
 
     def _apply_and_scan(self, plan: _AdPlan, thr: Float32Array) -> _Applied:
-        """Apply the ad changes to the index, then find the new ads' candidate rows.
+        """Apply the ad changes to the index and find the new ads' candidate rows.
 
         `thr` is each slot's threshold before the deletes: the candidates are a superset.
+        IVFFlat lists hold the prepared vectors themselves, so the scan needs nothing from
+        the index and runs first; IVFPQ scores come from the decoded codes, after the add.
         """
-        t0 = time.perf_counter()
         index = self.index
-        up_ids, up_vecs = plan.up_ids, plan.up_vecs
-        if len(up_ids):
-            index.upsert(up_ids, up_vecs)
-        n_deleted = len(index.delete(plan.del_ids)) if len(plan.del_ids) else 0
-        ins = ~np.isin(up_ids, plan.del_ids)
-        ins_ids = np.ascontiguousarray(up_ids[ins])
-        t1 = time.perf_counter()
-        if not len(ins_ids):
-            return _Applied(ins_ids, n_deleted, 0, _empty_ids(), _empty_ids(), _F32_EMPTY, t1 - t0)
-        # lists from the exact vectors, as the index assigned them; scores from what the lists
-        # hold (decoded codes under IVFPQ), as its search computes them
-        ins_lists = index.assign_lists(up_vecs[ins])
-        new_vecs = np.ascontiguousarray(index.ivf.reconstruct_batch(ins_ids), dtype=np.float32)
-        t1 = time.perf_counter()
         n = self._n
-        lists_hit = np.zeros(self._nlist + 1, dtype=bool)  # the last entry catches -1
-        lists_hit[ins_lists] = True
-        probing = lists_hit[self._probe[:n]].any(axis=1)
-        scan = np.flatnonzero(probing & self._routed[:n] & (thr < np.inf))
-        if not len(scan):
-            return _Applied(ins_ids, n_deleted, 0, _empty_ids(), _empty_ids(), _F32_EMPTY, t1 - t0)
-        slots, rows, scores = self._candidates(new_vecs, ins_lists, scan, thr[scan])
-        return _Applied(ins_ids, n_deleted, len(scan), slots, ins_ids[rows], scores, t1 - t0)
+        scan = _empty_ids()
+        if len(plan.ins_ids):
+            lists_hit = np.zeros(self._nlist + 1, dtype=bool)  # the last entry catches -1
+            lists_hit[plan.ins_lists] = True
+            probing = lists_hit[self._probe[:n]].any(axis=1)
+            scan = np.flatnonzero(probing & self._routed[:n] & (thr < np.inf))
+        found = (_empty_ids(), _empty_ids(), _F32_EMPTY)
+        exact = index.cfg.kind == "ivfflat"
+        if exact and len(scan):
+            found = self._candidates(plan.ins_vecs, plan.ins_lists, scan, thr[scan])
+        t0 = time.perf_counter()
+        if len(plan.up_ids):
+            index.upsert(plan.up_ids, plan.up_vecs)
+        n_deleted = len(index.delete(plan.del_ids)) if len(plan.del_ids) else 0
+        index_s = time.perf_counter() - t0
+        if not exact and len(scan):
+            decoded = index.ivf.reconstruct_batch(plan.ins_ids)
+            found = self._candidates(
+                np.ascontiguousarray(decoded, dtype=np.float32), plan.ins_lists, scan, thr[scan]
+            )
+        slots, rows, scores = found
+        return _Applied(n_deleted, len(scan), slots, plan.ins_ids[rows], scores, index_s)
 
     def _snapshot(self, slots: Int64Array) -> None:
         """Remember the current top K ids of `slots` (first time only) for change detection."""
@@ -661,9 +670,9 @@ class Refresher:
         self._snapped = np.zeros(n, dtype=bool)
         self._before_slots, self._before_ids = [], []
 
-        # 1. in the background, on one core: the index updates, then the new ads scored
-        #    against the head queries probing their list with the thresholds before the
-        #    deletes (those only rise when ads leave a valid prefix: a superset, filtered below)
+        # 1. in the background, on one core: the new ads scored against the head queries
+        #    probing their list with the thresholds before the deletes (those only rise when
+        #    ads leave a valid prefix: a superset, filtered below) and the index updates
         worker = _Background(self._apply_and_scan, plan, self._threshold())
         worker.start()
 
@@ -745,7 +754,7 @@ class Refresher:
         self._last_version = version
         t5 = time.perf_counter()
         stats.update(
-            inserted=len(applied.ins_ids),
+            inserted=len(plan.ins_ids),
             deleted=applied.n_deleted,
             removed=len(plan.removed),
             entered=len(heads.entered),
