@@ -1,25 +1,27 @@
 """The incremental refresher: keeps every head query's top K fresh, micro-batch by micro-batch.
 
-Each head query keeps K + margin neighbours, a valid-prefix length `c` (the first `c` entries
-are exactly the best `c` ads its IVF probe lists hold; a -1 inside the prefix means "no more
-ads") and its probe lists, from which a list -> head queries routing table (CSR) is built.
+Each head query keeps K + margin neighbours in the index's search order (score, ties by id), a
+valid-prefix length `c` (the first `c` entries are exactly the best `c` ads its IVF probe lists
+hold; a -1 inside the prefix means "no more ads") and its probe lists.
 
-One micro-batch (`Refresher.apply`):
-1. the ad upserts and deletes go to the index in one call each;
-2. removed ads (deletes and the old version of updates) are scored against the head queries
-   probing their old list; a query holds such an ad only if its score reaches the query's last
-   valid score, and only those rows are checked and compacted (`c` shrinks); a query whose
-   valid prefix falls below K is re-searched;
-3. new ads are scored against the head queries probing their list (reverse routing) and merged
-   where they beat the last valid score (`c` grows up to K + margin);
+One micro-batch (`Refresher.apply`), two cores busy in steps 1-2:
+1. in a background thread: the new ads, routed to their list, are scored against the head
+   queries probing it with one `range_search_preassigned` whose threshold rides in two extra
+   dimensions, so only ads beating a query's last valid score come back; then the upserts and
+   deletes go to the index in one call each;
+2. meanwhile the removed ads (deletes and the old version of updates) are found by id in the
+   neighbour lists and those rows are compacted (`c` shrinks); a row whose valid prefix falls
+   below K is re-searched;
+3. the candidates still beating the (possibly raised) last valid score are merged into their
+   rows, all at once (`c` grows up to K + margin);
 4. new head queries, changed query vectors and the re-searches above get a full search; after a
    retrain (index version changed) every head query is recomputed, at most
    `full_recompute_per_batch` per micro-batch (`pending_full` shows the progress);
 5. only the queries whose top K ids changed (plus new and changed queries) are returned.
 
 Exactness rests on the quantizer: an ad can only enter the result of a query that probes the
-ad's list, so after a retrain the routing is rebuilt from scratch. Scores of routed ads are
-computed from the vectors the index holds (decoded codes under IVFPQ), as its search does.
+ad's list, so after a retrain everything is recomputed. Scores of routed ads are computed with
+the kernel the index's search uses, from the vectors it holds (decoded codes under IVFPQ).
 """
 
 from __future__ import annotations
