@@ -232,7 +232,18 @@ class AerospikeStore:
         keys = [self._key(q) for q in qids.tolist()]
         for attempt in range(self.cfg.retries + 1):
             batch = self._call("batch_read", self._client.batch_read, keys)
-            codes = [int(rec.result) for rec in batch.batch_records]
+            whole = int(batch.result)
+            if whole != OK and len(batch.batch_records) != len(keys):
+                # client 19.x with no node left answers the batch with no rows at all
+                codes = [whole if whole in RETRYABLE else -1] * len(keys)
+            else:
+                codes = [
+                    # ... or with rows never sent, left at result 0 without a digest
+                    (whole if whole in RETRYABLE else -1)
+                    if int(rec.result) == OK and whole != OK and not _answered(rec)
+                    else int(rec.result)
+                    for rec in batch.batch_records
+                ]
             transient = sorted({c for c in codes if c in RETRYABLE})
             if not transient:
                 break

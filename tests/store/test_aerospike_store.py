@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 
 import aerospike
@@ -105,3 +106,20 @@ def test_stale_guard_matches_the_expression_helpers() -> None:
 
     expected = exp.Or(exp.Not(exp.BinExists("v")), exp.LT(exp.IntBin("v"), 42)).compile()
     assert stale_guard(42) == expected
+
+
+def test_aerospike_lookup_with_no_node_left_is_unavailable_not_missing(
+    store_cfg: StoreConfig, lists_factory: Factory
+) -> None:
+    server = AerospikeTestServer(namespaces=[NS]).start()
+    store = open_store(f"aerospike://{server.url_host}/{NS}/{SET}", store_cfg)
+    assert store.upsert(lists_factory([1], version=1)).done.all()
+    server.stop()
+    client = store._client  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 20
+    while client.get_nodes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not client.get_nodes(), "the client kept the stopped node"
+    with pytest.raises(StoreUnavailableError):
+        store.lookup(np.array([1]))
+    store.close()
