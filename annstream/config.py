@@ -149,7 +149,8 @@ class ServiceConfig:
 
     Every `recall_every_batches` micro-batches (0 = never) `recall_sample` head queries' stored
     lists are compared with an exact search; a recall@K under `recall_warn_below` is logged.
-    `/healthz` turns 503 when no loop step was seen for `health_stale_s`.
+    `/healthz` turns 503 when no loop step was seen for `health_stale_s`. A micro-batch waits
+    at most `flush_timeout_s` for its head-state changelog, then is retried like a store outage.
     """
 
     metrics_port: int = 0
@@ -157,6 +158,7 @@ class ServiceConfig:
     log_json: bool = False
     log_level: str = "INFO"
     shutdown_timeout_s: float = 30.0
+    flush_timeout_s: float = 5.0
     recall_every_batches: int = 100
     recall_sample: int = 100
     recall_warn_below: float = 0.90

@@ -4,7 +4,7 @@ AnnstreamError
  +-- ConfigError            a setting is missing, unknown or of the wrong type
  +-- SchemaError            an Avro schema or the schema registry cannot be used
  +-- InvalidEventError      one event cannot be accepted (bad bytes, dimension, NaN, ...)
- +-- BrokerError            the embedded broker could not start or answer
+ +-- BrokerError            a Kafka broker (embedded or not) could not start or answer
  +-- IndexStateError        the live index was used wrongly (untrained, wrong dimension)
  +-- SnapshotError          no usable snapshot could be written or read
  +-- StoreError             the neighbour store refused or failed a request
@@ -49,7 +49,7 @@ class InvalidEventError(AnnstreamError, ValueError):
 
 
 class BrokerError(AnnstreamError):
-    """The embedded Kafka-protocol broker could not be started or did not answer."""
+    """A Kafka broker could not be reached in time, or the embedded one could not start."""
 
 
 class IndexStateError(AnnstreamError):

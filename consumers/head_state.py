@@ -22,6 +22,7 @@ import numpy.typing as npt
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from annstream.config import KafkaConfig
+from annstream.errors import BrokerError
 from annstream.kafka import headers_dict, make_consumer, message_error
 
 __all__ = ["HeadStateLog", "decode_state", "encode_state"]
@@ -58,20 +59,41 @@ class HeadStateLog:
         self.cfg = cfg
         self.topic = cfg.head_state_topic
         self.producer = producer
+        self._failed: list[tuple[bytes, int, Any]] = []
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._failed.append((msg.value(), msg.partition(), msg.headers()))
 
     def append(self, partition: int, state: State, engagement_offset: int) -> None:
         """Queue the rows of `state` for `partition`; `flush()` makes them durable."""
         headers: dict[str, str | bytes | None] = {_OFFSET_HEADER: str(engagement_offset)}
         for chunk in _chunks(state):
             self.producer.produce(
-                self.topic, value=encode_state(chunk), partition=partition, headers=headers
+                self.topic,
+                value=encode_state(chunk),
+                partition=partition,
+                headers=headers,
+                on_delivery=self._on_delivery,
             )
 
     def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until everything appended is in the log; records whose delivery failed are
+        sent again first. Raises BrokerError when not all made it: call again later."""
+        failed, self._failed = self._failed, []
+        for value, partition, headers in failed:
+            self.producer.produce(
+                self.topic,
+                value=value,
+                partition=partition,
+                headers=headers,
+                on_delivery=self._on_delivery,
+            )
         left = self.producer.flush(timeout_s)
-        if left:
-            raise RuntimeError(
-                f"{left} head-state records not delivered to {self.topic} within {timeout_s}s"
+        if left or self._failed:
+            raise BrokerError(
+                f"{left + len(self._failed)} head-state records not yet in {self.topic} "
+                f"after {timeout_s}s; the broker is unreachable or slow"
             )
 
     def _barrier(self, partition: int, timeout_s: float) -> int:

@@ -24,7 +24,7 @@ from annstream.broker import create_topics
 from annstream.codec import AdCodec, EngagementCodec
 from annstream.config import Config
 from annstream.drift import BackgroundRetrainer, DriftMonitor
-from annstream.errors import StoreUnavailableError
+from annstream.errors import BrokerError, StoreUnavailableError
 from annstream.events import AdBatch, EngagementBatch
 from annstream.heads import HeadQueryTracker
 from annstream.index import LiveIvfIndex
@@ -80,6 +80,7 @@ class _Pending:
     engagement_offsets: dict[int, int]
     ad_event_time_ms: np.ndarray
     sink_done: bool = False
+    head_state_queued: bool = False
 
 
 def snapshot_dir(template: str) -> str:
@@ -343,7 +344,17 @@ class RefresherService:
             if len(p.ad_event_time_ms):
                 self.stats.freshness_ms.extend((stored_at - p.ad_event_time_ms).tolist())
                 del self.stats.freshness_ms[:-100_000]
-        self._append_head_state(p)
+        try:
+            if not p.head_state_queued:
+                p.head_state_queued = True
+                self._append_head_state(p)
+            self.head_log.flush(self.cfg.service.flush_timeout_s)
+        except BrokerError as exc:
+            self._retry_at = time.monotonic() + 1.0
+            logger.warning("head-state changelog not flushed, pausing: %s", exc)
+            if self.engagements is not None:
+                self.engagements.pause()
+            return
         if self.engagements is not None:
             self.engagements.commit(p.engagement_offsets)
             self.engagements.resume()
@@ -375,7 +386,6 @@ class RefresherService:
                 {k: v[rows] for k, v in state.items()},
                 p.engagement_offsets.get(partition, -1),
             )
-        self.head_log.flush()
 
     def snapshot(self) -> None:
         if self.index is None:
