@@ -136,7 +136,6 @@ class _AdPlan:
     del_ids: Int64Array
     removed: Int64Array
     ins_ids: Int64Array
-    ins_lists: Int64Array
     ins_vecs: Float32Array
 
 
@@ -454,8 +453,7 @@ class Refresher:
         return old
 
     def _plan_ads(self, ads: AdChanges) -> _AdPlan:
-        """Validate and deduplicate the ad changes and route the new ads; the index is not
-        touched yet."""
+        """Validate and deduplicate the ad changes; the index is not touched yet."""
         index = self.index
         up_ids = np.ascontiguousarray(ads.upsert_ids, dtype=np.int64).reshape(-1)
         up_vecs = np.ascontiguousarray(ads.upsert_vectors, dtype=np.float32)
@@ -475,9 +473,7 @@ class Refresher:
         removed = touched[index.contains(touched)] if len(touched) else _empty_ids()
         ins = ~np.isin(up_ids, del_ids)
         ins_ids = np.ascontiguousarray(up_ids[ins])
-        # the lists the index will add them to (from the same prepared rows)
-        ins_lists = index.assign_lists(prepared[ins]) if len(ins_ids) else _empty_ids()
-        return _AdPlan(up_ids, up_vecs, del_ids, removed, ins_ids, ins_lists, prepared[ins])
+        return _AdPlan(up_ids, up_vecs, del_ids, removed, ins_ids, prepared[ins])
 
     def _apply_and_scan(self, plan: _AdPlan, thr: Float32Array) -> _Applied:
         """Apply the ad changes to the index and find the new ads' candidate rows.
@@ -489,15 +485,17 @@ class Refresher:
         index = self.index
         n = self._n
         scan = _empty_ids()
+        # the lists the index adds the new ads to (from the same prepared rows)
+        ins_lists = index.assign_lists(plan.ins_vecs) if len(plan.ins_ids) else _empty_ids()
         if len(plan.ins_ids):
             lists_hit = np.zeros(self._nlist + 1, dtype=bool)  # the last entry catches -1
-            lists_hit[plan.ins_lists] = True
+            lists_hit[ins_lists] = True
             probing = lists_hit[self._probe[:n]].any(axis=1)
             scan = np.flatnonzero(probing & self._routed[:n] & (thr < np.inf))
         found = (_empty_ids(), _empty_ids(), _F32_EMPTY)
         exact = index.cfg.kind == "ivfflat"
         if exact and len(scan):
-            found = self._candidates(plan.ins_vecs, plan.ins_lists, scan, thr[scan])
+            found = self._candidates(plan.ins_vecs, ins_lists, scan, thr[scan])
         t0 = time.perf_counter()
         if len(plan.up_ids):
             index.upsert(plan.up_ids, plan.up_vecs)
@@ -506,7 +504,7 @@ class Refresher:
         if not exact and len(scan):
             decoded = index.ivf.reconstruct_batch(plan.ins_ids)
             found = self._candidates(
-                np.ascontiguousarray(decoded, dtype=np.float32), plan.ins_lists, scan, thr[scan]
+                np.ascontiguousarray(decoded, dtype=np.float32), ins_lists, scan, thr[scan]
             )
         slots, rows, scores = found
         return _Applied(n_deleted, len(scan), slots, plan.ins_ids[rows], scores, index_s)
