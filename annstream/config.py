@@ -82,11 +82,17 @@ class SnapshotConfig:
 
 @dataclass(frozen=True)
 class DriftConfig:
-    """When to retrain the coarse quantizer in the background."""
+    """When to retrain the coarse quantizer in the background.
+
+    Recall is judged against the first measurement of the same index (right after training or
+    start-up): a drop of `recall_drop` triggers a retrain. nprobe, not drift, limits the absolute
+    figure, and retraining cannot raise it; `recall_threshold` (0 = off) adds an absolute floor.
+    """
 
     enabled: bool = True
     imbalance_threshold: float = 1.6
-    recall_threshold: float = 0.90
+    recall_drop: float = 0.03
+    recall_threshold: float = 0.0
     recall_sample: int = 200
     check_every_batches: int = 50
     reservoir_size: int = 100_000
@@ -121,7 +127,7 @@ class RefreshConfig:
     margin: int = 20
     batch_ms: int = 250
     batch_events: int = 5_000
-    full_recompute_per_batch: int = 20_000
+    full_recompute_per_batch: int = 5_000
     nprobe: int = 0
     scan_k: int = 16
 

@@ -123,6 +123,7 @@ class DriftMonitor:
         self.reservoir = Reservoir(cfg.reservoir_size, dim, seed)
         self.batches = 0
         self.last: DriftReport | None = None
+        self.baseline: float | None = None
 
     def observe(self, vectors: npt.ArrayLike) -> None:
         """Feed the vectors of upserted ads (one call per micro-batch)."""
@@ -154,7 +155,9 @@ class DriftMonitor:
             train_min=min_train_size(index.ivf),
         )
         self.last = report
-        logger.info("drift check: %r", report)
+        if self.baseline is None and recall is not None and self._enough_ads(report):
+            self.baseline = recall
+        logger.info("drift check: %r (baseline recall %s)", report, self.baseline)
         return report
 
     def should_retrain(self) -> tuple[bool, str]:
@@ -164,7 +167,7 @@ class DriftMonitor:
             return False, "drift retraining is disabled (drift.enabled = false)"
         if r is None:
             return False, "no drift check yet"
-        if r.ntotal < self.min_ads_per_list * r.nlist:
+        if not self._enough_ads(r):
             return False, f"too few ads to judge drift ({r.ntotal} in {r.nlist} lists)"
         if len(self.reservoir) < r.train_min:
             return False, (
@@ -175,6 +178,15 @@ class DriftMonitor:
                 f"list imbalance {r.imbalance:.2f} > drift.imbalance_threshold "
                 f"{self.cfg.imbalance_threshold:.2f}"
             )
+        if (
+            r.recall is not None
+            and self.baseline is not None
+            and r.recall < self.baseline - self.cfg.recall_drop
+        ):
+            return True, (
+                f"sampled recall@{self.k} {r.recall:.3f} dropped more than drift.recall_drop "
+                f"{self.cfg.recall_drop:.3f} below {self.baseline:.3f} measured after training"
+            )
         if r.recall is not None and r.recall < self.cfg.recall_threshold:
             return True, (
                 f"sampled recall@{self.k} {r.recall:.3f} < drift.recall_threshold "
@@ -182,9 +194,14 @@ class DriftMonitor:
             )
         return False, f"within thresholds: imbalance {r.imbalance:.2f}, recall {r.recall}"
 
+    def _enough_ads(self, r: DriftReport) -> bool:
+        return r.ntotal >= self.min_ads_per_list * r.nlist
+
     def reset(self) -> None:
-        """Forget the last measurement (call after swapping in a retrained index)."""
+        """Forget the last measurement and the recall baseline (call after swapping in a
+        retrained index; its first check sets the new baseline)."""
         self.last = None
+        self.baseline = None
         self.batches = 0
 
 

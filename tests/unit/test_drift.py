@@ -132,3 +132,20 @@ def test_retrainer_guards() -> None:
     assert not retrainer.running and retrainer.poll(index) is None
     index.upsert([1], _data(1))
     assert index.end_journal() == []
+
+
+def test_recall_is_judged_against_the_first_check_of_the_index() -> None:
+    index = LiveIvfIndex.train(CFG, _data(2000, seed=1))
+    index.upsert(np.arange(2000), _data(2000, seed=2))
+    index.nprobe = 1
+    monitor = DriftMonitor(DriftConfig(recall_sample=100, imbalance_threshold=99.0), D)
+    monitor.observe(_data(2000, seed=2))
+    first = monitor.check(index)
+    assert first.recall is not None and first.recall < 0.9
+    due, reason = monitor.should_retrain()
+    assert not due, reason  # low recall from a small nprobe is not drift
+    monitor.baseline = first.recall + 0.1
+    due, reason = monitor.should_retrain()
+    assert due and "dropped more than drift.recall_drop" in reason
+    monitor.reset()
+    assert monitor.baseline is None
