@@ -2,22 +2,26 @@
 
 One file per snapshot, written atomically (temp file, fsync, rename, fsync of the directory):
 
-    b"ANNSNAP1" | header length (u64 LE) | header JSON | index bytes | store bytes | sha256
+    b"ANNSNAP1" | header length (u64 LE) | header JSON | index bytes | store bytes | arrays | sha256
 
-The sha256 covers everything before it. A restart loads the newest file whose checksum and
-contents verify; a torn or corrupt file is logged and skipped in favour of the previous one,
-so a crash while writing never costs more than one snapshot interval of replay.
+`arrays` is an optional npz blob of the caller's named arrays (state that must match the index,
+such as the ad metadata); its size is `arrays_bytes` in the header, and files written before it
+existed have none. The sha256 covers everything before it. A restart loads the newest file
+whose checksum and contents verify; a torn or corrupt file is logged and skipped in favour of
+the previous one, so a crash while writing never costs more than one snapshot interval of replay.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import struct
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +63,7 @@ class Snapshot:
     meta: dict[str, Any]
     created_at: float
     header: dict[str, Any] = field(repr=False, default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
 
 
 class _Unusable(Exception):
@@ -86,6 +91,25 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def _npz(arrays: Mapping[str, np.ndarray] | None) -> bytes:
+    if not arrays:
+        return b""
+    for name, a in arrays.items():
+        if not isinstance(name, str) or not name:
+            raise SnapshotError(f"snapshot array names must be non-empty strings, got {name!r}")
+        if not isinstance(a, np.ndarray) or a.dtype.hasobject:
+            raise SnapshotError(
+                f"snapshot array {name!r} must be a numpy array of numbers, got "
+                f"{getattr(a, 'dtype', type(a).__name__)}"
+            )
+    named: dict[str, Any] = dict(arrays)
+    if {"file", "allow_pickle"} & set(named):
+        raise SnapshotError("snapshot arrays cannot be named 'file' or 'allow_pickle': rename them")
+    buf = io.BytesIO()
+    np.savez(buf, allow_pickle=False, **named)
+    return buf.getvalue()
+
+
 def write_snapshot(
     dir: str | os.PathLike[str],
     index: LiveIvfIndex,
@@ -93,13 +117,16 @@ def write_snapshot(
     meta: Mapping[str, Any],
     *,
     keep: int = 3,
+    arrays: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write one snapshot atomically, then delete all but the `keep` newest; returns its path.
 
+    `arrays` are stored in the same checksummed file and come back as `Snapshot.arrays`.
     Call it from the thread that owns the index (it serializes the live Faiss index).
     """
     if keep < 1:
         raise SnapshotError(f"snapshot.keep must be at least 1, got {keep}")
+    arrays_bytes = _npz(arrays)
     d = Path(dir)
     d.mkdir(parents=True, exist_ok=True)
     index_bytes, store_bytes = index.serialize()
@@ -117,6 +144,7 @@ def write_snapshot(
         "meta": dict(meta),
         "index_bytes": int(index_bytes.size),
         "store_bytes": None if store_bytes is None else int(store_bytes.size),
+        "arrays_bytes": len(arrays_bytes),
     }
     try:
         head = json.dumps(header, sort_keys=True).encode("utf-8")
@@ -132,6 +160,8 @@ def write_snapshot(
             parts: list[bytes | memoryview] = [MAGIC, _LEN.pack(len(head)), head, index_bytes.data]
             if store_bytes is not None:
                 parts.append(store_bytes.data)
+            if arrays_bytes:
+                parts.append(arrays_bytes)
             for part in parts:
                 digest.update(part)
                 f.write(part)
@@ -157,7 +187,7 @@ def write_snapshot(
     return final
 
 
-def _parse(data: bytes) -> tuple[dict[str, Any], memoryview, memoryview | None]:
+def _parse(data: bytes) -> tuple[dict[str, Any], memoryview, memoryview | None, memoryview]:
     if len(data) < len(MAGIC) + _LEN.size + _DIGEST:
         raise _Unusable(f"truncated: only {len(data)} bytes")
     if not data.startswith(MAGIC):
@@ -177,17 +207,29 @@ def _parse(data: bytes) -> tuple[dict[str, Any], memoryview, memoryview | None]:
     pos = start + head_len
     n_index = int(header["index_bytes"])
     n_store = header["store_bytes"]
-    end = pos + n_index + (int(n_store) if n_store is not None else 0)
+    n_arrays = int(header.get("arrays_bytes") or 0)
+    store_end = pos + n_index + (int(n_store) if n_store is not None else 0)
+    end = store_end + n_arrays
     if end != len(body):
         raise _Unusable(f"header says {end} bytes but the body has {len(body)}")
     index_view = view[pos : pos + n_index]
-    store_view = None if n_store is None else view[pos + n_index : end]
-    return header, index_view, store_view
+    store_view = None if n_store is None else view[pos + n_index : store_end]
+    return header, index_view, store_view, view[store_end:end]
+
+
+def _arrays(view: memoryview) -> dict[str, np.ndarray]:
+    if not len(view):
+        return {}
+    try:
+        with np.load(io.BytesIO(view), allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise _Unusable(f"the arrays do not load: {exc}") from None
 
 
 def _read(p: Path, cfg: IndexConfig) -> Snapshot:
     try:
-        header, index_view, store_view = _parse(p.read_bytes())
+        header, index_view, store_view, arrays_view = _parse(p.read_bytes())
         dim, metric = int(header["dim"]), str(header["metric"])
         version, ntotal = int(header["version"]), int(header["ntotal"])
         offsets = {(str(t), int(part)): int(off) for t, part, off in header["offsets"]}
@@ -212,7 +254,7 @@ def _read(p: Path, cfg: IndexConfig) -> Snapshot:
         raise _Unusable(f"the index does not load: {exc}") from None
     if index.ntotal != ntotal:
         raise _Unusable(f"{index.ntotal} ads but the header says {ntotal}")
-    return Snapshot(p, index, offsets, meta, created_at, header)
+    return Snapshot(p, index, offsets, meta, created_at, header, _arrays(arrays_view))
 
 
 def read_snapshot(path: str | os.PathLike[str], cfg: IndexConfig) -> Snapshot:

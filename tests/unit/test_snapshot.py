@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +148,56 @@ def test_policy_due_on_events_or_time_whichever_first() -> None:
     off.record(10**9)
     now[0] = 10**9
     assert not off.due()
+
+
+def _arrays() -> dict[str, np.ndarray]:
+    return {"ad_ids": np.arange(5, dtype="int64"), "campaign_ids": np.arange(5, 10)}
+
+
+def test_arrays_round_trip_inside_the_checksummed_file(tmp_path: Path, index: LiveIvfIndex) -> None:
+    write_snapshot(tmp_path, index, {("ads", 0): 7}, {}, arrays=_arrays())
+    snap = load_latest_snapshot(tmp_path, CFG)
+    assert snap is not None and sorted(snap.arrays) == ["ad_ids", "campaign_ids"]
+    for name, a in _arrays().items():
+        np.testing.assert_array_equal(snap.arrays[name], a)
+        assert snap.arrays[name].dtype == a.dtype
+    assert snap.header["arrays_bytes"] > 0
+    write_snapshot(tmp_path, index, {}, {})
+    snap = load_latest_snapshot(tmp_path, CFG)
+    assert snap is not None and snap.arrays == {}
+
+
+def test_snapshot_without_arrays_header_still_loads(tmp_path: Path, index: LiveIvfIndex) -> None:
+    """A file written before `arrays` existed: no `arrays_bytes` in the header."""
+    path = _write(tmp_path, index, 3)
+    data = path.read_bytes()
+    (head_len,) = struct.unpack_from("<Q", data, 8)
+    header = json.loads(data[16 : 16 + head_len])
+    del header["arrays_bytes"]
+    head = json.dumps(header, sort_keys=True).encode()
+    body = data[:8] + struct.pack("<Q", len(head)) + head + data[16 + head_len : -32]
+    path.write_bytes(body + hashlib.sha256(body).digest())
+    snap = read_snapshot(path, CFG)
+    assert snap.arrays == {} and snap.offsets[("ads", 0)] == 3
+    assert np.array_equal(snap.index.ids(), index.ids())
+
+
+def test_corrupt_arrays_fall_back_to_previous_snapshot(
+    tmp_path: Path, index: LiveIvfIndex, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_snapshot(tmp_path, index, {("ads", 0): 1}, {}, arrays=_arrays())
+    newest = write_snapshot(tmp_path, index, {("ads", 0): 2}, {}, arrays=_arrays())
+    data = bytearray(newest.read_bytes())
+    data[-32 - 40] ^= 0x01  # inside the npz blob, which ends right before the digest
+    newest.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="annstream.snapshot"):
+        snap = load_latest_snapshot(tmp_path, CFG)
+    assert snap is not None and snap.offsets[("ads", 0)] == 1
+    np.testing.assert_array_equal(snap.arrays["campaign_ids"], np.arange(5, 10))
+    assert "checksum mismatch" in caplog.text and newest.name in caplog.text
+
+
+def test_arrays_must_be_numeric(tmp_path: Path, index: LiveIvfIndex) -> None:
+    with pytest.raises(SnapshotError, match="'bad'"):
+        write_snapshot(tmp_path, index, {}, {}, arrays={"bad": np.array([object()])})
+    assert not list(tmp_path.iterdir())
