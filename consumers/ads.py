@@ -19,7 +19,7 @@ from annstream.config import KafkaConfig
 from annstream.events import OP_UPSERT, AdBatch
 from annstream.kafka import DeadLetterPublisher, make_consumer, message_error
 
-__all__ = ["AdPoll", "AdStream", "net_changes", "next_offsets"]
+__all__ = ["AdPoll", "AdStream", "net_changes", "net_rows", "next_offsets"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +33,28 @@ class AdPoll:
     messages: int
 
 
-def net_changes(batch: AdBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(upsert ids, their vectors, delete ids): the last event of each ad in `batch` wins."""
+def net_rows(batch: AdBatch) -> tuple[np.ndarray, np.ndarray]:
+    """(upsert rows, delete rows) of `batch`, in event order: the last event of each ad wins.
+
+    Rows rather than ids, so every column of an upsert (vector, advertiser, campaign) lines up.
+    """
     n = len(batch)
     if n == 0:
-        return batch.ad_ids, batch.vectors, batch.ad_ids
+        empty = np.empty(0, dtype=np.intp)
+        return empty, empty
     _, first_in_reversed = np.unique(batch.ad_ids[::-1], return_index=True)
     last = np.sort(n - 1 - first_in_reversed)
     upsert = batch.ops[last] == OP_UPSERT
-    rows_up = last[upsert]
+    return last[upsert], last[~upsert]
+
+
+def net_changes(batch: AdBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(upsert ids, their vectors, delete ids): the last event of each ad in `batch` wins."""
+    rows_up, rows_del = net_rows(batch)
     return (
         batch.ad_ids[rows_up],
         np.ascontiguousarray(batch.vectors[rows_up]),
-        batch.ad_ids[last[~upsert]],
+        batch.ad_ids[rows_del],
     )
 
 

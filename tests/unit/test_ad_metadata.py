@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from annstream.ad_metadata import NO_ID, AdMetadata
+from annstream.events import AdBatch
+from consumers.ads import net_changes, net_rows
 
 
 def _i64(*values: int) -> np.ndarray:
@@ -92,3 +94,19 @@ def test_random_batches_match_a_dict_replay() -> None:
     want = np.array([[plain.get(i, (NO_ID, NO_ID)) for i in row] for row in query.tolist()])
     np.testing.assert_array_equal(adv, want[..., 0])
     np.testing.assert_array_equal(camp, want[..., 1])
+
+
+def test_net_rows_line_up_metadata_with_the_net_upserts() -> None:
+    up = AdBatch.upserts(_i64(1, 2, 3), np.ones((3, 2)), 0, _i64(10, 20, 30), _i64(100, 200, 300))
+    again = AdBatch.upserts(_i64(1), np.zeros((1, 2)), 0, _i64(11), _i64(101))
+    batch = AdBatch.concat([up, AdBatch.deletes(_i64(2), 2, 0), again], 2)
+    rows_up, rows_del = net_rows(batch)
+    assert batch.ad_ids[rows_up].tolist() == [3, 1] and batch.ad_ids[rows_del].tolist() == [2]
+    meta = AdMetadata()
+    meta.update(_i64(2), _i64(20), _i64(200))
+    meta.remove(batch.ad_ids[rows_del])
+    meta.update(batch.ad_ids[rows_up], batch.advertiser_ids[rows_up], batch.campaign_ids[rows_up])
+    assert meta.lookup(_i64(1, 2, 3))[1].tolist() == [101, NO_ID, 300]
+    ids, vectors, deleted = net_changes(batch)
+    assert ids.tolist() == [3, 1] and vectors[:, 0].tolist() == [1.0, 0.0]
+    assert deleted.tolist() == [2]
