@@ -99,15 +99,18 @@ class AdMetadata:
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"neighbour_ids: expected integer ids, got {ids.dtype}")
         ids = ids.astype("int64", copy=False)
-        advertisers = np.full(ids.shape, NO_ID, dtype="int64")
-        campaigns = np.full(ids.shape, NO_ID, dtype="int64")
         if self._ids.size == 0 or ids.size == 0:
-            return advertisers, campaigns
-        pos, hit = self._find(ids)
-        hit &= ids >= 0
+            return np.full(ids.shape, NO_ID, "int64"), np.full(ids.shape, NO_ID, "int64")
+        # Lists share many neighbours, and sorted needles search the table several times faster.
+        unique, inverse = np.unique(ids, return_inverse=True)
+        pos, hit = self._find(unique)
+        hit &= unique >= 0
+        advertisers = np.full(unique.shape, NO_ID, dtype="int64")
+        campaigns = np.full(unique.shape, NO_ID, dtype="int64")
         advertisers[hit] = self._advertisers[pos[hit]]
         campaigns[hit] = self._campaigns[pos[hit]]
-        return advertisers, campaigns
+        inverse = inverse.reshape(ids.shape)
+        return advertisers[inverse], campaigns[inverse]
 
     def state(self) -> dict[str, Int64Array]:
         """The table as arrays (for a snapshot); `from_state` rebuilds it."""
