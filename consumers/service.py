@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from annstream.ad_metadata import AdMetadata
 from annstream.broker import create_topics
 from annstream.codec import AdCodec, EngagementCodec
 from annstream.config import Config
@@ -38,7 +39,7 @@ from annstream.snapshot import SnapshotPolicy, load_latest_snapshot, write_snaps
 from annstream.store import open_store
 from annstream.store.base import NeighbourStore
 from annstream.store.record import NeighbourLists
-from consumers.ads import AdStream, net_changes
+from consumers.ads import AdStream, net_changes, net_rows
 from consumers.engagements import EngagementStream
 from consumers.head_state import HeadStateLog
 
@@ -118,6 +119,11 @@ class RefresherService:
         self.index: LiveIvfIndex | None = snap.index if snap else None
         offsets = {p: o for (t, p), o in snap.offsets.items() if t == k.ad_topic} if snap else {}
         self._version = int(snap.meta.get("version", 0)) if snap else 0
+        self.ad_meta = AdMetadata.from_state(snap.arrays) if snap and snap.arrays else AdMetadata()
+        if snap is not None and not snap.arrays and snap.index.ntotal:
+            logger.warning(
+                "snapshot %s has no ad metadata: campaign ids unknown until re-upserted", snap.path
+            )
         self.ads = AdStream(k, self._ad_codec, self.dead_letters, offsets)
         self.engagements: EngagementStream | None = None
         self.refresher: Refresher | None = None
@@ -296,12 +302,17 @@ class RefresherService:
             self._query_partition.update(zip(eng.query_ids.tolist(), parts.tolist(), strict=True))
             self._now_ms = max(self._now_ms, int(eng.event_time_ms.max()))
         changes = self.tracker.changes(self._now_ms)
-        up_ids, up_vecs, del_ids = net_changes(ads)
+        up_rows, del_rows = net_rows(ads)
+        up_ids, del_ids = ads.ad_ids[up_rows], ads.ad_ids[del_rows]
+        up_vecs = np.ascontiguousarray(ads.vectors[up_rows])
+        self.ad_meta.remove(del_ids)
+        self.ad_meta.update(up_ids, ads.advertiser_ids[up_rows], ads.campaign_ids[up_rows])
         version = self._next_version()
         result = self.refresher.apply(
             AdChanges(up_ids, up_vecs, del_ids), changes, self.tracker.vectors, version
         )
         n = len(result.query_ids)
+        advertisers, campaigns = self.ad_meta.lookup(result.ids)
         lists = NeighbourLists(
             query_ids=result.query_ids,
             ids=result.ids,
@@ -309,6 +320,8 @@ class RefresherService:
             versions=np.full(n, version, dtype="int64"),
             computed_at_ms=np.full(n, int(time.time() * 1000), dtype="int64"),
             k=self.refresher.k,
+            campaign_ids=campaigns,
+            advertiser_ids=advertisers,
         )
         touched = np.union1d(np.unique(eng.query_ids), np.union1d(changes.entered, changes.exited))
         self._pending = _Pending(lists, changes.exited, touched, eng_offsets, ads.event_time_ms)
@@ -397,6 +410,7 @@ class RefresherService:
             offsets,
             {"version": self._version},
             keep=self.cfg.snapshot.keep,
+            arrays=self.ad_meta.state(),
         )
         self.snapshot_policy.written()
         self.stats.snapshots += 1
