@@ -18,7 +18,7 @@ import numpy.typing as npt
 from annstream.store import LookupResult, NeighbourStore
 from annstream.store.base import as_query_ids
 
-__all__ = ["NeighbourReader", "Predicate", "ServingResult", "exclude"]
+__all__ = ["NeighbourReader", "Predicate", "ServingResult", "exclude", "select"]
 
 logger = logging.getLogger(__name__)
 
