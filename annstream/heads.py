@@ -279,6 +279,10 @@ class HeadQueryTracker:
         """The current head query ids, sorted."""
         return self._keys[self._head[self._key_slots]]
 
+    def tracked_ids(self) -> Int64Array:
+        """Every tracked query id (head or not), sorted."""
+        return self._keys.copy()
+
     def vectors(self, query_ids: npt.ArrayLike) -> Float32Array:
         """Cached query vectors; every id must be tracked with a vector."""
         qids = np.asarray(query_ids, dtype=np.int64).reshape(-1)

@@ -300,6 +300,7 @@ class RefresherService:
                 eng.query_ids, eng.weights, eng.event_time_ms, eng.vectors, eng.has_vector
             )
             self._query_partition.update(zip(eng.query_ids.tolist(), parts.tolist(), strict=True))
+            self._prune_query_partitions()
             self._now_ms = max(self._now_ms, int(eng.event_time_ms.max()))
         changes = self.tracker.changes(self._now_ms)
         up_rows, del_rows = net_rows(ads)
@@ -465,6 +466,20 @@ class RefresherService:
             self.ads.close()
             self.producer.close()
             self.store.close()
+
+    def _prune_query_partitions(self) -> None:
+        """Forget the partition of queries the tracker evicted (amortised: only when the map
+        has grown to twice the tracked set), so memory stays bounded by heads.max_tracked."""
+        n = len(self._query_partition)
+        tracked = self.tracker.tracked_ids()
+        if n <= 2 * len(tracked) + 1024:
+            return
+        queries = np.fromiter(self._query_partition.keys(), "int64", n)
+        partitions = np.fromiter(self._query_partition.values(), "int64", n)
+        keep = np.isin(queries, tracked)
+        self._query_partition = dict(
+            zip(queries[keep].tolist(), partitions[keep].tolist(), strict=True)
+        )
 
     @property
     def refresher_pending(self) -> bool:

@@ -110,3 +110,12 @@ def test_heads_rejects_bad_input() -> None:
         t.observe([1], [1.0], [0], vec([np.nan, 0, 0]))
     with pytest.raises(ValueError, match="exit_score"):
         HeadQueryTracker(HeadsConfig(enter_score=1.0, exit_score=2.0), dim=3)
+
+
+def test_tracked_ids_lists_heads_and_non_heads() -> None:
+    tracker = HeadQueryTracker(HeadsConfig(enter_score=2.0, exit_score=1.0), 4)
+    ids = np.array([5, 3, 5], dtype="int64")
+    tracker.observe(ids, np.ones(3, "float32"), np.zeros(3, "int64"), np.ones((3, 4), "float32"))
+    tracker.changes(0)
+    np.testing.assert_array_equal(tracker.tracked_ids(), [3, 5])
+    np.testing.assert_array_equal(tracker.head_ids(), [5])
