@@ -587,19 +587,22 @@ def synthetic_ads(
     pool: np.ndarray | None = None,
     batch_size: int = 10_000,
     id_start: int = 1,
+    row_start: int = 0,
     queries: int = 10_000,
     clock: Callable[[], int] = now_ms,
 ) -> Iterator[AdBatch]:
     """`n` ad upserts, ids from `id_start`; vectors from `pool` rows not used by queries
     (GloVe when neither `pool` nor `dim` is given) or Gaussian random when `dim` is given.
-    Event times are the `clock` when each batch is made (the send time when rate-limited)."""
+    `row_start` skips that many vectors of the sequence (a later stream over the same pool gets
+    vectors the first `row_start` ads do not have). Event times are the `clock` when each batch
+    is made (the send time when rate-limited)."""
     _check_batch_size(batch_size)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if pool is None and dim is None:
         pool = glove_vectors()
     _, ad_rows = _pool_rows(pool, seed, queries)
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng([seed, 1] if row_start == 0 else [seed, 1, row_start])
     version = "random-gaussian" if pool is None else "glove-6B-50d"
 
     def gen() -> Iterator[AdBatch]:
@@ -608,7 +611,8 @@ def synthetic_ads(
             if pool is None:
                 vectors = rng.standard_normal((m, dim or 0), dtype="float32")
             else:
-                vectors = _rows(pool, ad_rows[np.arange(start, start + m) % len(ad_rows)])
+                rows = np.arange(row_start + start, row_start + start + m) % len(ad_rows)
+                vectors = _rows(pool, ad_rows[rows])
             advertisers = rng.integers(1, 1_000, m)
             yield AdBatch.upserts(
                 np.arange(id_start + start, id_start + start + m),

@@ -135,6 +135,7 @@ def ad_churn(
         queries=queries,
         batch_size=batch_size,
         id_start=catalogue + 1,
+        row_start=catalogue,
     )
     sent = 0
     for batch in fresh:

@@ -214,3 +214,13 @@ def test_replay_pacer_spaces_events_by_event_time_over_speed() -> None:
     assert due is not None
     np.testing.assert_allclose(due, [100.0, 100.5, 100.5, 102.0])
     assert _Pacer(speed=0).due(np.array([T0, T0 + 1])) is None
+
+
+def test_ad_churn_re_embeds_with_vectors_the_catalogue_does_not_have() -> None:
+    from producers.stream import ad_churn
+
+    for kwargs in ({"dim": 8}, {"pool": np.random.default_rng(5).random((500, 8), "float32")}):
+        catalogue = next(synthetic_ads(50, seed=3, queries=10, batch_size=50, **kwargs))
+        churn = next(ad_churn(50, 50, seed=3, queries=10, batch_size=50, **kwargs))
+        same = (churn.vectors[:, None, :] == catalogue.vectors[None, :, :]).all(axis=2)
+        assert not same.any(), "a re-embedding reused a catalogue vector: no real change"
