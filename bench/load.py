@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.rig import RigOptions, ServiceRig, rss_mb
+from bench.rig import RigOptions, ServiceRig, add_rig_arguments, rss_mb
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -49,15 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sample-every", type=float, default=5, help="seconds between samples (default 5)"
     )
-    parser.add_argument("--nlist", type=int, default=1024, help="IVF lists (default 1024)")
-    parser.add_argument("--nprobe", type=int, default=32, help="IVF lists probed (default 32)")
-    parser.add_argument("--k", type=int, default=100, help="neighbours per head query (100)")
-    parser.add_argument("--margin", type=int, default=20, help="extra neighbours kept (20)")
-    parser.add_argument("--partitions", type=int, default=3, help="partitions per topic (3)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--timeout", type=float, default=900, help="bound on the set-up (seconds, default 900)"
-    )
+    add_rig_arguments(parser)
     parser.add_argument("--plot", help="write RSS and lag over time to this PNG")
 
 

@@ -11,6 +11,7 @@ the micro-batch time went (the service's own components, timed in place).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 import tempfile
@@ -35,13 +36,33 @@ from producers.publish import Publisher, publish_batches
 from producers.sources import glove_vectors, synthetic_ads, synthetic_engagements
 from producers.stream import Lane, MixedStream, ad_churn, head_warmup
 
-__all__ = ["FreshnessHistogram", "Phase", "RigOptions", "ServiceRig", "rss_mb"]
+__all__ = [
+    "FreshnessHistogram",
+    "Phase",
+    "RigOptions",
+    "ServiceRig",
+    "add_rig_arguments",
+    "rss_mb",
+]
 
 logger = logging.getLogger(__name__)
 
 _HIST_MS = 120_000
 _AD_BATCH = 50
 _ENGAGEMENT_BATCH = 100
+
+
+def add_rig_arguments(parser: argparse.ArgumentParser) -> None:
+    """The index, refresher and set-up options both load benchmarks share."""
+    parser.add_argument("--nlist", type=int, default=1024, help="IVF lists (default 1024)")
+    parser.add_argument("--nprobe", type=int, default=32, help="IVF lists probed (default 32)")
+    parser.add_argument("--k", type=int, default=100, help="neighbours per head query (100)")
+    parser.add_argument("--margin", type=int, default=20, help="extra neighbours kept (20)")
+    parser.add_argument("--partitions", type=int, default=3, help="partitions per topic (3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--timeout", type=float, default=900, help="bound on the set-up (seconds, default 900)"
+    )
 
 
 def rss_mb(pid: int | str = "self") -> float:
