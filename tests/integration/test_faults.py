@@ -1,6 +1,6 @@
 """Faults against the running service (in process, so its state can be watched): the broker
 stopped (SIGSTOP) for a while, the store gone for a while, a corrupted snapshot, hostile
-messages on both topics. Each ends with the store equal to the oracle of bench/harness.py,
+messages on both topics. Each ends with the store equal to the oracle of annstream/testing/harness.py,
 without restarting the service except where the fault is a restart. Kill -9 at random points
 is in test_service.py; longer and combined schedules are `annstream bench faults`.
 """
@@ -22,7 +22,7 @@ from annstream.broker import EmbeddedBroker
 from annstream.events import EngagementBatch
 from annstream.snapshot import list_snapshots
 from annstream.testing.aerospike_server import AerospikeTestServer
-from bench.harness import (
+from annstream.testing.harness import (
     Feed,
     Topics,
     bad_inputs,

@@ -6,7 +6,7 @@ trained from the same training file holding the expected final ads, searched wit
 refresher's nprobe for the vectors of the expected head queries. Event times are one constant,
 so decay never matters and the head set is exactly the queries whose engagement weights sum to
 `enter_score`, whatever the micro-batch boundaries, crashes and rebalances were. The workload,
-the oracle, the feed and the launcher are in bench/harness.py, the fixtures in service_harness.
+the oracle, the feed and the launcher are in annstream/testing/harness.py, the fixtures in service_harness.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from annstream.schemas import open_registry
 from annstream.snapshot import load_latest_snapshot
 from annstream.store import open_store
 from annstream.testing.aerospike_server import AerospikeTestServer, Fault
-from bench.harness import (
+from annstream.testing.harness import (
     DIM,
     ENG_PARTITIONS,
     HANG_GUARD_S,

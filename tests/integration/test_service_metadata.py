@@ -18,7 +18,14 @@ import numpy as np
 from annstream.cli import main
 from annstream.events import OP_UPSERT, AdBatch, EngagementBatch
 from annstream.store.base import NeighbourStore
-from bench.harness import Feed, Topics, service_settings, step_until, to_config, workload
+from annstream.testing.harness import (
+    Feed,
+    Topics,
+    service_settings,
+    step_until,
+    to_config,
+    workload,
+)
 from consumers.service import RefresherService
 
 pytest_plugins = ["service_harness"]

@@ -12,7 +12,7 @@ import numpy as np
 
 from annstream.ann import knn_exact
 from annstream.broker import free_port
-from bench.harness import (
+from annstream.testing.harness import (
     Feed,
     Topics,
     service_settings,

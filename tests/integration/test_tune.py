@@ -109,8 +109,8 @@ def test_tune_rejects_a_bad_target(capsys: pytest.CaptureFixture[str]) -> None:
 def test_plot_helpers_write_pngs_and_name_the_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from annstream.bench.plots import plot_freshness_cdf, plot_ingest
     from annstream.errors import ConfigError
-    from bench.plots import plot_freshness_cdf, plot_ingest
 
     rng = np.random.default_rng(0)
     cdf = plot_freshness_cdf(

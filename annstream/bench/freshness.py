@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.rig import FreshnessHistogram, Phase, RigOptions, ServiceRig, add_rig_arguments
+from annstream.bench.rig import FreshnessHistogram, Phase, RigOptions, ServiceRig, add_rig_arguments
 
 __all__ = ["HELP", "add_arguments", "run", "sustained"]
 
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["max_sustained_ad_events_per_s"] = best
         result["sweep_step_s"] = args.step_duration
     if args.plot:
-        from bench.plots import plot_freshness_cdf
+        from annstream.bench.plots import plot_freshness_cdf
 
         plot_freshness_cdf(
             {

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.rig import RigOptions, ServiceRig, add_rig_arguments, rss_mb
+from annstream.bench.rig import RigOptions, ServiceRig, add_rig_arguments, rss_mb
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _plot(samples: list[dict[str, float]], path: str) -> None:
     from pathlib import Path
 
-    from bench.plots import pyplot
+    from annstream.bench.plots import pyplot
 
     plt = pyplot()
     t = [s["t_s"] for s in samples]

@@ -40,7 +40,7 @@ from annstream.events import EngagementBatch
 from annstream.snapshot import list_snapshots, load_latest_snapshot
 from annstream.store import open_store
 from annstream.testing.aerospike_server import AerospikeTestServer
-from bench.harness import (
+from annstream.testing.harness import (
     DIM,
     ENG_PARTITIONS,
     HANG_GUARD_S,

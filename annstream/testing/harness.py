@@ -1,8 +1,8 @@
 """The service under test: a seeded workload, an oracle built independently of the service, a
 feed through the real broker and a launcher of `annstream run` as a child process.
 
-Shared by the service and fault tests and by `annstream bench faults` (bench/ cannot import
-tests/). The oracle is the index trained from the same training file holding the expected final
+Shared by the service and fault tests and by `annstream bench faults` (the benchmarks cannot
+import tests/). The oracle is the index trained from the same training file holding the expected final
 ads, searched with the refresher's nprobe for the vectors of the expected head queries. Event
 times are one constant, so decay never matters and the head set is exactly the queries whose
 engagement weights sum to `ENTER`, whatever the micro-batch boundaries, crashes, rebalances and
