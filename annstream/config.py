@@ -25,6 +25,7 @@ __all__ = [
     "HeadsConfig",
     "IndexConfig",
     "KafkaConfig",
+    "MAX_TTL_S",
     "RefreshConfig",
     "ServiceConfig",
     "SnapshotConfig",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 ENV_PREFIX = "ANNSTREAM_"
+MAX_TTL_S = 315_360_000  # 10 years: a real Aerospike server answers a longer TTL with result 4
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,14 @@ class RefreshConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """The neighbour store: `sqlite:///path` embedded, `aerospike://host:port/namespace/set`."""
+    """The neighbour store: `sqlite:///path` embedded, `aerospike://host:port/namespace/set`.
+
+    `sqlite:///relative/path.db` is relative to the working directory,
+    `sqlite:////absolute/path.db` (four slashes) is absolute. `ttl_s` and `exit_ttl_s`: -2 keep
+    the stored TTL, -1 never expire, 0 namespace default, up to 315,360,000 s (10 years,
+    Aerospike's limit). `retries` / `retry_backoff_s` bound the connection attempts at
+    start-up and the caller's retries of failed writes; a store call itself tries once.
+    """
 
     url: str = "sqlite:///var/annstream.db"
     ttl_s: int = 0
@@ -147,6 +156,16 @@ class StoreConfig:
     password: str = ""
     tls_name: str = ""
     tls_cafile: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("ttl_s", "exit_ttl_s"):
+            value = getattr(self, key)
+            if not -2 <= value <= MAX_TTL_S:
+                raise ConfigError(
+                    f"store.{key} = {value} is out of range: use -2 (keep), -1 (never), "
+                    f"0 (namespace default) or 1..{MAX_TTL_S} seconds (10 years, the most "
+                    "Aerospike accepts; it refuses a longer TTL on every write)"
+                )
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +40,7 @@ class ServingResult:
     filtered: Int64Array  # neighbours the predicate removed per query
     versions: Int64Array
     computed_at_ms: Int64Array
+    errors: dict[int, str] = field(default_factory=dict)  # rows the store could not read
 
     @property
     def missing(self) -> Int64Array:
@@ -132,4 +133,5 @@ def select(raw: LookupResult, k: int | None, predicate: Predicate | None) -> Ser
         filtered=filtered,
         versions=raw.versions,
         computed_at_ms=raw.computed_at_ms,
+        errors=raw.errors,
     )
