@@ -225,14 +225,6 @@ class AerospikeStore:
                 f"Aerospike {self.url}: none of {n} records written: {errors[0]}",
                 retry_after=self._retry_after,
             )
-        if permanent.any():
-            logger.warning(
-                "Aerospike %s refused %d records for good, e.g. query %d: %s",
-                self.url,
-                int(permanent.sum()),
-                qids[int(np.flatnonzero(permanent)[0])],
-                errors[int(np.flatnonzero(permanent)[0])],
-            )
         return UpsertResult(stored, stale, failed, errors, permanent)
 
     def lookup(self, query_ids: npt.ArrayLike) -> LookupResult:

@@ -83,6 +83,9 @@ WHERE excluded.version > t.version OR {{expired}}
 """.format(expired="(t.expires_at_ms IS NOT NULL AND t.expires_at_ms <= :now)")
 
 _LIVE = "(expires_at_ms IS NULL OR expires_at_ms > ?)"
+# What one row can cause (a constraint, a value out of range): that row is refused for good.
+# Any other error is the whole file's: it fails the call (see codes.py).
+_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError)
 
 
 def _chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
@@ -236,16 +239,12 @@ class SqliteStore:
             before = self._versions(qids, now)
             try:
                 db.executemany(_UPSERT, params)
-            except sqlite3.Error as exc:
-                if sqlite_is_retryable(exc):
-                    raise
+            except _ROW_ERRORS as exc:
                 logger.warning("SQLite batch upsert refused a row (%s); writing row by row", exc)
                 for row, p in enumerate(params):
                     try:
                         db.execute(_UPSERT, p)
-                    except sqlite3.Error as row_exc:
-                        if sqlite_is_retryable(row_exc):
-                            raise
+                    except _ROW_ERRORS as row_exc:
                         permanent[row] = True
                         errors[row] = f"sqlite (permanent): {row_exc}"
             after = self._versions(qids, now)

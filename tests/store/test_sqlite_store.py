@@ -14,6 +14,7 @@ import pytest
 from annstream.cli import main
 from annstream.config import StoreConfig
 from annstream.errors import StoreError, StoreUnavailableError
+from annstream.serving import NeighbourReader
 from annstream.store import NeighbourLists, open_store
 from annstream.store.sqlite import SqliteStore
 
@@ -55,6 +56,25 @@ def test_sqlite_commit_failure_is_unavailable_and_rolled_back(
     store._db = healthy
     assert not store.lookup(lists.query_ids).found.any()  # nothing half-written
     assert store.upsert(lists).stored.all()  # and the store works once the disk does
+    store.close()
+
+
+def test_sqlite_corrupt_file_mid_run_is_a_store_error_not_a_refused_row(
+    tmp_path: Path, lists_factory: Factory
+) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    healthy = store._db
+
+    class Corrupt(FailingConnection):
+        def executemany(self, sql: str, rows: Any) -> Any:
+            raise sqlite3.DatabaseError("database disk image is malformed")
+
+    store._db = Corrupt(healthy, "", sqlite3.DatabaseError())  # type: ignore[assignment]
+    with pytest.raises(StoreError, match="malformed") as info:
+        store.upsert(lists_factory([1, 2], version=1))
+    assert not isinstance(info.value, StoreUnavailableError)
+    assert not healthy.in_transaction
+    store._db = healthy
     store.close()
 
 
@@ -129,6 +149,19 @@ def test_reader_reads_an_existing_store_and_cannot_write(
     assert reader.lookup(np.array([1])).versions.tolist() == [2]  # sees the writer's commits
     with pytest.raises(StoreError, match="read-only"):
         reader.upsert(lists)
+    reader.close()
+    writer.close()
+
+
+def test_serving_reader_never_creates_a_database(tmp_path: Path, lists_factory: Factory) -> None:
+    path = tmp_path / "serving" / "s.db"
+    with pytest.raises(StoreError, match="does not exist"):
+        NeighbourReader.open(f"sqlite:///{path}")
+    assert not path.parent.exists()
+    writer = SqliteStore(path)
+    writer.upsert(lists_factory([1], version=1))
+    reader = NeighbourReader.open(f"sqlite:///{path}", k=2)
+    assert reader.lookup(np.array([1])).counts.tolist() == [2]
     reader.close()
     writer.close()
 
