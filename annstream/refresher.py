@@ -57,6 +57,7 @@ __all__ = [
     "RefreshResult",
     "Refresher",
     "RetiredLists",
+    "compact_rows",
     "drop_entries",
     "held_entries",
 ]
@@ -86,8 +87,9 @@ def held_entries(ids: Int64Array, removed: Int64Array) -> tuple[Int64Array, Int6
 
     `removed` is sorted and unique. A bitmap on the low id bits screens every entry in one
     pass (in chunks, to bound the temporaries); only the few entries it lets through are
-    looked up exactly.
+    looked up exactly. Padding (-1) never matches.
     """
+    removed = removed[removed != -1]
     n, w = ids.shape
     if n == 0 or w == 0 or len(removed) == 0:
         return _empty_ids(), _empty_ids()
@@ -107,6 +109,17 @@ def held_entries(ids: Int64Array, removed: Int64Array) -> tuple[Int64Array, Int6
     return rows, cols
 
 
+def compact_rows(ids: Int64Array, scores: Float32Array) -> tuple[Int64Array, Float32Array]:
+    """Rows with holes (id -1) as lists: the other entries first, in order, then -1 / -inf."""
+    keep = ids != -1
+    fill = np.arange(ids.shape[1])[None, :] < keep.sum(axis=1)[:, None]
+    out_i = np.full(ids.shape, -1, dtype=np.int64)
+    out_s = np.full(scores.shape, -np.inf, dtype=np.float32)
+    out_i[fill] = ids[keep]
+    out_s[fill] = scores[keep]
+    return out_i, out_s
+
+
 def drop_entries(
     ids: Int64Array, scores: Float32Array, rows: Int64Array, cols: Int64Array
 ) -> tuple[Int64Array, Int64Array, Int64Array, Float32Array]:
@@ -114,16 +127,10 @@ def drop_entries(
 
     Returns the distinct rows hit, how many entries each lost and their new ids and scores.
     """
-    w = ids.shape[1]
     hit, inv, gone_n = np.unique(rows, return_inverse=True, return_counts=True)
-    held = np.zeros((len(hit), w), dtype=bool)
-    held[inv.reshape(-1), cols] = True
-    kept = ~held
-    fill = np.arange(w)[None, :] < (w - gone_n)[:, None]
-    out_i = np.full((len(hit), w), -1, dtype=np.int64)
-    out_s = np.full((len(hit), w), -np.inf, dtype=np.float32)
-    out_i[fill] = ids[hit][kept]
-    out_s[fill] = scores[hit][kept]
+    sub_i, sub_s = ids[hit], scores[hit]
+    sub_i[inv.reshape(-1), cols] = -1
+    out_i, out_s = compact_rows(sub_i, sub_s)
     return hit, gone_n.astype(np.int64), out_i, out_s
 
 
@@ -283,6 +290,8 @@ class _Background:
 class _Retired:
     """The retired lists in arrival order: query id, ids, scores, expiry (ms; _NEVER: none).
 
+    Removed ads leave holes (id -1) in place, closed when rows are read (`lists`).
+
     `ttl_s` is the store's exit TTL: positive, rows expire that long after they retire;
     otherwise they never expire here and are rewritten with that TTL as is.
     """
@@ -341,14 +350,13 @@ class _Retired:
         return int((~live).sum())
 
     def drop_ads(self, removed: Int64Array, start: int = 0) -> Int64Array:
-        """Remove `removed` ads (sorted, unique) from rows `start:`; returns the rows changed."""
+        """Punch `removed` ads (sorted, unique) out of rows `start:` (holes: id -1, compacted
+        when the rows are read); returns the rows changed."""
         rows, cols = held_entries(self.ids[start:], removed)
-        if not len(rows):
-            return _empty_ids()
-        hit, _, out_i, out_s = drop_entries(self.ids[start:], self.scores[start:], rows, cols)
-        hit += start
-        self.ids[hit], self.scores[hit] = out_i, out_s
-        return hit
+        rows += start
+        self.ids[rows, cols] = -1
+        self.scores[rows, cols] = -np.inf
+        return np.unique(rows)
 
     def evict(self) -> Int64Array:
         """Empty the rows expiring soonest beyond `max_rows`; returns them (to forget later)."""
@@ -367,10 +375,11 @@ class _Retired:
             ttl = np.maximum(1, -((now_ms - exp) // 1000))
         else:
             ttl = np.full(len(rows), self.ttl_s, dtype=np.int64)
+        ids, scores = compact_rows(self.ids[rows], self.scores[rows])
         return RetiredLists(
             self.qid[rows],
-            self.ids[rows],
-            self.scores[rows],
+            ids,
+            scores,
             ttl.astype(np.int64),
             np.where(exp == _NEVER, -1, exp).astype(np.int64),
         )
