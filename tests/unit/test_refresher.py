@@ -93,7 +93,7 @@ class World:
             dim=dim, metric=metric, kind=kind, nlist=nlist, nprobe=nprobe, pq_m=dim // 4, pq_nbits=4
         )
         base = self.rng.standard_normal((n_ads, dim)).astype(np.float32)
-        self.index = LiveIvfIndex.train(self.cfg, self.rng.standard_normal((400, dim)))
+        self.index = LiveIvfIndex.train(self.cfg, self.rng.standard_normal((700, dim)))
         self.index.upsert(np.arange(n_ads), base)
         self.ads: dict[int, F32] = {i: base[i] for i in range(n_ads)}
         self.next_ad = n_ads
