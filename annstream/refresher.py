@@ -985,6 +985,12 @@ class Refresher:
         gone = np.union1d(heads.exited, heads.dropped).astype(np.int64)
         fresh_q = np.union1d(heads.entered, heads.vector_changed).astype(np.int64)
         fresh_q = fresh_q[~np.isin(fresh_q, gone)]
+        raw_fresh = np.ascontiguousarray(head_vectors_lookup(fresh_q), dtype=np.float32)
+        if raw_fresh.shape != (len(fresh_q), index.dim):
+            raise ValueError(
+                f"head_vectors_lookup returned shape {raw_fresh.shape}, "
+                f"expected ({len(fresh_q)}, {index.dim})"
+            )
         retired_expired = 0
         if self._retired is not None:
             self._retired.remove(fresh_q)
@@ -992,12 +998,6 @@ class Refresher:
         self._retire(np.asarray(heads.exited, dtype=np.int64), now_ms)
         self._kill(gone)
         self._kill(fresh_q)
-        raw_fresh = np.ascontiguousarray(head_vectors_lookup(fresh_q), dtype=np.float32)
-        if raw_fresh.shape != (len(fresh_q), index.dim):
-            raise ValueError(
-                f"head_vectors_lookup returned shape {raw_fresh.shape}, "
-                f"expected ({len(fresh_q)}, {index.dim})"
-            )
         t0 = time.perf_counter()
 
         n = self._n

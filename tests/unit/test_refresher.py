@@ -782,3 +782,13 @@ def test_refresher_bad_ad_vectors_raise_before_anything_changes() -> None:
     after = w.refresher.topk(np.arange(5))
     np.testing.assert_array_equal(after[1], before[1])
     w.check()
+    # a head vector lookup of the wrong shape: raised before any head query moved
+    with pytest.raises(ValueError, match="head_vectors_lookup"):
+        w.refresher.apply(
+            AdChanges.empty(DIM),
+            HeadChanges(entered=np.array([7]), exited=np.array([1])),
+            lambda q: np.zeros((len(q), DIM + 1), np.float32),
+            w.version + 1,
+        )
+    assert w.refresher.head_ids().tolist() == [0, 1, 2, 3, 4]
+    w.check()
