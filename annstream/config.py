@@ -123,6 +123,11 @@ class RefreshConfig:
     Each head query keeps `k` + `margin` neighbours; `nprobe` 0 means the index's own.
     `scan_k`: changed ads considered per head query and micro-batch; a query with more
     qualifying candidates is searched again in full.
+    `exclude_self`: leave a query's own id out of its list (similar items, where a query is
+    itself an ad).
+    `retired_max_mb`: memory for the lists of queries that left the head set and stay readable
+    until `store.exit_ttl_s` (the refresher removes deleted ads from them); over it, the lists
+    expiring soonest are rewritten empty and forgotten.
     """
 
     k: int = 100
@@ -132,6 +137,8 @@ class RefreshConfig:
     full_recompute_per_batch: int = 5_000
     nprobe: int = 0
     scan_k: int = 16
+    exclude_self: bool = False
+    retired_max_mb: int = 256
 
 
 @dataclass(frozen=True)
