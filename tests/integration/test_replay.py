@@ -236,3 +236,24 @@ def test_replay_payload_id_reads_the_leading_avro_long() -> None:
     values = codec.encode(AdBatch.upserts(ids, np.ones((5, DIM)), T0))
     assert [payload_id(v) for v in values] == ids.tolist()
     assert payload_id(b"\x00\x00") is None
+
+
+def test_replay_cli_keeps_history_event_times_under_a_rate_and_prints_json(
+    bootstrap: str,
+    topic_factory: Callable[..., str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Replay sends history: unlike `produce` of a file without times, it never re-stamps."""
+    history = _history()
+    path = tmp_path / "ads.avro"
+    write_avro_file(path, [history])
+    target = topic_factory("rate", partitions=3)
+    argv = ["replay", "--from-file", str(path), "--to-topic", target,
+            "--bootstrap-servers", bootstrap, "--rate", "2000", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["sent"], summary["delivered"], summary["failed"]) == (N, N, 0)
+    assert summary["topic"] == target and summary["resumed_from"] == 0
+    assert summary["elapsed_s"] > 0 and summary["events_per_s"] > 0
+    assert sum(_check_target(consume_all(bootstrap, target, N), history).values()) == 0
