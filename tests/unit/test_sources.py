@@ -211,6 +211,19 @@ def test_publish_token_bucket_paces_by_rate_not_per_message() -> None:
     assert 4.8 <= now[0] <= 5.0
 
 
+def test_publish_token_bucket_waits_for_a_minimum_grant() -> None:
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    bucket = TokenBucket(1_000, clock=lambda: now[0], sleep=sleep)
+    assert bucket.grant(100) == 100  # the initial burst
+    assert bucket.grant(50, minimum=5) == 5 and now[0] == pytest.approx(0.005)
+    assert bucket.grant(3, minimum=5) == 3  # never waits for more than it wants
+    assert bucket.grant(10_000, minimum=10_000) == 100  # nor for more than the burst
+
+
 def test_replay_pacer_spaces_events_by_event_time_over_speed() -> None:
     pacer = _Pacer(speed=2.0, clock=lambda: 100.0)
     due = pacer.due(np.array([T0, T0 + 1_000, T0 + 500, T0 + 4_000]))
