@@ -8,6 +8,7 @@ port, and is stopped by PID.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -24,9 +25,18 @@ from types import TracebackType
 
 from annstream.errors import BrokerError
 
-__all__ = ["EmbeddedBroker", "create_topics", "free_port", "running_broker", "tansu_binary"]
+__all__ = [
+    "EmbeddedBroker",
+    "create_topics",
+    "free_port",
+    "owns_listener",
+    "running_broker",
+    "tansu_binary",
+]
 
 logger = logging.getLogger(__name__)
+
+_TCP_LISTEN = "0A"
 
 
 def tansu_binary() -> Path:
@@ -53,13 +63,78 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+def _port_in_use(host: str, port: int) -> bool:
+    """Whether another socket already listens on (host, port): a bind attempt fails."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes of every TCP socket listening on `port` (Linux /proc/net)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if (
+                    len(fields) > 9
+                    and fields[3] == _TCP_LISTEN
+                    and int(fields[1].rsplit(":", 1)[1], 16) == port
+                ):
+                    inodes.add(fields[9])
+    return inodes
+
+
+def owns_listener(pid: int, port: int) -> bool | None:
+    """Whether process `pid` holds a socket listening on `port`; None where /proc cannot tell."""
+    try:
+        inodes = _listening_inodes(port)
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return True
+    return False
+
+
+def _exit_reason(proc: subprocess.Popen[bytes], log: Path, host: str, port: int) -> str:
+    text = log.read_text("utf-8", "replace") if log.exists() else ""
+    if "AddrInUse" in text or "Address in use" in text:
+        return (
+            f"port {port} on {host} is already in use by another process: "
+            "pass another --port or stop what listens there"
+        )
+    last = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = f": {last[0][:200]}" if last else ""
+    return f"the embedded broker exited with code {proc.returncode} at start{detail}"
+
+
+def _wait_for_port(
+    host: str, port: int, proc: subprocess.Popen[bytes], log: Path, timeout_s: float
+) -> None:
+    """Until the broker process itself listens on the port (another listener on it does not
+    count); a BrokerError when it exits first or does not listen within `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise BrokerError(f"the embedded broker exited with code {proc.returncode} at start")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            raise BrokerError(_exit_reason(proc, log, host, port))
+        owned = owns_listener(proc.pid, port)
+        if owned:
             return
+        if owned is None:
+            with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+                time.sleep(0.2)
+                if proc.poll() is None:
+                    return
         time.sleep(0.02)
     raise BrokerError(f"the embedded broker did not listen on {host}:{port} within {timeout_s}s")
 
@@ -84,8 +159,14 @@ class EmbeddedBroker:
     def start(self, timeout_s: float = 15.0) -> EmbeddedBroker:
         if self._proc is not None:
             return self
+        if _port_in_use(self.host, self.port):
+            raise BrokerError(
+                f"port {self.port} on {self.host} is already in use by another process: "
+                "pass another --port or stop what listens there"
+            )
         url = f"tcp://{self.host}:{self.port}"
         self._workdir = tempfile.mkdtemp(prefix="annstream-broker-")
+        log = Path(self._workdir) / "tansu.stderr"
         env = {**os.environ, "RUST_LOG": "off"}
         cmd = [
             str(tansu_binary()),
@@ -98,17 +179,18 @@ class EmbeddedBroker:
             "--storage-engine",
             "memory://tansu/",
         ]
-        self._proc = subprocess.Popen(
-            cmd,
-            cwd=self._workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        with log.open("wb") as stderr:
+            self._proc = subprocess.Popen(
+                cmd,
+                cwd=self._workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
         try:
-            _wait_for_port(self.host, self.port, self._proc, timeout_s)
+            _wait_for_port(self.host, self.port, self._proc, log, timeout_s)
         except BaseException:
             self.stop()
             raise
@@ -165,7 +247,13 @@ def create_topics(
     from confluent_kafka.cimpl import NewTopic
 
     admin = AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 3, **(client or {})})
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    try:
+        existing = set(admin.list_topics(timeout=timeout_s).topics)
+    except KafkaException as exc:
+        raise BrokerError(
+            f"no Kafka broker answered at {bootstrap_servers} within {timeout_s:g}s ({exc}); "
+            "check the address and that a Kafka broker listens there"
+        ) from None
     wanted = [
         NewTopic(t, num_partitions=partitions, replication_factor=1)
         for t in dict.fromkeys(topics)

@@ -5,6 +5,12 @@ two's-complement bytes (`struct.pack(">q", id)`), so every event of one ad or qu
 one partition and stays in order there (the producer is idempotent). The Kafka message
 timestamp is the event time.
 
+Event times: kept as the batches carry them (files with a time column, replays), or, with
+`stamp=True`, stamped when each event is sent: a rate-limited send takes the events a few at
+a time as the rate allows and stamps and encodes just those, so the event time is the send
+time (a batch stamped when it was read would age by its length / rate before its last event
+leaves, and freshness measured from it would count that wait).
+
 Delivery accounting: each `send()` call is one ticket; a ticket's `on_confirmed` runs only once
 the broker confirmed every message of it and of every earlier ticket, which is what a
 checkpoint may record without leaving gaps.
@@ -12,6 +18,7 @@ checkpoint may record without leaving gaps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -34,9 +41,12 @@ __all__ = [
     "batch_keys",
     "id_keys",
     "publish_batches",
+    "send_batch",
 ]
 
 logger = logging.getLogger(__name__)
+
+_STAMP_WINDOW_S = 0.005
 
 
 def id_keys(ids: np.ndarray) -> list[bytes]:
@@ -69,15 +79,17 @@ class TokenBucket:
         self._tokens = self.burst
         self._last = clock()
 
-    def grant(self, wanted: int) -> int:
-        """Wait until some tokens are there and take up to `wanted` of them (at least 1)."""
+    def grant(self, wanted: int, minimum: int = 1) -> int:
+        """Wait until at least `minimum` tokens (1 by default; never more than `wanted` or the
+        burst) are there and take up to `wanted` of them."""
         if self.rate == 0 or wanted <= 0:
             return wanted
+        least = float(max(1, min(minimum, wanted, int(self.burst))))
         self._refill()
-        if self._tokens < 1:
-            self._sleep((1 - self._tokens) / self.rate)
+        if self._tokens < least:
+            self._sleep((least - self._tokens) / self.rate)
             self._refill()
-            self._tokens = max(self._tokens, 1.0)
+            self._tokens = max(self._tokens, least)
         take = min(wanted, int(self._tokens))
         self._tokens -= take
         return take
@@ -154,6 +166,19 @@ class PublishStats:
     def rate(self) -> float:
         return self.delivered / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
+    def as_dict(self, topic: str) -> dict[str, Any]:
+        """The `--json` summary of `annstream produce` and `replay`."""
+        return {
+            "topic": topic,
+            "sent": self.sent,
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "unconfirmed": self.sent - self.delivered - self.failed,
+            "events_per_s": round(self.rate, 1),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "first_error": self.first_error or None,
+        }
+
     def summary(self, topic: str) -> str:
         text = (
             f"{self.delivered} of {self.sent} events delivered to {topic} in "
@@ -219,14 +244,22 @@ class Publisher:
         self.producer.poll(timeout_s)
         self._settle()
 
+    def reserve(self, wanted: int, minimum: int = 1) -> int:
+        """Wait for the rate limit and take up to `wanted` sends (at least `minimum` of them,
+        when `wanted` and the burst allow); pass them to `send(..., paced=False)`."""
+        return self.bucket.grant(wanted, minimum)
+
     def send(
         self,
         keys: Sequence[bytes | None],
         values: Sequence[bytes | None],
         timestamps_ms: np.ndarray,
         on_confirmed: Callable[[], None] | None = None,
+        *,
+        paced: bool = True,
     ) -> None:
-        """Queue messages in order; `on_confirmed` runs once they and all earlier ones landed."""
+        """Queue messages in order; `on_confirmed` runs once they and all earlier ones landed.
+        `paced=False`: the caller already took these sends with `reserve`."""
         n = len(values)
         if len(keys) != n or len(timestamps_ms) != n:
             raise ValueError(
@@ -239,7 +272,7 @@ class Publisher:
         stamps = np.asarray(timestamps_ms, dtype="int64").tolist()
         i = 0
         while i < n:
-            first, end = i, i + self.bucket.grant(n - i)
+            first, end = i, i + (self.bucket.grant(n - i) if paced else n - i)
             while i < end:
                 try:
                     self.producer.produce(
@@ -269,14 +302,47 @@ class Publisher:
         return sum(t.outstanding for t in self._tickets)
 
 
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def send_batch(
+    publisher: Publisher,
+    codec: AdCodec | EngagementCodec,
+    batch: AdBatch | EngagementBatch,
+    *,
+    stamp: bool = False,
+    clock: Callable[[], int] = _now_ms,
+) -> None:
+    """Encode and send one batch in order; `stamp`: each event's time is its send time."""
+    if not stamp:
+        values: list[Any] = codec.encode(batch)  # type: ignore[arg-type]
+        publisher.send(batch_keys(batch), values, batch.event_time_ms)
+        return
+    i, n = 0, len(batch)
+    # each chunk is stamped after its wait and sent at once; waiting for _STAMP_WINDOW_S worth
+    # of sends delays one by at most that and keeps encoding batched (one event a call: 3x)
+    minimum = max(1, int(publisher.bucket.rate * _STAMP_WINDOW_S))
+    while i < n:
+        m = publisher.reserve(n - i, minimum)
+        part = dataclasses.replace(
+            batch.take(np.arange(i, i + m)), event_time_ms=np.full(m, clock(), "int64")
+        )
+        values = codec.encode(part)  # type: ignore[arg-type]
+        publisher.send(batch_keys(part), values, part.event_time_ms, paced=False)
+        i += m
+
+
 def publish_batches(
     publisher: Publisher,
     codec: AdCodec | EngagementCodec,
     batches: Iterable[AdBatch] | Iterable[EngagementBatch],
     *,
     limit: int | None = None,
+    stamp: bool = False,
 ) -> PublishStats:
-    """Encode and send every batch in order (keyed, event time as timestamp), then flush."""
+    """Encode and send every batch in order (keyed, event time as timestamp), then flush.
+    `stamp`: event times are the send times, not the batches' own (see the module doc)."""
     sent = 0
     try:
         for batch in batches:
@@ -284,8 +350,7 @@ def publish_batches(
                 batch = batch.take(np.arange(max(0, limit - sent)))
             if not len(batch):
                 break
-            values: list[Any] = codec.encode(batch)  # type: ignore[arg-type]
-            publisher.send(batch_keys(batch), values, batch.event_time_ms)
+            send_batch(publisher, codec, batch, stamp=stamp)
             sent += len(batch)
     finally:
         publisher.flush()

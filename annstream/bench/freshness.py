@@ -1,7 +1,7 @@
 """`annstream bench freshness`: ad event -> stored neighbour lists, under load, with head queries.
 
 One run on an embedded broker and an in-process service (nlist 1024, nprobe 32, K 100 + margin
-20 by default) over `--ads` GloVe 6B 50-d ads:
+20 by default) over `--ads` GloVe 6B 50-d ads (clustered synthetic vectors at another `--dim`):
 1. baseline: ad churn alone at `--rate` with no head query yet, so the refresher costs ~0 and
    the freshness is the pipeline's floor (poll, micro-batch interval, index update, commit);
 2. every query of a population of `--heads` is made a head query (one engagement at the entry
@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         margin=args.margin,
         seed=args.seed,
         timeout_s=args.timeout,
+        dim=args.dim,
     )
     baseline_s = args.baseline_duration or min(30.0, args.duration / 2)
     with ServiceRig(opts) as rig:
@@ -173,7 +174,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "partitions": args.partitions,
             "duration_s": args.duration,
             "baseline_s": baseline_s,
-            "vectors": "glove-6B-50d",
+            "dim": opts.dim,
+            "vectors": opts.vectors,
         },
     }
     if args.sweep:

@@ -1,8 +1,9 @@
 """`annstream bench ingest`: ads from Kafka into the live index vs a plain consume of the topic.
 
 One run: start an embedded broker (or use `--bootstrap`), produce `--ads` ad upserts (GloVe 6B
-50-d at `--dim 50`, Gaussian random otherwise), then read the whole topic in each of these passes,
-each with its own consumer group id and all partitions assigned from the beginning:
+50-d at `--dim 50`, clustered Gaussian-mixture vectors at any other dimension), then read the
+whole topic in each of these passes, each with its own consumer group id and all partitions
+assigned from the beginning:
 - raw: confluent-kafka `consume(batch)` with every value touched, nothing else (the baseline),
   once before and once after the ingest pass, averaged (other load on the machine drifts);
 - ingest: `AdStream.poll` (Avro decode, validation) + `net_changes` + `LiveIvfIndex.upsert`
@@ -39,7 +40,7 @@ from annstream.kafka import DeadLetterPublisher, make_consumer, make_producer
 from annstream.schemas import LocalSchemaRegistry
 from consumers.ads import AdStream, net_changes
 from producers.publish import Publisher, publish_batches
-from producers.sources import synthetic_ads
+from producers.sources import MIXTURE_VERSION, synthetic_ads
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -56,7 +57,10 @@ _POLL_TIMEOUT_S = 0.05
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ads", type=int, default=100_000, help="ad events (default 100000)")
     parser.add_argument(
-        "--dim", type=int, default=64, help="embedding dimension; 50 = GloVe (default 64)"
+        "--dim",
+        type=int,
+        default=64,
+        help="embedding dimension: 50 = GloVe, any other = clustered synthetic (default 64)",
     )
     parser.add_argument("--partitions", type=int, default=3, help="ad topic partitions")
     parser.add_argument(
@@ -259,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "ingest",
         "ads": args.ads,
         "dim": args.dim,
-        "vectors": "glove-6B-50d" if args.dim == 50 else "random-gaussian",
+        "vectors": "glove-6B-50d" if args.dim == 50 else MIXTURE_VERSION,
         "partitions": args.partitions,
         "batch": args.batch,
         "nlist": args.nlist,

@@ -1,8 +1,9 @@
 """`annstream bench load`: minutes of ad + engagement traffic; does memory stay flat, lag bounded?
 
-The same rig as `bench freshness` (embedded broker, in-process service, GloVe catalogue of
-`--ads` ads with ad churn over it, `--heads` head queries with Zipf engagements over them), run
-for `--minutes` at `--rate` ad events/s. Every `--sample-every` seconds: the process RSS (VmRSS:
+The same rig as `bench freshness` (embedded broker, in-process service, a catalogue of `--ads`
+ads with ad churn over it, `--heads` head queries with Zipf engagements over them; GloVe 6B
+50-d at `--dim 50`, clustered synthetic vectors at other dimensions), run for `--minutes` at
+`--rate` ad events/s. Every `--sample-every` seconds: the process RSS (VmRSS:
 service, feeder and their clients), the broker's RSS (Tansu keeps every message in RAM and
 applies no retention, so it grows by design), ad and engagement lag (sent - consumed), and the
 freshness p50/p99 of that window.
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         margin=args.margin,
         seed=args.seed,
         timeout_s=args.timeout,
+        dim=args.dim,
     )
     with ServiceRig(opts) as rig:
         heads = rig.warm_heads()
@@ -119,6 +121,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "load",
         "minutes": args.minutes,
         "rate": args.rate,
+        "dim": opts.dim,
+        "vectors": opts.vectors,
         "ad_events_per_s": summary["ad_events_per_s"],
         "engagement_events_per_s": summary["engagement_events_per_s"],
         "head_queries": heads,

@@ -1,7 +1,8 @@
 """The service under sustained load, shared by `bench freshness` and `bench load`.
 
 An embedded broker and an in-process `RefresherService` with the production index settings,
-primed with a GloVe ad catalogue and a population of head queries, then fed a mixed stream
+primed with an ad catalogue (GloVe 6B 50-d at `--dim 50`, clustered Gaussian-mixture vectors
+at any other dimension) and a population of head queries, then fed a mixed stream
 (ad churn over the catalogue, Zipf engagements over the queries) from a thread at set rates.
 A phase of the stream is measured from the bench's loop around `service.step()`: freshness of
 every ad event (time its micro-batch was stored - its event time), lag (events sent and not yet
@@ -33,7 +34,7 @@ from annstream.kafka import make_producer
 from annstream.schemas import open_registry
 from consumers.service import RefresherService
 from producers.publish import Publisher, publish_batches
-from producers.sources import glove_vectors, synthetic_ads, synthetic_engagements
+from producers.sources import MIXTURE_VERSION, glove_vectors, synthetic_ads, synthetic_engagements
 from producers.stream import Lane, MixedStream, ad_churn, head_warmup
 
 __all__ = [
@@ -58,6 +59,12 @@ def add_rig_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nprobe", type=int, default=32, help="IVF lists probed (default 32)")
     parser.add_argument("--k", type=int, default=100, help="neighbours per head query (100)")
     parser.add_argument("--margin", type=int, default=20, help="extra neighbours kept (20)")
+    parser.add_argument(
+        "--dim",
+        type=int,
+        default=50,
+        help="dimension: 50 = GloVe 6B 50-d; any other = clustered synthetic vectors (50)",
+    )
     parser.add_argument("--partitions", type=int, default=3, help="partitions per topic (3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -116,6 +123,12 @@ class RigOptions:
     margin: int = 20
     seed: int = 0
     timeout_s: float = 900.0
+    dim: int = 50
+
+    @property
+    def vectors(self) -> str:
+        """What the ads and queries are: GloVe at 50 dimensions, the mixture otherwise."""
+        return "glove-6B-50d" if self.dim == 50 else MIXTURE_VERSION
 
 
 @dataclass
@@ -235,7 +248,12 @@ class ServiceRig:
 
     def _start(self) -> None:
         opts = self.opts
-        self.pool = np.ascontiguousarray(glove_vectors(), dtype="float32")
+        if opts.dim <= 0:
+            raise AnnstreamError(f"--dim must be positive, got {opts.dim}")
+        self.pool: np.ndarray | None = None
+        if opts.dim == 50:
+            self.pool = np.ascontiguousarray(glove_vectors(), dtype="float32")
+        self.dim = None if self.pool is not None else opts.dim
         self.cfg = self._config()
         k = self.cfg.kafka
         create_topics(
@@ -249,8 +267,10 @@ class ServiceRig:
         t0 = time.monotonic()
         publish_batches(
             Publisher(self.producer, k.ad_topic),
-            AdCodec(self.registry, 50),
-            synthetic_ads(opts.ads, seed=opts.seed, pool=self.pool, queries=opts.queries),
+            AdCodec(self.registry, opts.dim),
+            synthetic_ads(
+                opts.ads, seed=opts.seed, pool=self.pool, dim=self.dim, queries=opts.queries
+            ),
         )
         self.service = RefresherService(self.cfg)
         self._started = self.service
@@ -285,7 +305,7 @@ class ServiceRig:
                     "group_id": f"annstream-load-{uuid.uuid4().hex[:8]}",
                 },
                 "index": {
-                    "dim": 50,
+                    "dim": o.dim,
                     "nlist": o.nlist,
                     "nprobe": o.nprobe,
                     "train_size": min(o.ads, 50_000),
@@ -308,9 +328,13 @@ class ServiceRig:
         k = self.cfg.kafka
         publish_batches(
             Publisher(self.producer, k.engagement_topic),
-            EngagementCodec(self.registry, 50),
+            EngagementCodec(self.registry, self.opts.dim),
             head_warmup(
-                self.opts.queries, self.cfg.heads.enter_score, seed=self.opts.seed, pool=self.pool
+                self.opts.queries,
+                self.cfg.heads.enter_score,
+                seed=self.opts.seed,
+                pool=self.pool,
+                dim=self.dim,
             ),
         )
         want = self.opts.queries * 0.99
@@ -329,25 +353,33 @@ class ServiceRig:
         if ad_rate > 0:
             lanes["ads"] = Lane(
                 Publisher(self.producer, k.ad_topic, rate=ad_rate),
-                AdCodec(self.registry, 50),
+                AdCodec(self.registry, o.dim),
                 ad_churn(
-                    o.ads, seed=o.seed, pool=self.pool, queries=o.queries, batch_size=_AD_BATCH
+                    o.ads,
+                    seed=o.seed,
+                    pool=self.pool,
+                    dim=self.dim,
+                    queries=o.queries,
+                    batch_size=_AD_BATCH,
                 ),
                 share=ad_rate,
+                stamp=True,
             )
         if engagement_rate > 0:
             lanes["engagements"] = Lane(
                 Publisher(self.producer, k.engagement_topic, rate=engagement_rate),
-                EngagementCodec(self.registry, 50),
+                EngagementCodec(self.registry, o.dim),
                 synthetic_engagements(
                     1 << 62,
                     queries=o.queries,
                     seed=o.seed,
                     pool=self.pool,
+                    dim=self.dim,
                     batch_size=_ENGAGEMENT_BATCH,
                     ads=o.ads,
                 ),
                 share=engagement_rate,
+                stamp=True,
             )
         return MixedStream(lanes, stop=stop, name="load-feeder")
 

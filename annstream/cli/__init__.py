@@ -10,6 +10,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 from annstream.errors import AnnstreamError
 from annstream.logs import configure_logging
@@ -29,6 +30,16 @@ COMMANDS: tuple[str, ...] = (
 )
 
 
+def _version() -> str:
+    """The installed distribution's version (the package's own when run from a source tree)."""
+    try:
+        return metadata.version("annstream")
+    except metadata.PackageNotFoundError:
+        from annstream import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="annstream",
@@ -36,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Keep precomputed nearest-neighbour lists fresh as ads and engagement stream in."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"annstream {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     parser.add_argument(
         "--log-json", action="store_true", help="log one JSON object per line (secrets masked)"

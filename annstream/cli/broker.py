@@ -10,6 +10,8 @@ from types import FrameType
 from annstream.broker import EmbeddedBroker, create_topics
 from annstream.config import load_config
 
+__all__ = ["HELP", "add_arguments", "run"]
+
 HELP = "start the embedded Kafka-protocol broker (Tansu) for local use and print its address"
 
 

@@ -1,7 +1,8 @@
 """`annstream demo`: the whole pipeline on embedded defaults, ending with a measured summary.
 
-Starts the embedded broker, loads real GloVe vectors (or random ones), publishes an initial ad
-catalogue, then streams Zipf-distributed engagements plus new, changed and deleted ads while the
+Starts the embedded broker, loads real GloVe 6B 50-d vectors (or, at another `--dim` or with
+`--synthetic`, clustered Gaussian-mixture vectors with queries near the same centres), publishes
+an initial ad catalogue, then streams Zipf-distributed engagements plus new, changed and deleted ads while the
 refresher service runs; finally checks the stored neighbour lists against exact brute force.
 """
 
@@ -19,8 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from annstream.errors import ConfigError
 from annstream.events import AdBatch
 from producers.stream import MixedStream
+
+__all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "run the main job end to end on embedded defaults and print a summary"
 
@@ -45,9 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nprobe", type=int, default=48, help="IVF lists probed (48)")
     parser.add_argument("--recall-sample", type=int, default=500, help="head queries checked")
     parser.add_argument(
-        "--synthetic", action="store_true", help="random Gaussian vectors instead of GloVe"
+        "--synthetic",
+        action="store_true",
+        help="clustered synthetic vectors (a seeded Gaussian mixture) instead of GloVe",
     )
-    parser.add_argument("--dim", type=int, default=50, help="dimension with --synthetic (50)")
+    parser.add_argument(
+        "--dim",
+        type=int,
+        help="dimension (50: GloVe 6B 50-d; any other: synthetic clustered vectors)",
+    )
     parser.add_argument(
         "--store", help="store URL (default: a SQLite file in a temporary directory)"
     )
@@ -102,12 +112,14 @@ def _feeder(args: argparse.Namespace, cfg: Any, pool: np.ndarray | None) -> Mixe
             EngagementCodec(registry, dim),
             engagements,
             share=max(1, a.engagements),
+            stamp=True,
         ),
         "ads": Lane(
             Publisher(producer, cfg.kafka.ad_topic, rate=rate),
             AdCodec(registry, dim),
             ads_and_deletes(),
             share=max(1, a.stream_ads + a.stream_ads // 10),
+            stamp=True,
         ),
     }
     return MixedStream(lanes, name="demo-feeder")
@@ -141,13 +153,17 @@ def run(args: argparse.Namespace) -> int:
     from annstream.store import open_store
     from consumers.service import RefresherService
     from producers.publish import Publisher, publish_batches
-    from producers.sources import glove_vectors, synthetic_ads
+    from producers.sources import MIXTURE_VERSION, glove_vectors, synthetic_ads
 
     if not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)
     started = time.monotonic()
-    pool = None if args.synthetic else np.ascontiguousarray(glove_vectors(), dtype="float32")
-    dim = args.dim if args.synthetic else 50
+    dim = 50 if args.dim is None else args.dim
+    if dim <= 0:
+        raise ConfigError(f"--dim must be positive, got {dim}")
+    synthetic = args.synthetic or dim != 50
+    pool = None if synthetic else np.ascontiguousarray(glove_vectors(), dtype="float32")
+    vectors = MIXTURE_VERSION if pool is None else "glove-6B-50d"
     work = Path(tempfile.mkdtemp(prefix="annstream-demo-"))
     with EmbeddedBroker() as broker:
         cfg = load_config(
@@ -175,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(
                 f"[demo] broker {broker.bootstrap_servers}; publishing {args.ads} ads "
-                f"({'random' if pool is None else 'GloVe 6B 50-d'} vectors)",
+                f"({vectors} vectors, d={dim})",
                 file=sys.stderr,
             )
         publish_batches(
@@ -246,7 +262,8 @@ def run(args: argparse.Namespace) -> int:
         "engagement_events": stats.engagement_events,
         "dead_letters": stats.dead_letters,
         "micro_batches": stats.micro_batches,
-        "vectors": "random" if pool is None else "glove-6B-50d",
+        "vectors": vectors,
+        "dim": dim,
         "nlist": args.nlist,
         "nprobe": args.nprobe,
         "store": cfg.store.url,
@@ -257,5 +274,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("\nannstream demo summary", file=sys.stderr)
         for key, value in summary.items():
-            print(f"  {key:18} {value}")
+            shown = value if isinstance(value, str) else json.dumps(value)
+            print(f"  {key:18} {shown}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import signal
 import sys
 from types import FrameType
@@ -129,7 +130,10 @@ def run(args: argparse.Namespace) -> int:
     resumed = (
         f" (resumed after {result.resumed_from} delivered earlier)" if result.resumed_from else ""
     )
-    print(stats.summary(topic) + resumed)
+    if args.json:
+        print(json.dumps(stats.as_dict(topic) | {"resumed_from": result.resumed_from}))
+    else:
+        print(stats.summary(topic) + resumed)
     unconfirmed = stats.sent - stats.delivered - stats.failed
     if stats.failed or unconfirmed:
         print(

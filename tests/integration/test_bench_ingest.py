@@ -7,6 +7,7 @@ import json
 import pytest
 
 from annstream.cli import main
+from producers.sources import MIXTURE_VERSION
 
 KEYS = {
     "ingest_events_per_s",
@@ -19,8 +20,11 @@ KEYS = {
 }
 
 
-def test_bench_ingest_prints_positive_figures(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["bench", "ingest", "--json", "--ads", "3000", "--dim", "50", "--nlist", "16"]
+@pytest.mark.parametrize(("dim", "vectors"), [(50, "glove-6B-50d"), (384, MIXTURE_VERSION)])
+def test_bench_ingest_prints_positive_figures(
+    capsys: pytest.CaptureFixture[str], dim: int, vectors: str
+) -> None:
+    argv = ["bench", "ingest", "--json", "--ads", "3000", "--dim", str(dim), "--nlist", "16"]
     argv += ["--train", "1000", "--batch", "500", "--partitions", "2"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
@@ -28,6 +32,6 @@ def test_bench_ingest_prints_positive_figures(capsys: pytest.CaptureFixture[str]
     assert result.keys() >= KEYS
     for key in KEYS:
         assert result[key] > 0, key
-    assert result["ads"] == 3000 and result["dim"] == 50
+    assert result["ads"] == 3000 and result["dim"] == dim and result["vectors"] == vectors
     assert result["dead_lettered"] == 0
-    assert result["bytes_goal"] == pytest.approx(1.3 * (4 * 50 + 8))
+    assert result["bytes_goal"] == pytest.approx(1.3 * (4 * dim + 8))

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from annstream.cli import main
+from producers.sources import MIXTURE_VERSION
 
 SMALL = ["--ads", "5000", "--heads", "300", "--nlist", "32", "--nprobe", "8", "--k", "10"]
 SMALL += ["--margin", "5", "--partitions", "2", "--engagement-rate", "200"]
@@ -23,8 +24,10 @@ def test_bench_freshness_prints_goal_baseline_and_sweep(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = ["freshness", "--rate", "500", "--duration", "3", "--baseline-duration", "2"]
+    argv += ["--dim", "384"]
     result = _bench(capsys, [*argv, "--sweep", "--rates", "300,600", "--step-duration", "2"])
     assert result["benchmark"] == "freshness"
+    assert result["config"]["dim"] == 384 and result["config"]["vectors"] == MIXTURE_VERSION
     assert result.keys() >= {
         "ad_events_per_s",
         "head_queries",
@@ -43,6 +46,7 @@ def test_bench_freshness_prints_goal_baseline_and_sweep(
 def test_bench_load_prints_samples_and_growth(capsys: pytest.CaptureFixture[str]) -> None:
     result = _bench(capsys, ["load", "--minutes", "0.1", "--rate", "500", "--sample-every", "1"])
     assert result["benchmark"] == "load"
+    assert result["dim"] == 50 and result["vectors"] == "glove-6B-50d"
     assert result.keys() >= {"samples", "rss_growth_mb", "lag_growth", "flat", "totals"}
     samples = result["samples"]
     assert len(samples) >= 3

@@ -13,7 +13,7 @@ import pytest
 
 from annstream.cli import main
 from annstream.cli.tune import choose
-from annstream.config import IndexConfig
+from annstream.config import IndexConfig, load_config
 from annstream.index import LiveIvfIndex
 from annstream.snapshot import write_snapshot
 
@@ -123,3 +123,139 @@ def test_plot_helpers_write_pngs_and_name_the_extra(
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ConfigError, match=r"pip install 'annstream\[plot\]'"):
         plot_freshness_cdf([0.1, 0.2], tmp_path / "g.png")
+
+
+# --- your own queries and ground truth (a small clustered 384-d set) ------------------------
+
+OWN = ["--nlist", "32,64", "--nprobe", "1,4,16,64", "--target", "0.9"]
+
+
+@pytest.fixture(scope="module")
+def own_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """6,000 clustered 384-d vectors, 150 queries near the same centres, and the exact cosine
+    top 25 of each query by numpy (row numbers, best first)."""
+    from producers.sources import clustered_vectors
+
+    d = tmp_path_factory.mktemp("own")
+    corpus = clustered_vectors(6_000, 384, np.random.default_rng(5))
+    queries = clustered_vectors(150, 384, np.random.default_rng(6))
+    unit = corpus / np.linalg.norm(corpus, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    truth = np.argsort(-(q @ unit.T), axis=1)[:, :25]
+    paths = {name: d / f"{name}.npy" for name in ("corpus", "queries", "truth", "shuffled")}
+    np.save(paths["corpus"], corpus)
+    np.save(paths["queries"], queries)
+    np.save(paths["truth"], truth)
+    np.save(paths["shuffled"], np.roll(truth, 1, axis=0))  # every row belongs to another query
+    ids = np.arange(6_000) * 7 + 1_000
+    paths["corpus_ids"] = d / "corpus_ids.npz"
+    np.savez(paths["corpus_ids"], vectors=corpus, ids=ids)
+    paths["truth_ids"] = d / "truth_ids.npy"
+    np.save(paths["truth_ids"], ids[truth])
+    return paths
+
+
+def _own(data: dict[str, Path], truth: str = "truth", corpus: str = "corpus") -> list[str]:
+    return ["--vectors", str(data[corpus]), "--queries", str(data["queries"]),
+            "--truth", str(data[truth])]  # fmt: skip
+
+
+def test_tune_with_your_queries_and_truth_at_your_k_prints_a_config_snippet(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, own_data: dict[str, Path]
+) -> None:
+    code, out = _tune(capsys, *_own(own_data), *OWN, "--k", "20")
+    assert code == 0 and out["met"] is True and out["k"] == 20
+    data = out["data"]
+    assert data["base"] == 6_000 and data["queries"] == 150
+    assert data["truth"] == str(own_data["truth"]) and data["truth_agreement"] == 1.0
+    # nprobe = nlist searches every list: exact, so it finds the given truth exactly
+    assert [r["recall"] for r in out["sweep"] if r["nprobe"] == r["nlist"]] == [1.0]
+    assert min(r["recall"] for r in out["sweep"]) < 0.9  # the sweep has something to choose
+    # the snippet is ready to paste: annstream's own config loader reads it
+    (tmp_path / "annstream.toml").write_text(out["config_toml"] + "\n")
+    cfg = load_config(tmp_path / "annstream.toml", env={})
+    assert (cfg.index.nlist, cfg.index.nprobe) == (out["nlist"], out["nprobe"])
+    warn = cfg.service.recall_warn_below
+    assert warn == out["config"]["service"]["recall_warn_below"]
+    assert out["recall"] - 0.06 < warn <= out["recall"] - 0.05
+    assert out["config"]["index"] == {"nlist": out["nlist"], "nprobe": out["nprobe"]}
+
+    assert main(["tune", *_own(own_data), *OWN, "--k", "20"]) == 0
+    text = capsys.readouterr().out
+    snippet = text.split("for annstream.toml:\n", 1)[1]
+    assert snippet.startswith("# annstream tune: recall@20 ")
+    assert "\n[index]\nnlist = " in snippet and "\n[service]\n" in snippet
+
+
+def test_tune_k_defaults_to_the_truths_width_and_ids_of_an_npz_corpus(
+    capsys: pytest.CaptureFixture[str], own_data: dict[str, Path]
+) -> None:
+    code, rows_out = _tune(capsys, *_own(own_data), *OWN)
+    assert code == 0 and rows_out["k"] == 25
+    code, ids_out = _tune(capsys, *_own(own_data, "truth_ids", "corpus_ids"), *OWN)
+    assert code == 0 and ids_out["k"] == 25 and ids_out["data"]["truth_agreement"] == 1.0
+    recalls = {(r["nlist"], r["nprobe"]): r["recall"] for r in rows_out["sweep"]}
+    assert {(r["nlist"], r["nprobe"]): r["recall"] for r in ids_out["sweep"]} == recalls
+
+
+def test_tune_judges_by_the_given_truth_and_says_when_it_disagrees_with_exact(
+    capsys: pytest.CaptureFixture[str], own_data: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        code, out = _tune(capsys, *_own(own_data, "shuffled"), *OWN)
+    assert code == 1 and out["met"] is False
+    assert out["data"]["truth_agreement"] < 0.2
+    assert max(r["recall"] for r in out["sweep"]) < 0.2  # judged by that truth, not our own
+    assert "--truth agrees with an exact cosine search on only" in caplog.text
+
+
+def test_tune_without_truth_uses_exact_search_over_the_whole_corpus(
+    capsys: pytest.CaptureFixture[str], own_data: dict[str, Path]
+) -> None:
+    argv = ["--vectors", str(own_data["corpus"]), "--queries", str(own_data["queries"])]
+    code, out = _tune(capsys, *argv, *OWN, "--k", "20")
+    assert code == 0 and out["data"]["truth"] == "exact" and out["data"]["base"] == 6_000
+
+
+@pytest.mark.parametrize(
+    ("make", "extra", "message"),
+    [
+        ("one_based", [], "--truth[0, 0] = 6000 is not one of the 6000 row numbers"),
+        (None, ["--k", "30"], "--truth has 25 neighbours per query: fewer than --k 30"),
+        ("float", [], "--truth must be a 2-d integer array"),
+        ("rows", [], "expected one row per query (150, >= 25)"),
+        (None, ["--n", "1000"], "--n samples the corpus"),
+        ("wide_queries", [], "expected (q, 384), the corpus dimension"),
+    ],
+)
+def test_tune_rejects_truth_and_queries_that_do_not_fit(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    own_data: dict[str, Path],
+    make: str | None,
+    extra: list[str],
+    message: str,
+) -> None:
+    data = dict(own_data)
+    truth = np.load(own_data["truth"])
+    if make == "one_based":
+        truth[0, 0] = 6_000
+    elif make == "float":
+        truth = truth.astype("float64")
+    elif make == "rows":
+        truth = truth[:-1]
+    elif make == "wide_queries":
+        data["queries"] = tmp_path / "wide.npy"
+        np.save(data["queries"], np.ones((150, 385), "float32"))
+    data["truth"] = tmp_path / "bad_truth.npy"
+    np.save(data["truth"], truth)
+    assert main(["tune", "--json", *_own(data), *OWN, *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tune_truth_needs_your_queries(
+    capsys: pytest.CaptureFixture[str], own_data: dict[str, Path]
+) -> None:
+    argv = ["tune", "--vectors", str(own_data["corpus"]), "--truth", str(own_data["truth"])]
+    assert main(argv) == 2
+    assert "--truth needs --queries FILE.npy" in capsys.readouterr().err

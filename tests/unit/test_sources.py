@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,10 @@ from annstream.events import OP_DELETE, AdBatch
 from producers.publish import TokenBucket, id_keys
 from producers.replay import _Pacer
 from producers.sources import (
+    MIXTURE_VERSION,
     SourceError,
     avro_file_kind,
+    clustered_vectors,
     glove_vectors,
     read_ads,
     read_engagements,
@@ -208,6 +211,19 @@ def test_publish_token_bucket_paces_by_rate_not_per_message() -> None:
     assert 4.8 <= now[0] <= 5.0
 
 
+def test_publish_token_bucket_waits_for_a_minimum_grant() -> None:
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    bucket = TokenBucket(1_000, clock=lambda: now[0], sleep=sleep)
+    assert bucket.grant(100) == 100  # the initial burst
+    assert bucket.grant(50, minimum=5) == 5 and now[0] == pytest.approx(0.005)
+    assert bucket.grant(3, minimum=5) == 3  # never waits for more than it wants
+    assert bucket.grant(10_000, minimum=10_000) == 100  # nor for more than the burst
+
+
 def test_replay_pacer_spaces_events_by_event_time_over_speed() -> None:
     pacer = _Pacer(speed=2.0, clock=lambda: 100.0)
     due = pacer.due(np.array([T0, T0 + 1_000, T0 + 500, T0 + 4_000]))
@@ -224,3 +240,138 @@ def test_ad_churn_re_embeds_with_vectors_the_catalogue_does_not_have() -> None:
         churn = next(ad_churn(50, 50, seed=3, queries=10, batch_size=50, **kwargs))
         same = (churn.vectors[:, None, :] == catalogue.vectors[None, :, :]).all(axis=2)
         assert not same.any(), "a re-embedding reused a catalogue vector: no real change"
+
+
+# --- bring-your-own files: ops names, deletes without vectors, ids, event times ------------
+
+
+def test_sources_npz_ops_as_names_or_codes(tmp_path: Path) -> None:
+    ads = _ads(4)
+    names = np.array(["upsert", "DELETE", " Upsert ", "delete"])
+    np.savez(tmp_path / "names.npz", ad_ids=ads.ad_ids, vectors=ads.vectors, ops=names)
+    np.savez(tmp_path / "codes.npz", ad_ids=ads.ad_ids, vectors=ads.vectors, ops=[0, 1, 0, 1])
+    for name in ("names.npz", "codes.npz"):
+        got = _concat(list(read_ads(tmp_path / name, DIM)))
+        assert got.ops.tolist() == [0, OP_DELETE, 0, OP_DELETE], name
+
+
+@pytest.mark.parametrize(
+    ("ops", "message"),
+    [
+        (np.array(["upsert", "remove"]), "'ops' row 1 is 'remove'; use 'upsert' or 'delete'"),
+        (np.array([0, 7]), "'ops' row 1 is 7; use 0 (upsert) or 1 (delete)"),
+        (np.array([0.0, 1.0]), "'ops' is float64"),
+    ],
+)
+def test_sources_npz_bad_ops_are_named(tmp_path: Path, ops: np.ndarray, message: str) -> None:
+    np.savez(tmp_path / "a.npz", ad_ids=[1, 2], vectors=np.ones((2, DIM), "float32"), ops=ops)
+    with pytest.raises(SourceError, match=re.escape(message)):
+        read_ads(tmp_path / "a.npz", DIM)
+
+
+def test_sources_delete_only_npz_needs_no_vectors(tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", ad_ids=np.array([5, 6, 7]), ops=np.array(["delete"] * 3))
+    got = _concat(list(read_ads(tmp_path / "d.npz", DIM, event_time_ms=T0)))
+    assert got.ad_ids.tolist() == [5, 6, 7] and (got.ops == OP_DELETE).all()
+    assert got.vectors.shape == (3, DIM) and not got.vectors.any()
+    np.savez(tmp_path / "mixed.npz", ad_ids=np.array([5, 6]), ops=np.array(["delete", "upsert"]))
+    with pytest.raises(SourceError, match="row 1 is an upsert but the file has no 'vectors'"):
+        read_ads(tmp_path / "mixed.npz", DIM)
+    np.savez(tmp_path / "noops.npz", ad_ids=np.array([5, 6]))
+    with pytest.raises(SourceError, match="no 'ops' to say these are deletes"):
+        read_ads(tmp_path / "noops.npz", DIM)
+    with pytest.raises(SourceError, match="pass --dim"):
+        read_ads(tmp_path / "d.npz")
+
+
+def test_sources_ids_from_a_separate_array(tmp_path: Path) -> None:
+    vectors = np.random.default_rng(4).standard_normal((3, DIM)).astype("float32")
+    np.save(tmp_path / "v.npy", vectors)
+    ids = np.array([70, 71, 99])
+    ads = _concat(list(read_ads(tmp_path / "v.npy", DIM, ids=ids)))
+    assert ads.ad_ids.tolist() == [70, 71, 99]
+    (eng,) = list(read_engagements(tmp_path / "v.npy", DIM, ids=ids))
+    assert eng.query_ids.tolist() == [70, 71, 99] and eng.has_vector.all()
+    np.testing.assert_array_equal(eng.vectors, vectors)
+    np.savez(tmp_path / "e.npz", ids=ids, vectors=vectors)
+    (eng,) = list(read_engagements(tmp_path / "e.npz", DIM))
+    assert eng.query_ids.tolist() == [70, 71, 99]
+    with pytest.raises(SourceError, match="has its own 'ids' array; drop --ids"):
+        read_engagements(tmp_path / "e.npz", DIM, ids=ids)
+    with pytest.raises(SourceError, match="ids and vectors must have the same length"):
+        read_ads(tmp_path / "v.npy", DIM, ids=ids[:2])
+    with pytest.raises(SourceError, match="integer ids"):
+        read_ads(tmp_path / "v.npy", DIM, ids=ids.astype("float64"))
+
+
+def test_sources_engagement_types_by_name_in_any_case(tmp_path: Path) -> None:
+    np.savez(tmp_path / "e.npz", query_ids=[1, 2], event_types=np.array(["click", "Save"]))
+    (eng,) = list(read_engagements(tmp_path / "e.npz", DIM))
+    assert eng.event_types.tolist() == [2, 3]
+
+
+def test_sources_event_time_columns_are_kept_or_reported_missing(tmp_path: Path) -> None:
+    from producers.sources import has_event_times
+
+    vectors = np.ones((2, DIM), "float32")
+    np.save(tmp_path / "v.npy", vectors)
+    np.savez(tmp_path / "plain.npz", ad_ids=[1, 2], vectors=vectors)
+    when = np.array(["2024-06-01T00:00:00.250", "2024-06-01T00:00:01"], dtype="datetime64[ms]")
+    np.savez(tmp_path / "timed.npz", ad_ids=[1, 2], vectors=vectors, event_time_ms=when)
+    write_avro_file(tmp_path / "a.avro", [_ads(2)])
+    assert not has_event_times(tmp_path / "v.npy")
+    assert not has_event_times(tmp_path / "plain.npz")
+    assert has_event_times(tmp_path / "timed.npz")
+    assert has_event_times(tmp_path / "a.avro")
+    got = _concat(list(read_ads(tmp_path / "timed.npz", DIM)))
+    assert got.event_time_ms.tolist() == [1_717_200_000_250, 1_717_200_001_000]
+
+
+# --- synthetic vectors with neighbourhood structure ----------------------------------------
+
+
+def _ivf_recall(ads: np.ndarray, queries: np.ndarray, k: int, nlist: int, nprobe: int) -> float:
+    """recall@k of a Faiss IVFFlat against numpy brute force (cosine)."""
+    import faiss
+
+    xb = ads / np.linalg.norm(ads, axis=1, keepdims=True)
+    xq = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    truth = np.argsort(-(xq @ xb.T), axis=1)[:, :k]
+    quantizer = faiss.IndexFlatIP(xb.shape[1])
+    ivf = faiss.IndexIVFFlat(quantizer, xb.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(xb)
+    ivf.add(xb)
+    ivf.nprobe = nprobe
+    _, found = ivf.search(xq, k)
+    return float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth, strict=True)]))
+
+
+@pytest.mark.parametrize("dim", [384, 768])
+def test_sources_synthetic_vectors_have_neighbourhoods_ivf_can_find(dim: int) -> None:
+    ads = next(synthetic_ads(6_000, dim=dim, seed=1, queries=300, batch_size=6_000))
+    events = next(synthetic_engagements(3_000, queries=300, dim=dim, seed=1, batch_size=3_000))
+    queries = np.unique(events.vectors, axis=0)
+    assert ads.model_versions[0] == MIXTURE_VERSION and ads.vectors.dtype == np.float32
+    clustered = _ivf_recall(ads.vectors, queries, k=20, nlist=64, nprobe=16)
+    rng = np.random.default_rng(1)
+    gaussian = _ivf_recall(
+        rng.standard_normal(ads.vectors.shape, dtype="float32"),
+        rng.standard_normal(queries.shape, dtype="float32"),
+        k=20,
+        nlist=64,
+        nprobe=16,
+    )
+    assert clustered >= 0.88, clustered
+    assert gaussian < 0.5, gaussian  # what plain Gaussian vectors gave: no structure to find
+
+
+def test_sources_clustered_vectors_are_seeded_and_work_at_any_dim() -> None:
+    a = clustered_vectors(50, 384, np.random.default_rng(3))
+    b = clustered_vectors(50, 384, np.random.default_rng(3))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, clustered_vectors(50, 384, np.random.default_rng(4)))
+    for dim in (1, 2, 16, 50, 1536):
+        x = clustered_vectors(10, dim, np.random.default_rng(0))
+        assert x.shape == (10, dim) and np.isfinite(x).all()
+    with pytest.raises(ValueError, match="dim > 0"):
+        clustered_vectors(10, 0, np.random.default_rng(0))
