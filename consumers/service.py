@@ -108,7 +108,7 @@ class RefresherService:
         self.store = store or open_store(cfg.store.url, cfg.store)
         self.sink = NeighbourSink(self.store, cfg.store)
         self.head_log = HeadStateLog(k, self.producer)
-        self.tracker = HeadQueryTracker(cfg.heads, cfg.index.dim)
+        self.tracker = HeadQueryTracker(cfg.heads, cfg.index.dim, k.max_event_skew_s)
         self._query_partition: dict[int, int] = {}
         limit = k.max_message_bytes
         self._ad_codec = AdCodec(registry, cfg.index.dim, cfg.index.metric, limit)
@@ -133,7 +133,6 @@ class RefresherService:
         self._eng_offsets: dict[int, int] = {}
         self._pending: _Pending | None = None
         self._retry_at = 0.0
-        self._now_ms = 0
         self._rebalanced = False
         self.batcher = MicroBatcher(cfg.refresh)
         self.snapshot_policy = SnapshotPolicy(cfg.snapshot)
@@ -301,8 +300,7 @@ class RefresherService:
             )
             self._query_partition.update(zip(eng.query_ids.tolist(), parts.tolist(), strict=True))
             self._prune_query_partitions()
-            self._now_ms = max(self._now_ms, int(eng.event_time_ms.max()))
-        changes = self.tracker.changes(self._now_ms)
+        changes = self.tracker.changes()
         up_rows, del_rows = net_rows(ads)
         up_ids, del_ids = ads.ad_ids[up_rows], ads.ad_ids[del_rows]
         up_vecs = np.ascontiguousarray(ads.vectors[up_rows])
