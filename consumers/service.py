@@ -107,7 +107,7 @@ class RefresherService:
         self.dead_letters = DeadLetterPublisher(self.producer, k.dead_letter_topic)
         self.store = store or open_store(cfg.store.url, cfg.store)
         self.sink = NeighbourSink(self.store, cfg.store)
-        self.head_log = HeadStateLog(k, self.producer)
+        self.head_log = HeadStateLog(k, self.producer, self._partition_state)
         self.tracker = HeadQueryTracker(cfg.heads, cfg.index.dim, k.max_event_skew_s)
         self._query_partition: dict[int, int] = {}
         limit = k.max_message_bytes
@@ -399,6 +399,13 @@ class RefresherService:
                 p.engagement_offsets.get(partition, -1),
             )
 
+    def _partition_state(self, partition: int) -> dict[str, np.ndarray]:
+        """Every tracked row of `partition`: what its head-state snapshot holds."""
+        n = len(self._query_partition)
+        queries = np.fromiter(self._query_partition.keys(), "int64", n)
+        owners = np.fromiter(self._query_partition.values(), "int64", n)
+        return self.tracker.state(queries[owners == partition])
+
     def snapshot(self) -> None:
         if self.index is None:
             return
@@ -461,6 +468,7 @@ class RefresherService:
                 self.producer.purge()
             if self.engagements is not None:
                 self.engagements.close()
+            self.head_log.close()
             self.ads.close()
             self.producer.close()
             self.store.close()
