@@ -158,8 +158,10 @@ def create_topics(
     partitions: int = 1,
     timeout_s: float = 10.0,
     client: dict[str, str] | None = None,
+    config: dict[str, str] | None = None,
 ) -> None:
-    """Create topics that do not exist yet (existing ones are left as they are)."""
+    """Create topics that do not exist yet, with topic `config` (existing ones are left as
+    they are)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
@@ -167,7 +169,7 @@ def create_topics(
     admin = AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 3, **(client or {})})
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     wanted = [
-        NewTopic(t, num_partitions=partitions, replication_factor=1)
+        NewTopic(t, num_partitions=partitions, replication_factor=1, config=config or {})
         for t in dict.fromkeys(topics)
         if t and t not in existing
     ]

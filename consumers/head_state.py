@@ -10,8 +10,8 @@ row of the partition, in chunks marked as one snapshot. Once a snapshot is in th
 offset is committed in the consumer group `<group_id>.head-state`. A restore writes a barrier
 record (the read end, known without trusting the broker's end offsets), then replays from the
 committed snapshot to the barrier: at most about twice the state, however long the service
-has run. Nothing relies on retention or compaction; on Kafka the topic may delete records
-older than a retention well above `SNAPSHOT_MAX_AGE_S` (docs/deploy.md).
+has run. Nothing relies on retention or compaction; on Kafka the topic deletes records older
+than a retention well above `SNAPSHOT_MAX_AGE_S` (`TOPIC_CONFIG`, docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from annstream.kafka import headers_dict, make_consumer, message_error
 __all__ = [
     "SNAPSHOT_MAX_AGE_S",
     "SNAPSHOT_MIN_BYTES",
+    "TOPIC_CONFIG",
     "HeadStateLog",
     "RestoreStats",
     "decode_state",
@@ -61,6 +62,7 @@ PartitionState = Callable[[int], State]
 
 SNAPSHOT_MIN_BYTES = 1 << 20
 SNAPSHOT_MAX_AGE_S = 86_400.0
+TOPIC_CONFIG = {"cleanup.policy": "delete", "retention.ms": str(7 * 86_400_000)}
 LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
 
 _OFFSET_HEADER = "annstream.engagement-offset"
@@ -526,11 +528,11 @@ class HeadStateLog:
         )
         self.restores[partition] = stats
         logger.info(
-            "restored %d head queries of partition %d from %d records (%d bytes, offsets "
+            "restored %d head-state chunks of partition %d (%d head queries, %d bytes, offsets "
             "%d..%d) in %.2fs (engagement offset %d)",
-            stats.rows,
-            partition,
             records,
+            partition,
+            stats.rows,
             total,
             stats.start_offset,
             end,

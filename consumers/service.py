@@ -41,7 +41,7 @@ from annstream.store.base import NeighbourStore
 from annstream.store.record import NeighbourLists
 from consumers.ads import AdStream, net_changes, net_rows
 from consumers.engagements import EngagementStream
-from consumers.head_state import HeadStateLog
+from consumers.head_state import TOPIC_CONFIG, HeadStateLog
 
 __all__ = ["RefresherService", "ServiceStats", "snapshot_dir"]
 
@@ -168,6 +168,7 @@ class RefresherService:
             [k.head_state_topic],
             partitions=max(1, len(meta.partitions)),
             client=k.client,
+            config=TOPIC_CONFIG,
         )
 
     def _start_refreshing(self) -> None:
