@@ -372,6 +372,7 @@ class HeadQueryTracker:
     def state(self, query_ids: npt.ArrayLike | None = None) -> dict[str, npt.NDArray[Any]]:
         """Columns per tracked query (all, or `query_ids`), enough to rebuild the tracker.
 
+        `in_head` includes restored heads not decided yet (they stay heads if restored again).
         `clock_ms` repeats the clock on every row, so any subset of rows carries it."""
         if query_ids is None:
             slots = self._key_slots
@@ -382,7 +383,7 @@ class HeadQueryTracker:
             "query_ids": self._qid[slots].copy(),
             "scores": self._score[slots].copy(),
             "last_ms": self._last[slots].copy(),
-            "in_head": self._head[slots].copy(),
+            "in_head": self._head[slots] | self._resume[slots],
             "has_vector": self._has_vec[slots].copy(),
             "vectors": self._vec[slots].copy(),
             "clock_ms": np.full(len(slots), self._clock, dtype=np.int64),

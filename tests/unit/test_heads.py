@@ -238,3 +238,15 @@ def test_heads_restored_head_keeps_its_place_within_the_top_n_slack() -> None:
     assert t.changes().entered.tolist() == [3]
     other = HeadQueryTracker.from_state(t.cfg, 3, t.state(), 600.0, lambda: NOW_S)
     assert other.changes().entered.tolist() == [1, 2, 3]
+
+
+def test_heads_state_of_a_restored_head_not_yet_decided_keeps_it_a_head() -> None:
+    t = clocked()
+    t.observe([1], [6.0], [NOW - HOUR], vec([1, 0, 0]))
+    t.changes()
+    t.observe([2], [1.0], [NOW], vec([0, 1, 0]))
+    t.changes()  # 1 at 3.0: a head through hysteresis only
+    other = HeadQueryTracker.from_state(t.cfg, 3, t.state(), 600.0, lambda: NOW_S)
+    assert other.state()["in_head"].tolist() == [True, False]  # e.g. a snapshot before the batch
+    third = HeadQueryTracker.from_state(t.cfg, 3, other.state(), 600.0, lambda: NOW_S)
+    assert third.changes().entered.tolist() == [1]
