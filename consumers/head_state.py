@@ -71,8 +71,8 @@ _BARRIER_KEY = b"\x00barrier"
 _MAGIC = b"ANNHS1\n"
 _NPZ_MAGIC = b"PK\x03\x04"
 _KINDS = frozenset("biuf")
-# room for the column header, the Kafka headers and librdkafka's per-message overhead
-_RECORD_OVERHEAD = 4096
+# room for the Kafka headers and librdkafka's per-message overhead (36 bytes)
+_RECORD_MARGIN = 1024
 _QUEUE_POLL_S = 0.05
 
 
@@ -129,10 +129,10 @@ def decode_state(blob: bytes) -> State:
 
 
 def producer_message_limit(cfg: KafkaConfig) -> int:
-    """The largest record the producer accepts: `kafka.max_message_bytes`, capped by
-    librdkafka's `message.max.bytes` (1,000,000 unless set in `kafka.client`)."""
-    client = int(cfg.client.get("message.max.bytes", LIBRDKAFKA_MESSAGE_MAX_BYTES))
-    return min(int(cfg.max_message_bytes), client)
+    """The largest record the producer accepts: librdkafka's `message.max.bytes` (1,000,000
+    unless set in `kafka.client`). Not `kafka.max_message_bytes`: that bounds the events the
+    service accepts, and lowering it must not break the changelog."""
+    return int(cfg.client.get("message.max.bytes", LIBRDKAFKA_MESSAGE_MAX_BYTES))
 
 
 def _row_bytes(state: State) -> int:
@@ -143,15 +143,16 @@ def _chunks(state: State, max_bytes: int, row: int) -> Iterator[State]:
     """Row ranges of `state` (`row` bytes a row) whose records fit in `max_bytes` (at least
     one, maybe empty)."""
     n = len(state["query_ids"])
-    rows = (max_bytes - _RECORD_OVERHEAD) // max(row, 1)
+    columns = tuple((k, v.dtype.str, v.shape[1:]) for k, v in state.items())
+    rows = (max_bytes - len(_header(columns)) - 8 - _RECORD_MARGIN) // max(row, 1)
     if n <= rows:
         yield state
         return
     if rows < 1:
         raise ValueError(
             f"one head-state row is {row} bytes, over the producer's {max_bytes}-byte message "
-            "limit: raise kafka.max_message_bytes and message.max.bytes in [kafka.client] "
-            "(and the topic's max.message.bytes)"
+            "limit: raise message.max.bytes in [kafka.client] (and the topic's "
+            "max.message.bytes)"
         )
     for start in range(0, max(n, 1), rows):
         yield {k: v[start : start + rows] for k, v in state.items()}

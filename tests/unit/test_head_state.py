@@ -161,6 +161,16 @@ def test_head_state_record_round_trip_and_refusals() -> None:
         with pytest.raises(ValueError):
             decode_state(bad)
     assert producer_message_limit(KafkaConfig()) == LIMIT
+    # the ingest limit (lowered to 4 KB by the fault tests) is not the producer's
+    assert producer_message_limit(KafkaConfig(max_message_bytes=4096)) == LIMIT
+    assert producer_message_limit(KafkaConfig(client={"message.max.bytes": "5000000"})) == 5_000_000
+
+
+def test_head_state_row_over_the_limit_is_refused_naming_the_setting() -> None:
+    state = rows([1], 300_000, np.random.default_rng(0))
+    log = HeadStateLog(KafkaConfig(), Producer({}), lambda p: state, max_message_bytes=LIMIT)
+    with pytest.raises(ValueError, match=r"message\.max\.bytes in \[kafka\.client\]"):
+        log.append(0, state, 1)
 
 
 @pytest.mark.parametrize(("dim", "n"), [(384, 3_000), (4096, 300)])
