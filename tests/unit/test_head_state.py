@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from confluent_kafka import Producer, TopicPartition
 
+from annstream.broker import EmbeddedBroker
 from annstream.config import HeadsConfig, KafkaConfig
 from annstream.errors import BrokerError
 from annstream.heads import HeadQueryTracker
@@ -192,6 +193,32 @@ def test_head_state_records_fit_the_real_message_limit(
     assert max(wire_size(m) for m in records) <= LIMIT
     restored, offset = log_factory(lambda p: truth.state()).restore(0)
     assert offset == 12
+    assert_same_rows(restored, truth)
+
+
+def test_head_state_flush_raises_while_the_broker_is_stopped_and_succeeds_after(
+    cfg: KafkaConfig, log_factory: Callable[..., HeadStateLog], kafka_broker: EmbeddedBroker
+) -> None:
+    """The service keeps a micro-batch pending while flush() raises, and calls it again."""
+    rng = np.random.default_rng(4)
+    truth = Truth()
+    log = log_factory(lambda p: truth.state())
+    base = rows(np.arange(100), 384, rng)
+    truth.update(base)
+    log.append(1, base, 1)
+    log.flush(10)
+    kafka_broker.pause()
+    try:
+        delta = rows([3, 200], 384, rng, clock_ms=5)
+        truth.update(delta)
+        log.append(1, delta, 2)
+        with pytest.raises(BrokerError, match="not yet in"):
+            log.flush(1.0)
+    finally:
+        kafka_broker.resume()
+    log.flush(30)
+    restored, offset = log_factory(lambda p: truth.state()).restore(1)
+    assert offset == 2
     assert_same_rows(restored, truth)
 
 
