@@ -240,8 +240,10 @@ def create_topics(
     partitions: int = 1,
     timeout_s: float = 10.0,
     client: dict[str, str] | None = None,
+    config: dict[str, str] | None = None,
 ) -> None:
-    """Create topics that do not exist yet (existing ones are left as they are)."""
+    """Create topics that do not exist yet, with topic `config` (existing ones are left as
+    they are)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
@@ -255,7 +257,7 @@ def create_topics(
             "check the address and that a Kafka broker listens there"
         ) from None
     wanted = [
-        NewTopic(t, num_partitions=partitions, replication_factor=1)
+        NewTopic(t, num_partitions=partitions, replication_factor=1, config=config or {})
         for t in dict.fromkeys(topics)
         if t and t not in existing
     ]

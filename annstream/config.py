@@ -42,6 +42,11 @@ class KafkaConfig:
     """Broker, topics and client settings; `client` is passed to librdkafka as is (SASL/SSL).
 
     Ad and engagement messages over `max_message_bytes` are dead-lettered without decoding.
+    Engagement event times more than `max_event_skew_s` past the wall clock are refused, and
+    the head queries' decay clock never runs ahead of the wall clock by more than that.
+    A replica that gains an engagement partition restores its head state from
+    `head_state_topic` (the latest snapshot and the changes after it) within
+    `head_state_restore_timeout_s`.
     """
 
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -54,6 +59,8 @@ class KafkaConfig:
     schema_registry_url: str = ""
     schema_registry_file: str = ""
     max_message_bytes: int = 1 << 20
+    max_event_skew_s: float = 600.0
+    head_state_restore_timeout_s: float = 60.0
     client: dict[str, str] = field(default_factory=dict)
 
 

@@ -7,19 +7,26 @@ drops below `exit_score` (or out of the top N * (1 + `top_n_slack`)): the gap is
 that stops queries from flapping. Memory is bounded by `max_tracked`: the coldest non-head
 queries are evicted. Only query ids, scores, times and the latest query vector are kept (no
 user identifiers). Everything is vectorised over the batch of events.
+
+Scores decay against the tracker's clock: the latest event time seen, never beyond the wall
+clock + `max_event_skew_s` (a far-future or microsecond timestamp counts as "now + skew", so one
+event cannot age every query out). The clock travels with `state()`, so a restored tracker
+decays from where the old one stopped instead of from 0.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from annstream.config import HeadsConfig
+from annstream.config import HeadsConfig, KafkaConfig
 
 __all__ = ["HeadChanges", "HeadQueryTracker"]
 
@@ -43,6 +50,8 @@ class HeadChanges:
 
     `dropped` are head queries forgotten by `drop()` (partition lost): the refresher forgets
     them like exits, but their stored lists belong to the new owner and must not be expired.
+    `exited` includes restored head queries that did not re-enter (their stored lists were
+    written by an earlier owner and must expire like any other exit).
     """
 
     entered: Int64Array = field(default_factory=_empty_ids)
@@ -55,9 +64,18 @@ class HeadChanges:
 
 
 class HeadQueryTracker:
-    """Decayed engagement scores and cached vectors per query; decides the head set."""
+    """Decayed engagement scores and cached vectors per query; decides the head set.
 
-    def __init__(self, cfg: HeadsConfig, dim: int) -> None:
+    `wall_clock` (seconds, like `time.time`) bounds the decay clock; tests inject their own.
+    """
+
+    def __init__(
+        self,
+        cfg: HeadsConfig,
+        dim: int,
+        max_event_skew_s: float = KafkaConfig.max_event_skew_s,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
         if cfg.half_life_s <= 0:
@@ -69,7 +87,11 @@ class HeadQueryTracker:
             )
         if cfg.max_tracked <= 0 or cfg.top_n < 0 or cfg.top_n_slack < 0:
             raise ValueError("heads.max_tracked must be positive, top_n and top_n_slack >= 0")
+        if not max_event_skew_s >= 0:
+            raise ValueError(f"kafka.max_event_skew_s must be >= 0, got {max_event_skew_s}")
         self.cfg = cfg
+        self.max_event_skew_s = max_event_skew_s
+        self._wall_clock = wall_clock
         self.dim = dim
         self._half_life_ms = cfg.half_life_s * 1000.0
         cap = 1024
@@ -86,12 +108,25 @@ class HeadQueryTracker:
         self._keys = _empty_ids()
         self._key_slots = _empty_ids()
         self._dropped_heads = _empty_ids()
-        self._latest_ms = 0
+        self._clock = 0
 
     # ---- bookkeeping -------------------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    @property
+    def clock_ms(self) -> int:
+        """The decay clock: the latest event time observed or restored, bounded by the wall
+        clock + max_event_skew_s at the time it was seen."""
+        return self._clock
+
+    def _max_time_ms(self) -> int:
+        """The latest event time believed: wall clock + the allowed skew."""
+        return int((self._wall_clock() + self.max_event_skew_s) * 1000.0)
+
+    def _advance(self, time_ms: int) -> None:
+        self._clock = max(self._clock, min(int(time_ms), self._max_time_ms()))
 
     def _grow(self, need: int) -> None:
         cap = len(self._qid)
@@ -147,11 +182,15 @@ class HeadQueryTracker:
         vectors: npt.ArrayLike | None = None,
         has_vector: npt.ArrayLike | None = None,
     ) -> None:
-        """Add a batch of engagement events; `vectors[i]` counts only where `has_vector[i]`."""
+        """Add a batch of engagement events; `vectors[i]` counts only where `has_vector[i]`.
+
+        Event times are clipped to [0, wall clock + max_event_skew_s]: the consumer
+        dead-letters events beyond the skew, this keeps the tracker safe without it.
+        """
         qids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
         n = len(qids)
         w = np.asarray(weights, dtype=np.float64).reshape(-1)
-        t = np.asarray(event_time_ms, dtype=np.int64).reshape(-1)
+        t = np.clip(np.asarray(event_time_ms, dtype=np.int64).reshape(-1), 0, self._max_time_ms())
         if len(w) != n or len(t) != n:
             raise ValueError(
                 f"observe: query_ids ({n}), weights ({len(w)}) and event_time_ms ({len(t)}) "
@@ -178,7 +217,7 @@ class HeadQueryTracker:
                 raise ValueError("observe: query vectors must be finite (no NaN or inf)")
         if n == 0:
             return
-        self._latest_ms = max(self._latest_ms, int(t.max()))
+        self._advance(int(t.max()))
 
         uq, inv = np.unique(qids, return_inverse=True)
         t_max = np.full(len(uq), np.iinfo(np.int64).min, dtype=np.int64)
@@ -229,8 +268,12 @@ class HeadQueryTracker:
             self._evict(len(self._keys) - int(self.cfg.max_tracked * _EVICT_TO))
 
     def _evict(self, count: int) -> None:
-        """Forget the `count` coldest non-head queries (by score decayed to a common time)."""
-        slots = self._key_slots[~self._head[self._key_slots]]
+        """Forget the `count` coldest non-head queries (by score decayed to a common time).
+
+        Restored heads waiting for their first `changes()` are kept: forgetting them would
+        leave their stored lists without an owner."""
+        keys = self._key_slots
+        slots = keys[~(self._head[keys] | self._resume[keys])]
         count = min(count, len(slots))
         if count <= 0:
             logger.warning("head tracker over max_tracked but every query is a head query")
@@ -243,13 +286,19 @@ class HeadQueryTracker:
 
     # ---- head set ----------------------------------------------------------------------
 
-    def changes(self, now_ms: int) -> HeadChanges:
-        """Re-decide the head set at `now_ms`; report entries, exits and changed vectors."""
+    def changes(self, now_ms: int | None = None) -> HeadChanges:
+        """Re-decide the head set at `now_ms` (default: the clock); report entries, exits and
+        changed vectors.
+
+        Restored heads (`load_state`) re-enter at the exit threshold (hysteresis survives a
+        move between replicas); those that do not are reported as exited, once.
+        """
         slots = self._key_slots
-        cur = self._decayed(slots, int(now_ms))
+        cur = self._decayed(slots, self._clock if now_ms is None else int(now_ms))
         head = self._head[slots]
+        resume = self._resume[slots]
         cfg = self.cfg
-        enter_at = np.where(self._resume[slots], cfg.exit_score, cfg.enter_score)
+        enter_at = np.where(resume, cfg.exit_score, cfg.enter_score)
         enter = ~head & self._has_vec[slots] & (cur >= enter_at)
         leave = head & (cur < cfg.exit_score)
         if cfg.top_n > 0:
@@ -262,7 +311,7 @@ class HeadQueryTracker:
                     mask[cand] = True
                 else:
                     mask[cand[np.argpartition(-cur[cand], n - 1)[:n]]] = True
-            enter &= in_top
+            enter &= np.where(resume, in_keep, in_top)
             leave |= head & ~in_keep
         changed = head & ~leave & self._dirty[slots]
         self._head[slots[enter]] = True
@@ -272,7 +321,10 @@ class HeadQueryTracker:
         qids = self._keys
         dropped, self._dropped_heads = np.sort(self._dropped_heads), _empty_ids()
         return HeadChanges(
-            entered=qids[enter], exited=qids[leave], vector_changed=qids[changed], dropped=dropped
+            entered=qids[enter],
+            exited=qids[leave | (resume & ~enter)],
+            vector_changed=qids[changed],
+            dropped=dropped,
         )
 
     def head_ids(self) -> Int64Array:
@@ -294,11 +346,11 @@ class HeadQueryTracker:
         return np.ascontiguousarray(self._vec[slots])
 
     def score(self, query_ids: npt.ArrayLike, now_ms: int | None = None) -> Float64Array:
-        """Decayed scores at `now_ms` (default: the latest event time seen); 0 if untracked."""
+        """Decayed scores at `now_ms` (default: the clock); 0 if untracked."""
         qids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
         slots, found = self._lookup(qids)
         out = np.zeros(len(qids), dtype=np.float64)
-        at = self._latest_ms if now_ms is None else int(now_ms)
+        at = self._clock if now_ms is None else int(now_ms)
         out[found] = self._decayed(slots[found], at)
         return out
 
@@ -318,7 +370,10 @@ class HeadQueryTracker:
     # ---- state -------------------------------------------------------------------------
 
     def state(self, query_ids: npt.ArrayLike | None = None) -> dict[str, npt.NDArray[Any]]:
-        """Columns per tracked query (all, or `query_ids`), enough to rebuild the tracker."""
+        """Columns per tracked query (all, or `query_ids`), enough to rebuild the tracker.
+
+        `in_head` includes restored heads not decided yet (they stay heads if restored again).
+        `clock_ms` repeats the clock on every row, so any subset of rows carries it."""
         if query_ids is None:
             slots = self._key_slots
         else:
@@ -328,14 +383,18 @@ class HeadQueryTracker:
             "query_ids": self._qid[slots].copy(),
             "scores": self._score[slots].copy(),
             "last_ms": self._last[slots].copy(),
-            "in_head": self._head[slots].copy(),
+            "in_head": self._head[slots] | self._resume[slots],
             "has_vector": self._has_vec[slots].copy(),
             "vectors": self._vec[slots].copy(),
+            "clock_ms": np.full(len(slots), self._clock, dtype=np.int64),
         }
 
     def load_state(self, state: dict[str, npt.NDArray[Any]]) -> None:
-        """Merge rows from `state()` (replacing tracked ones); earlier heads re-enter at the
-        exit threshold in the next `changes()`, so hysteresis survives a move between replicas."""
+        """Merge rows from `state()` (replacing tracked ones; the last row of a query wins).
+
+        Earlier heads re-enter at the exit threshold in the next `changes()` or are reported
+        as exited there. The clock moves to the latest restored clock (rows without a
+        `clock_ms` column: their latest `last_ms`), bounded like event times."""
         qids = np.asarray(state["query_ids"], dtype=np.int64).reshape(-1)
         n = len(qids)
         vecs = np.ascontiguousarray(state["vectors"], dtype=np.float32).reshape(n, -1)
@@ -350,7 +409,8 @@ class HeadQueryTracker:
         slots = self._alloc(len(uq))
         self._qid[slots] = uq
         self._score[slots] = np.asarray(state["scores"], dtype=np.float64)[rows]
-        self._last[slots] = np.asarray(state["last_ms"], dtype=np.int64)[rows]
+        last = np.asarray(state["last_ms"], dtype=np.int64)[rows]
+        self._last[slots] = np.clip(last, 0, self._max_time_ms())
         self._has_vec[slots] = np.asarray(state["has_vector"], dtype=bool)[rows]
         self._vec[slots] = vecs[rows]
         self._resume[slots] = np.asarray(state["in_head"], dtype=bool)[rows]
@@ -360,13 +420,19 @@ class HeadQueryTracker:
         self._keys = np.concatenate([self._keys, uq])[order]
         self._key_slots = np.concatenate([self._key_slots, slots])[order]
         if len(uq):
-            self._latest_ms = max(self._latest_ms, int(self._last[slots].max()))
+            clocks = np.asarray(state.get("clock_ms", last), dtype=np.int64)
+            self._advance(max(int(clocks.max()), int(last.max())))
 
     @classmethod
     def from_state(
-        cls, cfg: HeadsConfig, dim: int, state: dict[str, npt.NDArray[Any]]
+        cls,
+        cfg: HeadsConfig,
+        dim: int,
+        state: dict[str, npt.NDArray[Any]],
+        max_event_skew_s: float = KafkaConfig.max_event_skew_s,
+        wall_clock: Callable[[], float] = time.time,
     ) -> HeadQueryTracker:
         """A tracker rebuilt from `state()`."""
-        tracker = cls(cfg, dim)
+        tracker = cls(cfg, dim, max_event_skew_s, wall_clock)
         tracker.load_state(state)
         return tracker

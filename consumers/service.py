@@ -41,7 +41,7 @@ from annstream.store.base import NeighbourStore
 from annstream.store.record import NeighbourLists
 from consumers.ads import AdStream, net_changes, net_rows
 from consumers.engagements import EngagementStream
-from consumers.head_state import HeadStateLog
+from consumers.head_state import TOPIC_CONFIG, HeadStateLog
 
 __all__ = ["RefresherService", "ServiceStats", "snapshot_dir"]
 
@@ -107,8 +107,8 @@ class RefresherService:
         self.dead_letters = DeadLetterPublisher(self.producer, k.dead_letter_topic)
         self.store = store or open_store(cfg.store.url, cfg.store)
         self.sink = NeighbourSink(self.store, cfg.store)
-        self.head_log = HeadStateLog(k, self.producer)
-        self.tracker = HeadQueryTracker(cfg.heads, cfg.index.dim)
+        self.head_log = HeadStateLog(k, self.producer, self._partition_state)
+        self.tracker = HeadQueryTracker(cfg.heads, cfg.index.dim, k.max_event_skew_s)
         self._query_partition: dict[int, int] = {}
         limit = k.max_message_bytes
         self._ad_codec = AdCodec(registry, cfg.index.dim, cfg.index.metric, limit)
@@ -133,7 +133,6 @@ class RefresherService:
         self._eng_offsets: dict[int, int] = {}
         self._pending: _Pending | None = None
         self._retry_at = 0.0
-        self._now_ms = 0
         self._rebalanced = False
         self.batcher = MicroBatcher(cfg.refresh)
         self.snapshot_policy = SnapshotPolicy(cfg.snapshot)
@@ -169,6 +168,7 @@ class RefresherService:
             [k.head_state_topic],
             partitions=max(1, len(meta.partitions)),
             client=k.client,
+            config=TOPIC_CONFIG,
         )
 
     def _start_refreshing(self) -> None:
@@ -301,8 +301,7 @@ class RefresherService:
             )
             self._query_partition.update(zip(eng.query_ids.tolist(), parts.tolist(), strict=True))
             self._prune_query_partitions()
-            self._now_ms = max(self._now_ms, int(eng.event_time_ms.max()))
-        changes = self.tracker.changes(self._now_ms)
+        changes = self.tracker.changes()
         up_rows, del_rows = net_rows(ads)
         up_ids, del_ids = ads.ad_ids[up_rows], ads.ad_ids[del_rows]
         up_vecs = np.ascontiguousarray(ads.vectors[up_rows])
@@ -401,6 +400,13 @@ class RefresherService:
                 p.engagement_offsets.get(partition, -1),
             )
 
+    def _partition_state(self, partition: int) -> dict[str, np.ndarray]:
+        """Every tracked row of `partition`: what its head-state snapshot holds."""
+        n = len(self._query_partition)
+        queries = np.fromiter(self._query_partition.keys(), "int64", n)
+        owners = np.fromiter(self._query_partition.values(), "int64", n)
+        return self.tracker.state(queries[owners == partition])
+
     def snapshot(self) -> None:
         if self.index is None:
             return
@@ -463,6 +469,7 @@ class RefresherService:
                 self.producer.purge()
             if self.engagements is not None:
                 self.engagements.close()
+            self.head_log.close()
             self.ads.close()
             self.producer.close()
             self.store.close()

@@ -119,3 +119,134 @@ def test_tracked_ids_lists_heads_and_non_heads() -> None:
     tracker.changes(0)
     np.testing.assert_array_equal(tracker.tracked_ids(), [3, 5])
     np.testing.assert_array_equal(tracker.head_ids(), [5])
+
+
+# ---- the decay clock: bounded by the wall clock, carried by the state (issue 11) ----------
+
+NOW_S = 1_750_000_000.0  # the injected wall clock
+NOW = int(NOW_S * 1000)
+YEAR = 365 * 24 * HOUR
+
+
+def clocked(**kw: float) -> HeadQueryTracker:
+    cfg = HeadsConfig(**{"half_life_s": 3600.0, "enter_score": 5.0, "exit_score": 2.5, **kw})  # type: ignore[arg-type]
+    return HeadQueryTracker(cfg, dim=3, max_event_skew_s=600.0, wall_clock=lambda: NOW_S)
+
+
+def _six_hours(t: HeadQueryTracker) -> tuple[list[int], list[int]]:
+    """Queries 0..59 engaged at spread times over six hours, one micro-batch per 10 minutes;
+    returns the heads now and the queries that entered and left again."""
+    rng = np.random.default_rng(11)
+    ever: set[int] = set()
+    for step in range(36):
+        at = NOW - 6 * HOUR + step * HOUR // 6
+        ids = rng.choice(60, 8, replace=False)
+        weights = rng.uniform(0.5, 4.0, 8) * (ids < 40 + step)
+        t.observe(ids, weights, np.full(8, at), np.ones((8, 3), np.float32) * ids[:, None])
+        ch = t.changes()
+        ever.update(ch.entered.tolist())
+    heads = t.head_ids().tolist()
+    return heads, sorted(ever - set(heads))
+
+
+def test_heads_far_future_event_moves_the_clock_by_the_skew_at_most() -> None:
+    t = clocked()
+    heads, _ = _six_hours(t)
+    assert len(heads) >= 10
+    before = t.clock_ms
+    at_bound = t.score(heads, before) * 2 ** (-(NOW + 600_000 - before) / HOUR)
+    expected_exits = [q for q, s in zip(heads, at_bound, strict=True) if s < 2.5]
+    assert len(expected_exits) < len(heads) / 2
+    exits: list[int] = []
+    for bad in (NOW + 100 * YEAR, NOW * 1000):  # +100 years, and a timestamp in microseconds
+        t.observe([1_000], [1.0], [bad], vec([1, 1, 1]))
+        exits += t.changes().exited.tolist()
+        assert t.clock_ms == NOW + 600_000
+    assert exits == expected_exits
+    assert t.head_ids().tolist() == sorted(set(heads) - set(exits))
+    # the far-future query decays like any other (its time was clipped to the bound)
+    assert t.score([1_000], now_ms=NOW + 600_000 + HOUR)[0] == pytest.approx(1.0, rel=0.01)
+    # new queries still enter
+    t.observe([2_000], [9.0], [NOW], vec([0, 1, 0]))
+    assert 2_000 in t.changes().entered.tolist()
+
+
+def test_heads_event_within_the_skew_counts_at_its_own_time() -> None:
+    t = clocked()
+    t.observe([1], [6.0], [NOW + 300_000], vec([1, 0, 0]))
+    assert t.clock_ms == NOW + 300_000
+    assert t.changes().entered.tolist() == [1]
+
+
+def test_heads_restore_without_new_events_keeps_the_head_set() -> None:
+    t = clocked()
+    heads, left = _six_hours(t)
+    assert heads and left, "the workload must have queries that entered and left"
+    other = HeadQueryTracker.from_state(
+        t.cfg, 3, t.state(), max_event_skew_s=600.0, wall_clock=lambda: NOW_S + 3600
+    )
+    assert other.clock_ms == t.clock_ms
+    ch = other.changes()
+    assert ch.entered.tolist() == heads and ch.exited.tolist() == []
+    assert other.head_ids().tolist() == heads
+    assert len(other.changes()) == 0
+
+
+def test_heads_clock_restored_from_partial_states_is_the_latest() -> None:
+    t = clocked()
+    t.observe([1, 2], [9.0, 9.0], [NOW - 2 * HOUR, NOW - 2 * HOUR], vec([1, 0, 0], [0, 1, 0]))
+    t.changes()
+    old = t.state([1])
+    t.observe([3], [1.0], [NOW], vec([0, 0, 1]))  # advances the clock: 1 and 2 decay to 2.25
+    t.changes()
+    other = clocked()
+    other.load_state(old)
+    other.load_state(t.state([3]))
+    assert other.clock_ms == NOW
+    # 1 was a head, decayed below exit on the clock: reported as exited, not left live
+    ch = other.changes()
+    assert ch.entered.tolist() == [] and ch.exited.tolist() == [1]
+
+
+def test_heads_restored_head_below_exit_is_reported_exited_once() -> None:
+    t = clocked()
+    t.observe([1, 2], [6.0, 20.0], [NOW - 3 * HOUR, NOW - 3 * HOUR], vec([1, 0, 0], [0, 1, 0]))
+    assert t.changes().entered.tolist() == [1, 2]
+    other = HeadQueryTracker.from_state(t.cfg, 3, t.state(), 600.0, lambda: NOW_S)
+    other.observe([3], [1.0], [NOW], vec([0, 0, 1]))  # three hours on: 1 at 0.75, 2 at 2.5
+    ch = other.changes()
+    assert ch.entered.tolist() == [2] and ch.exited.tolist() == [1]
+    assert other.head_ids().tolist() == [2]
+    assert len(other.changes()) == 0
+
+
+def test_heads_restored_heads_are_not_evicted_before_they_are_decided() -> None:
+    t = clocked(max_tracked=10)
+    t.observe([1], [3.0], [NOW], vec([1, 0, 0]))
+    t._head[t._lookup(np.array([1]))[0]] = True  # a head through hysteresis
+    other = HeadQueryTracker.from_state(t.cfg, 3, t.state(), 600.0, lambda: NOW_S)
+    other.observe(np.arange(100, 120), np.full(20, 4.0), np.full(20, NOW))
+    assert 1 in other.tracked_ids().tolist()
+    assert other.changes().entered.tolist() == [1]
+
+
+def test_heads_restored_head_keeps_its_place_within_the_top_n_slack() -> None:
+    t = clocked(enter_score=0.0, exit_score=0.0, top_n=2, top_n_slack=0.5)
+    t.observe([1, 2, 3], [5.0, 4.0, 3.0], [NOW] * 3, vec([1, 0, 0], [0, 1, 0], [0, 0, 1]))
+    assert t.changes().entered.tolist() == [1, 2]
+    t.observe([3], [1.5], [NOW])  # 3 overtakes 2, which stays within the top 3
+    assert t.changes().entered.tolist() == [3]
+    other = HeadQueryTracker.from_state(t.cfg, 3, t.state(), 600.0, lambda: NOW_S)
+    assert other.changes().entered.tolist() == [1, 2, 3]
+
+
+def test_heads_state_of_a_restored_head_not_yet_decided_keeps_it_a_head() -> None:
+    t = clocked()
+    t.observe([1], [6.0], [NOW - HOUR], vec([1, 0, 0]))
+    t.changes()
+    t.observe([2], [1.0], [NOW], vec([0, 1, 0]))
+    t.changes()  # 1 at 3.0: a head through hysteresis only
+    other = HeadQueryTracker.from_state(t.cfg, 3, t.state(), 600.0, lambda: NOW_S)
+    assert other.state()["in_head"].tolist() == [True, False]  # e.g. a snapshot before the batch
+    third = HeadQueryTracker.from_state(t.cfg, 3, other.state(), 600.0, lambda: NOW_S)
+    assert third.changes().entered.tolist() == [1]
