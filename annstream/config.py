@@ -39,7 +39,12 @@ ENV_PREFIX = "ANNSTREAM_"
 class KafkaConfig:
     """Broker, topics and client settings; `client` is passed to librdkafka as is (SASL/SSL).
 
-    Ad and engagement messages over `max_message_bytes` are dead-lettered without decoding.
+    `max_message_bytes` is librdkafka's default message limit (1,000,000 bytes, not 1 MiB) and
+    the `message.max.bytes` of annstream's producers: ad and engagement messages over it are
+    dead-lettered without decoding (as a reference when the dead letter itself would not fit).
+    An event whose event time is more than `max_event_skew_s` seconds ahead of the consumer's
+    clock (a clock gone wrong, microseconds for milliseconds) is dead-lettered, as is a
+    negative event time.
     """
 
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -51,7 +56,8 @@ class KafkaConfig:
     group_id: str = "annstream-refresher"
     schema_registry_url: str = ""
     schema_registry_file: str = ""
-    max_message_bytes: int = 1 << 20
+    max_message_bytes: int = 1_000_000
+    max_event_skew_s: float = 600.0
     client: dict[str, str] = field(default_factory=dict)
 
 
