@@ -69,14 +69,15 @@ _THREAD = re.compile(r"^\[thrd:([^\]]*)\]:\s*")
 
 class _ClientLog:
     """The `logger` and `error_cb` of one client: librdkafka's lines and errors as records of
-    `client_logger`, with the client, facility or error code as fields. A line repeated within
-    10 s is logged once, the next one after that says how many were left out (`repeated`).
+    `client_logger`, with the client, facility or error code as fields. A text repeated within
+    10 s (librdkafka reports a failed connection both as a log line and as an error, every
+    reconnect) is logged once; the next one after that says how many were left out (`repeated`).
     Both are called from inside poll/consume, so neither may raise."""
 
     def __init__(self) -> None:
-        self._seen: dict[tuple[str, ...], tuple[float, int]] = {}
+        self._seen: dict[str, tuple[float, int]] = {}
 
-    def _first(self, key: tuple[str, ...]) -> int | None:
+    def _first(self, key: str) -> int | None:
         """None to leave the line out, else how many were left out since it was last logged."""
         now = time.monotonic()
         last, skipped = self._seen.get(key, (-_REPEAT_S, 0))
@@ -94,7 +95,7 @@ class _ClientLog:
         thread = _THREAD.match(text)
         if thread:
             text = text[thread.end() :]
-        skipped = self._first((client, facility, text))
+        skipped = self._first(text)
         if skipped is None:
             return
         fields: dict[str, Any] = {"client": client, "facility": facility}
@@ -105,8 +106,9 @@ class _ClientLog:
         client_logger.log(level, "%s", text, extra=fields)
 
     def error(self, err: KafkaError) -> None:
-        """Errors librdkafka reports outside a request (brokers down, authentication, ...)."""
-        skipped = self._first(("error", err.name(), err.str()))
+        """Errors librdkafka reports outside a request (brokers down, authentication, ...);
+        a fatal one is always logged."""
+        skipped = 0 if err.fatal() else self._first(err.str())
         if skipped is None:
             return
         fields: dict[str, Any] = {"code": err.name(), "fatal": err.fatal()}

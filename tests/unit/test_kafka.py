@@ -117,11 +117,12 @@ def test_librdkafka_logs_and_errors_go_through_logging_not_stderr(
         producer.flush(2)
     assert "%3|" not in capfd.readouterr().err
     records = [r for r in caplog.records if r.name == "annstream.kafka.client"]
-    errors = [r for r in records if getattr(r, "code", None) == "_TRANSPORT"]
-    assert errors and "Connection refused" in errors[0].getMessage()
+    refused = [r for r in records if "Connection refused" in r.getMessage()]
+    assert refused and all(hasattr(r, "client") or hasattr(r, "code") for r in refused)
     assert all(r.levelno >= logging.WARNING for r in records)
-    # Each client repeats the same connection error every ~100 ms; it is logged once per 10 s.
-    texts = [(r.getMessage(), getattr(r, "code", "")) for r in records]
+    # Each client reports the same refused connection as a log line and as an error, again on
+    # every reconnect (~100 ms): each text is logged once per 10 s and client.
+    texts = [r.getMessage().removeprefix("kafka client error: ") for r in records]
     assert len(texts) <= 2 * len(set(texts)), texts
 
 
