@@ -119,3 +119,11 @@ def test_tracked_ids_lists_heads_and_non_heads() -> None:
     tracker.changes(0)
     np.testing.assert_array_equal(tracker.tracked_ids(), [3, 5])
     np.testing.assert_array_equal(tracker.head_ids(), [5])
+
+
+def test_an_empty_state_chunk_loads_as_nothing() -> None:
+    """The changelog writes a chunk with no rows when a partition's events of a micro-batch
+    were all dead-lettered (it records the engagement offset); restoring it must not fail."""
+    tracker = HeadQueryTracker(HeadsConfig(enter_score=2.0, exit_score=1.0), 4)
+    tracker.load_state(tracker.state(np.empty(0, "int64")))
+    assert len(tracker.tracked_ids()) == 0
