@@ -60,6 +60,18 @@ class KafkaConfig:
     max_event_skew_s: float = 600.0
     client: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not 1000 <= self.max_message_bytes <= 1_000_000_000:
+            raise ConfigError(
+                f"kafka.max_message_bytes must be between 1000 and 1000000000 (librdkafka's "
+                f"range), got {self.max_message_bytes}"
+            )
+        if not self.max_event_skew_s > 0:
+            raise ConfigError(
+                "kafka.max_event_skew_s must be a positive number of seconds (inf turns the "
+                f"bound off), got {self.max_event_skew_s}"
+            )
+
 
 @dataclass(frozen=True)
 class IndexConfig:
