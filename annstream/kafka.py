@@ -250,6 +250,7 @@ class DeadLetterPublisher:
         self._resend: list[_Letter] = []
 
     def publish(self, messages: Sequence[Message], rejected: Sequence[Rejection]) -> None:
+        deadline = time.monotonic() + self.queue_wait_s
         for r in rejected:
             m = messages[r.index]
             ts_type, ts = m.timestamp()
@@ -264,7 +265,8 @@ class DeadLetterPublisher:
                     headers=list(m.headers() or []),  # type: ignore[arg-type]
                     timestamp_ms=ts if ts_type != 0 and ts > 0 else 0,
                     original_size=len(m.value() or b""),
-                )
+                ),
+                deadline,
             )
         self.poll()
 
@@ -289,11 +291,12 @@ class DeadLetterPublisher:
             timestamp_ms=0,
             original_size=len(value or b""),
         )
-        self._send(letter)
+        self._send(letter, time.monotonic() + self.queue_wait_s)
         self.poll()
 
-    def _send(self, letter: _Letter) -> None:
-        deadline = time.monotonic() + self.queue_wait_s
+    def _send(self, letter: _Letter, deadline: float) -> None:
+        """Queue one letter; waits for room in the producer's queue until `deadline` (shared
+        by the letters of one call, so a full queue costs one wait, not one per letter)."""
         while True:
             try:
                 self.producer.produce(
@@ -306,10 +309,13 @@ class DeadLetterPublisher:
                 )
             except BufferError:
                 if time.monotonic() >= deadline:
-                    self._fail(letter, f"the producer queue stayed full for {self.queue_wait_s}s")
+                    self._fail(letter, "the producer's queue stayed full")
                     return
                 self.producer.poll(0.1)
                 continue
+            except (TypeError, ValueError) as exc:
+                self._fail(letter, str(exc))
+                return
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
                 if err.code() in _TOO_LARGE and not letter.reference:
@@ -365,10 +371,11 @@ class DeadLetterPublisher:
     def poll(self, timeout_s: float = 0.0) -> None:
         """Serve delivery reports; send again, as references, letters the broker found too large."""
         self.producer.poll(timeout_s)
+        deadline = time.monotonic() + self.queue_wait_s
         while self._resend:
             letters, self._resend = self._resend, []
             for letter in letters:
-                self._send(letter)
+                self._send(letter, deadline)
             self.producer.poll(0)
 
     def flush(self, timeout_s: float = 10.0) -> int:

@@ -152,3 +152,19 @@ def test_dead_letters_keep_the_record_and_large_ones_become_references(
         else:
             assert m.value() is None
             assert h["annstream.value-omitted"] == b"true"
+
+
+def test_a_tiny_producer_queue_is_waited_for_and_every_dead_letter_delivered(
+    bootstrap: str, topic_factory: Callable[..., str]
+) -> None:
+    dlq = topic_factory("dlq")
+    producer = make_producer(
+        KafkaConfig(bootstrap_servers=bootstrap), **{"queue.buffering.max.messages": 2}
+    )
+    letters = DeadLetterPublisher(producer, dlq)
+    messages = [Message(topic="src", partition=3, offset=i, value=b"v%d" % i) for i in range(50)]
+    letters.publish(messages, [Rejection(i, "bad") for i in range(50)])
+    assert letters.flush(GUARD_S) == 0
+    assert (letters.count, letters.failed) == (50, 0)
+    assert letters.delivered == {("src", 3): 50}
+    assert [m.value() for m in _read(bootstrap, dlq, 50)] == [b"v%d" % i for i in range(50)]

@@ -9,10 +9,11 @@ import time
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import KafkaError, Message, TopicPartition
 
 from annstream.config import KafkaConfig
 from annstream.errors import ConfigError
+from annstream.events import Rejection
 from annstream.kafka import (
     DeadLetterPublisher,
     client_logging,
@@ -168,3 +169,18 @@ def test_a_dead_letter_that_cannot_be_queued_is_counted_not_raised(
     lost = [r for r in caplog.records if r.getMessage().startswith("dead letter of ads/0/")]
     assert len(lost) == 2
     assert {(r.topic, r.partition, r.offset) for r in lost} == {("ads", 0, 1), ("ads", 0, 2)}  # type: ignore[attr-defined]
+
+
+def test_a_full_queue_costs_one_wait_per_poll_not_one_per_dead_letter() -> None:
+    producer = make_producer(
+        KafkaConfig(bootstrap_servers=NOWHERE),
+        **{"queue.buffering.max.messages": 1, "message.timeout.ms": 1000},
+    )
+    letters = DeadLetterPublisher(producer, "dlq", queue_wait_s=0.5)
+    messages = [Message(topic="ads", partition=1, offset=i, value=b"x") for i in range(20)]
+    started = time.monotonic()
+    letters.publish(messages, [Rejection(i, "bad") for i in range(20)])
+    assert time.monotonic() - started < 3.0
+    assert (letters.count, letters.failed) == (1, 19)
+    letters.flush(5)
+    assert letters.failed == 20 and letters.delivered == {}
