@@ -4,11 +4,13 @@ producers) and what the dead-letter publisher writes at librdkafka's real defaul
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pytest
 from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 
 from annstream.config import KafkaConfig
@@ -117,7 +119,7 @@ def _read(bootstrap: str, topic: str, n: int) -> list[Message]:
 
 
 def test_dead_letters_keep_the_record_and_large_ones_become_references(
-    bootstrap: str, topic_factory: Callable[..., str]
+    bootstrap: str, topic_factory: Callable[..., str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """At the default limit: a 1.02 MB and a 5 MB source record cannot be copied to the
     dead-letter topic; before, `produce` raised MSG_SIZE_TOO_LARGE out of the consumer's poll."""
@@ -131,8 +133,14 @@ def test_dead_letters_keep_the_record_and_large_ones_become_references(
     cfg = KafkaConfig(bootstrap_servers=bootstrap)
     assert cfg.max_message_bytes == 1_000_000
     letters = DeadLetterPublisher(make_producer(cfg), dlq)
-    letters.publish(messages, [Rejection(i, f"reason {i}") for i in range(len(messages))])
+    with caplog.at_level(logging.WARNING, logger="annstream.kafka"):
+        letters.publish(messages, [Rejection(i, f"reason {i}") for i in range(len(messages))])
     assert letters.flush(GUARD_S) == 0
+    logged = [r.__dict__ for r in caplog.records if r.getMessage().startswith("dead-lettered")]
+    assert [(d["topic"], d["partition"], d["offset"], d["reason"]) for d in logged] == [
+        (source, 0, i, f"reason {i}") for i in range(len(sizes))
+    ]
+    assert [d.get("original_size") for d in logged] == [None, *sizes[1:4], None, None]
     # 999,950 bytes of value plus the key and headers are over 1,000,000 too; 990,000 fit.
     assert (letters.count, letters.references, letters.failed) == (6, 3, 0)
     assert letters.delivered == {(source, 0): 6}
