@@ -248,7 +248,16 @@ def create_topics(
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 3, **(client or {})})
+    from annstream.kafka import client_logging
+
+    admin = AdminClient(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "log_level": 3,
+            **client_logging(),
+            **(client or {}),
+        }
+    )
     try:
         existing = set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as exc:

@@ -7,12 +7,17 @@ in numpy (`_parse_ads`), about 8x faster than fastavro's per-message reader; any
 parser cannot vouch for (another schema id, truncated, unknown enum or union branch, trailing
 bytes, bad UTF-8, a varint over 9 bytes) goes through fastavro, so reasons never change.
 Everything after the Avro decoding is vectorised.
+
+Ids below 0 are refused (-1 pads the stored neighbour lists, so a negative ad id would be
+indexed but never served), and so are negative event times; given the consumer's clock
+(`now_ms`), so are event times more than `max_skew_s` ahead of it.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -45,6 +50,7 @@ __all__ = [
     "AdCodec",
     "EngagementCodec",
     "ad_records",
+    "check_event_times",
     "check_vectors",
     "engagement_records",
 ]
@@ -52,8 +58,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 METRICS = ("cosine", "ip", "l2")
-DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
-"""librdkafka's default `message.max.bytes`; a d=4096 float32 ad event is about 16 KiB."""
+DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
+"""librdkafka's default `message.max.bytes` (10^6, not 1 MiB); a d=4096 ad event is ~16 KiB."""
 
 
 def _raw(schema: Any) -> Any:
@@ -76,6 +82,41 @@ def check_vectors(vectors: np.ndarray, metric: str) -> np.ndarray:
         zero = ~np.any(vectors != 0, axis=1)
         bad[finite & zero] = 2
     return bad
+
+
+def check_event_times(
+    event_time_ms: np.ndarray, now_ms: int | None = None, max_skew_s: float = math.inf
+) -> dict[int, str]:
+    """Row -> reason for event times below 0 or more than `max_skew_s` ahead of `now_ms`.
+
+    A clock gone wrong, or microseconds or nanoseconds written as milliseconds, would move the
+    decay clock of every head query; such events are refused instead (vectorised).
+    """
+    times = np.asarray(event_time_ms, dtype="int64")
+    out = {
+        int(i): f"negative event time {int(times[i])} ms: event times are milliseconds since "
+        "1970-01-01 UTC"
+        for i in np.flatnonzero(times < 0)
+    }
+    if now_ms is None or not math.isfinite(max_skew_s):
+        return out
+    ahead_s = (times.astype("float64") - float(now_ms)) / 1000.0
+    for i in np.flatnonzero(ahead_s > max_skew_s).tolist():
+        out[i] = (
+            f"event time {int(times[i])} ms is {ahead_s[i]:.0f} s ahead of the consumer's clock, "
+            f"more than kafka.max_event_skew_s ({max_skew_s:g} s): a clock gone wrong, or "
+            "microseconds or nanoseconds instead of milliseconds?"
+        )
+    return out
+
+
+def _check_ids(ids: np.ndarray, what: str) -> dict[int, str]:
+    """Row -> reason for ids below 0 (-1 pads the stored neighbour lists)."""
+    return {
+        int(i): f"negative {what} id {int(ids[i])}: {what} ids must be 0 or more "
+        "(-1 pads the stored neighbour lists)"
+        for i in np.flatnonzero(ids < 0)
+    }
 
 
 _VECTOR_REASONS = {
@@ -257,8 +298,15 @@ class AdCodec(_Codec):
         rejected = [Rejection(int(slow[r.index]), r.reason) for r in rejected]
         return _AdColumns.merge(fast, slow_cols), rejected
 
-    def decode(self, messages: Sequence[bytes | None]) -> tuple[AdBatch, list[Rejection]]:
-        """The valid ad events (in order) and a Rejection for every invalid message."""
+    def decode(
+        self,
+        messages: Sequence[bytes | None],
+        *,
+        now_ms: int | None = None,
+        max_skew_s: float = math.inf,
+    ) -> tuple[AdBatch, list[Rejection]]:
+        """The valid ad events (in order) and a Rejection for every invalid message; with the
+        consumer's clock `now_ms`, events over `max_skew_s` in the future are invalid."""
         cols, rejected = self._columns(messages)
         rows = cols.rows
         n = len(rows)
@@ -271,6 +319,12 @@ class AdCodec(_Codec):
         for i in np.flatnonzero(deletes):
             reasons[i] = None
         vectors[deletes] = 0.0
+        for checks in (
+            check_event_times(cols.event_times, now_ms, max_skew_s),
+            _check_ids(cols.ad_ids, "ad"),
+        ):
+            for row, reason in checks.items():
+                reasons[row] = reason
         keep = np.fromiter((r is None for r in reasons), bool, n)
         rejected.extend(
             Rejection(rows[i], reason) for i, reason in enumerate(reasons) if reason is not None
@@ -303,13 +357,29 @@ class EngagementCodec(_Codec):
         self._check_dim(batch.vectors)
         return self._encode(list(engagement_records(batch)))
 
-    def decode(self, messages: Sequence[bytes | None]) -> tuple[EngagementBatch, list[Rejection]]:
+    def decode(
+        self,
+        messages: Sequence[bytes | None],
+        *,
+        now_ms: int | None = None,
+        max_skew_s: float = math.inf,
+    ) -> tuple[EngagementBatch, list[Rejection]]:
+        """The valid engagement events (in order) and a Rejection for every invalid message;
+        with the consumer's clock `now_ms`, events over `max_skew_s` in the future are invalid."""
         records, rows, rejected = self._read_all(messages)
         n = len(records)
         weights = np.fromiter((r["weight"] for r in records), "float32", n)
+        query_ids = np.fromiter((r["query_id"] for r in records), "int64", n)
+        event_times = np.fromiter((r["event_time"] for r in records), "int64", n)
         vectors, present, reasons = self._vectors([r["query_embedding"] for r in records], None)
         for i in np.flatnonzero(~np.isfinite(weights) | (weights < 0)):
             reasons[i] = f"weight {weights[i]} is not a finite non-negative number"
+        for checks in (
+            check_event_times(event_times, now_ms, max_skew_s),
+            _check_ids(query_ids, "query"),
+        ):
+            for row, reason in checks.items():
+                reasons[row] = reason
         keep = np.fromiter((r is None for r in reasons), bool, n)
         rejected.extend(
             Rejection(rows[i], reason) for i, reason in enumerate(reasons) if reason is not None
@@ -317,13 +387,13 @@ class EngagementCodec(_Codec):
         rejected.sort(key=lambda r: r.index)
         idx = np.flatnonzero(keep)
         batch = EngagementBatch(
-            query_ids=np.fromiter((r["query_id"] for r in records), "int64", n)[idx],
+            query_ids=query_ids[idx],
             item_ids=_opt_ids(records, "item_id")[idx],
             event_types=np.fromiter(
                 (ENGAGEMENT_TYPES.index(r["event_type"]) for r in records), "uint8", n
             )[idx],
             weights=weights[idx],
-            event_time_ms=np.fromiter((r["event_time"] for r in records), "int64", n)[idx],
+            event_time_ms=event_times[idx],
             vectors=np.ascontiguousarray(vectors[idx]),
             has_vector=present[idx],
         )

@@ -41,11 +41,15 @@ MAX_TTL_S = 315_360_000  # 10 years: a real Aerospike server answers a longer TT
 class KafkaConfig:
     """Broker, topics and client settings; `client` is passed to librdkafka as is (SASL/SSL).
 
-    Ad and engagement messages over `max_message_bytes` are dead-lettered without decoding.
-    Engagement event times more than `max_event_skew_s` past the wall clock are refused, and
-    the head queries' decay clock never runs ahead of the wall clock by more than that.
-    A replica that gains an engagement partition restores its head state from
-    `head_state_topic` (the latest snapshot and the changes after it) within
+    `max_message_bytes` is librdkafka's default message limit (1,000,000 bytes, not 1 MiB) and
+    the `message.max.bytes` of annstream's producers: ad and engagement messages over it are
+    dead-lettered without decoding (as a reference when the dead letter itself would not fit).
+    An event whose event time is more than `max_event_skew_s` seconds ahead of the consumer's
+    clock (a clock gone wrong, microseconds for milliseconds) is dead-lettered, as is a
+    negative event time.
+    The head queries' decay clock never runs ahead of the wall clock by more than
+    `max_event_skew_s` either. A replica that gains an engagement partition restores its head
+    state from `head_state_topic` (the latest snapshot and the changes after it) within
     `head_state_restore_timeout_s`.
     """
 
@@ -58,10 +62,22 @@ class KafkaConfig:
     group_id: str = "annstream-refresher"
     schema_registry_url: str = ""
     schema_registry_file: str = ""
-    max_message_bytes: int = 1 << 20
+    max_message_bytes: int = 1_000_000
     max_event_skew_s: float = 600.0
     head_state_restore_timeout_s: float = 60.0
     client: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 1000 <= self.max_message_bytes <= 1_000_000_000:
+            raise ConfigError(
+                f"kafka.max_message_bytes must be between 1000 and 1000000000 (librdkafka's "
+                f"range), got {self.max_message_bytes}"
+            )
+        if not self.max_event_skew_s > 0:
+            raise ConfigError(
+                "kafka.max_event_skew_s must be a positive number of seconds (inf turns the "
+                f"bound off), got {self.max_event_skew_s}"
+            )
 
 
 @dataclass(frozen=True)

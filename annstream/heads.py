@@ -397,6 +397,8 @@ class HeadQueryTracker:
         `clock_ms` column: their latest `last_ms`), bounded like event times."""
         qids = np.asarray(state["query_ids"], dtype=np.int64).reshape(-1)
         n = len(qids)
+        if n == 0:  # a changelog chunk that only records an engagement offset
+            return
         vecs = np.ascontiguousarray(state["vectors"], dtype=np.float32).reshape(n, -1)
         if n and vecs.shape[1] != self.dim:
             raise ValueError(

@@ -48,7 +48,7 @@ MAGIC = b"ANNSNAP1"
 FORMAT = 1
 _LEN = struct.Struct("<Q")
 _DIGEST = 32
-_NAME = re.compile(r"^snapshot-(\d{12})\.annsnap$")
+_NAME = re.compile(r"^snapshot-(\d+)\.annsnap$")
 
 Offsets = dict[tuple[str, int], int]
 
@@ -76,11 +76,16 @@ def _seq(path: Path) -> int:
 
 
 def list_snapshots(dir: str | os.PathLike[str]) -> list[Path]:
-    """Snapshot files in `dir`, newest first."""
+    """Snapshot files in `dir`, newest (highest sequence number, whatever its digits) first.
+
+    Sequence numbers are compared as numbers, so a stray `snapshot-999999999999.annsnap` is
+    followed by `snapshot-1000000000000.annsnap`, which sorts before it, not after.
+    """
     d = Path(dir)
     if not d.is_dir():
         return []
-    return sorted((p for p in d.iterdir() if _NAME.match(p.name)), key=_seq, reverse=True)
+    found = (p for p in d.iterdir() if _NAME.match(p.name) and p.is_file())
+    return sorted(found, key=lambda p: (_seq(p), p.name), reverse=True)
 
 
 def _fsync_dir(d: Path) -> None:
@@ -150,8 +155,7 @@ def write_snapshot(
         head = json.dumps(header, sort_keys=True).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise SnapshotError(f"snapshot meta must be JSON-able: {exc}") from None
-    existing = list_snapshots(d)
-    seq = (_seq(existing[0]) + 1) if existing else 1
+    seq = 1 + max((_seq(p) for p in d.iterdir()), default=0)
     final = d / f"snapshot-{seq:012d}.annsnap"
     tmp = d / f".{final.name}.tmp"
     digest = hashlib.sha256()

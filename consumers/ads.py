@@ -2,13 +2,17 @@
 
 Every replica holds the whole ad index, so this consumer is not in a group: it assigns all
 partitions itself, starting from the offsets of the snapshot it restored (or the beginning).
-Its offsets live in the snapshot, never in Kafka commits. Invalid events go to the dead-letter
-topic with the reason; the stream never stops on bad input.
+Its offsets live in the snapshot, never in Kafka commits. Invalid events (including events
+more than `kafka.max_event_skew_s` ahead of this consumer's clock) go to the dead-letter topic
+with the reason; the stream never stops on bad input. How far dead-lettering got is committed
+per partition in the group `<group_id>.ads.dead-letters`, so a restart that replays the topic
+from an older snapshot does not dead-letter the same records again.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,8 +20,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from annstream.codec import AdCodec
 from annstream.config import KafkaConfig
-from annstream.events import OP_UPSERT, AdBatch
-from annstream.kafka import DeadLetterPublisher, make_consumer, message_error
+from annstream.events import OP_UPSERT, AdBatch, Rejection
+from annstream.kafka import DeadLetterMarks, DeadLetterPublisher, make_consumer, message_error
 
 __all__ = ["AdPoll", "AdStream", "net_changes", "net_rows", "next_offsets"]
 
@@ -26,11 +30,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AdPoll:
-    """What one poll brought: the valid events in order, how many were dead-lettered."""
+    """What one poll brought: the valid events in order, how many were dead-lettered, and how
+    many were refused again after a replay but not sent (dead-lettered before)."""
 
     batch: AdBatch
     rejected: int
     messages: int
+    already_dead_lettered: int = 0
 
 
 def net_rows(batch: AdBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -73,12 +79,17 @@ class AdStream:
         dead_letters: DeadLetterPublisher,
         offsets: dict[int, int] | None = None,
         consumer: Consumer | None = None,
+        marks: DeadLetterMarks | None = None,
     ) -> None:
         self.topic = cfg.ad_topic
         self.codec = codec
         self.dead_letters = dead_letters
+        self.max_event_skew_s = cfg.max_event_skew_s
         self.consumer = consumer or make_consumer(
             cfg, group_id=f"{cfg.group_id}.ads", **{"enable.partition.eof": False}
+        )
+        self.marks = marks or DeadLetterMarks(
+            make_consumer(cfg, group_id=f"{cfg.group_id}.ads.dead-letters"), self.topic
         )
         self.offsets: dict[int, int] = dict(offsets or {})
         self._assign()
@@ -95,22 +106,68 @@ class AdStream:
         self.consumer.assign(
             [TopicPartition(self.topic, p, self.offsets.get(p, OFFSET_BEGINNING)) for p in parts]
         )
-        logger.info("ad stream assigned %s partitions %s at %s", self.topic, parts, self.offsets)
+        marks = self.marks.load(parts)
+        logger.info(
+            "ad stream assigned %s partitions %s at %s (dead-lettered up to %s)",
+            self.topic,
+            parts,
+            self.offsets,
+            marks,
+        )
 
     def poll(self, max_messages: int = 5000, timeout_s: float = 0.05) -> AdPoll:
-        """Fetch up to `max_messages`, decode them as one batch, dead-letter the bad ones."""
+        """Fetch up to `max_messages`, decode them as one batch, dead-letter the bad ones.
+
+        Never raises on bad input or a failed dead letter: the offsets always move on.
+        """
         messages = self.consumer.consume(max_messages, timeout_s)
         good = [m for m in messages if m.error() is None]
         if len(good) != len(messages):
             for m in messages:
                 err = message_error(m)
                 if err is not None:
-                    logger.warning("ad consumer error: %s", err)
-        batch, rejected = self.codec.decode([m.value() for m in good])
-        if rejected:
-            self.dead_letters.publish(good, rejected)
+                    logger.warning(
+                        "ad consumer error: %s",
+                        err,
+                        extra={
+                            "topic": m.topic(),
+                            "partition": m.partition(),
+                            "offset": m.offset(),
+                            "reason": err,
+                        },
+                    )
+        batch, rejected = self.codec.decode(
+            [m.value() for m in good],
+            now_ms=int(time.time() * 1000),
+            max_skew_s=self.max_event_skew_s,
+        )
+        fresh: list[Rejection] = []
+        again: list[Rejection] = []
+        for r in rejected:
+            m = good[r.index]
+            (again if self.marks.seen(m.partition() or 0, m.offset() or 0) else fresh).append(r)
+        if again:
+            logger.info(
+                "not dead-lettering %d replayed records of %s again (sent before)",
+                len(again),
+                self.topic,
+                extra={
+                    "topic": self.topic,
+                    "records": [
+                        f"{good[r.index].partition()}/{good[r.index].offset()}" for r in again
+                    ],
+                },
+            )
+        if fresh:
+            self.dead_letters.publish(good, fresh)
+        self.marks.advance(self.dead_letters.delivered_for(self.topic))
         self.offsets.update(next_offsets(good))
-        return AdPoll(batch, len(rejected), len(good))
+        return AdPoll(batch, len(fresh), len(good), len(again))
 
     def close(self) -> None:
-        self.consumer.close()
+        """Commit the dead-letter marks delivered so far, then close both clients."""
+        try:
+            self.marks.advance(self.dead_letters.delivered_for(self.topic), force=True)
+        finally:
+            self.marks.close()
+            self.consumer.close()

@@ -8,6 +8,7 @@ events led to. Rebalances are forwarded to the owner through `PartitionListener`
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -60,6 +61,7 @@ class EngagementStream:
         self.codec = codec
         self.dead_letters = dead_letters
         self.listener = listener
+        self.max_event_skew_s = cfg.max_event_skew_s
         self.consumer = consumer or make_consumer(cfg, group_id=cfg.group_id)
         self.assigned: set[int] = set()
         self._uncommitted: dict[int, int] = {}
@@ -100,6 +102,11 @@ class EngagementStream:
         self.listener.partitions_revoked(gone, lost=True)
 
     def poll(self, max_messages: int = 5000, timeout_s: float = 0.05) -> EngagementPoll:
+        """Fetch up to `max_messages`, decode them as one batch, dead-letter the bad ones
+        (including events more than kafka.max_event_skew_s ahead of this consumer's clock).
+
+        Never raises on bad input or a failed dead letter: the offsets always move on.
+        """
         messages = self.consumer.consume(max_messages, timeout_s)
         good: list[Message] = []
         for m in messages:
@@ -107,8 +114,21 @@ class EngagementStream:
             if err is None and m.error() is None:
                 good.append(m)
             elif err is not None:
-                logger.warning("engagement consumer error: %s", err)
-        batch, rejected = self.codec.decode([m.value() for m in good])
+                logger.warning(
+                    "engagement consumer error: %s",
+                    err,
+                    extra={
+                        "topic": m.topic(),
+                        "partition": m.partition(),
+                        "offset": m.offset(),
+                        "reason": err,
+                    },
+                )
+        batch, rejected = self.codec.decode(
+            [m.value() for m in good],
+            now_ms=int(time.time() * 1000),
+            max_skew_s=self.max_event_skew_s,
+        )
         if rejected:
             self.dead_letters.publish(good, rejected)
         bad = {r.index for r in rejected}

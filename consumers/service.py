@@ -29,7 +29,7 @@ from annstream.errors import BrokerError, StoreUnavailableError
 from annstream.events import AdBatch, EngagementBatch
 from annstream.heads import HeadQueryTracker
 from annstream.index import LiveIvfIndex
-from annstream.kafka import DeadLetterPublisher, make_producer
+from annstream.kafka import DeadLetterPublisher, client_logging, make_producer
 from annstream.metrics import MetricsServer, ServiceMetrics, consumer_lag
 from annstream.recall import RecallMonitor
 from annstream.refresher import AdChanges, MicroBatcher, Refresher
@@ -161,7 +161,14 @@ class RefresherService:
         from confluent_kafka.admin import AdminClient
 
         k = self.cfg.kafka
-        admin = AdminClient({"bootstrap.servers": k.bootstrap_servers, "log_level": 3, **k.client})
+        admin = AdminClient(
+            {
+                "bootstrap.servers": k.bootstrap_servers,
+                "log_level": 3,
+                **client_logging(),
+                **k.client,
+            }
+        )
         meta = admin.list_topics(k.engagement_topic, timeout=10).topics[k.engagement_topic]
         create_topics(
             k.bootstrap_servers,

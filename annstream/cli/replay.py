@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         registry = open_registry(k.schema_registry_url, k.schema_registry_file)
         result = replay_file(args.from_file, publisher, registry, **common)
     else:
-        consumer = make_consumer(k, "annstream-replay", enable_partition_eof=True)
+        consumer = make_consumer(k, "annstream-replay", **{"enable.partition.eof": True})
         try:
             result = replay_topic(
                 consumer,

@@ -7,6 +7,7 @@ same trained quantizer, or the index of an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -490,7 +491,7 @@ def test_batch_parser_agrees_with_per_message_decoding(seed: int) -> None:
         ad_ids=ids,
         ops=ops,
         vectors=np.where((ops == OP_UPSERT)[:, None], vectors, np.float32(0)),
-        event_time_ms=rng.integers(-(2**45), 2**45, n),
+        event_time_ms=rng.integers(0, 2**45, n),
         advertiser_ids=optional[0],
         campaign_ids=optional[1],
         model_versions=tuple(rng.choice(["", "m1", "glove-6B-50d", "modèle-ü"], n).tolist()),
@@ -511,3 +512,92 @@ def test_batch_parser_agrees_with_per_message_decoding(seed: int) -> None:
     for name in ("ad_ids", "ops", "vectors", "event_time_ms", "advertiser_ids", "campaign_ids"):
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
     assert got.model_versions == want.model_versions
+
+
+def _hostile_ads(codec: AdCodec, now_ms: int) -> list[tuple[bytes, str]]:
+    """(payload, start of its reason): records no ad consumer may index, at the real limits."""
+    one = AdBatch.upserts(np.array([77]), np.ones((1, DIM)), now_ms)
+    good = codec.encode(one)[0]
+    future = AdBatch.upserts(np.array([78]), np.ones((1, DIM)), now_ms * 1000)
+    negative = AdBatch.upserts(np.array([-1]), np.ones((1, DIM)), now_ms)
+    return [
+        (good[:5] + b"\x01" * (1_020_000 - 5), "message of 1020000 bytes is over"),
+        (good[:5] + b"\x02" * (5_000_000 - 5), "message of 5000000 bytes is over"),
+        (codec.encode(future)[0], f"event time {now_ms * 1000} ms is "),
+        (codec.encode(negative)[0], "negative ad id -1"),
+        (b"not avro", "bad magic byte"),
+    ]
+
+
+def test_replayed_bad_records_are_not_dead_lettered_twice(
+    bootstrap: str,
+    topic_factory: Callable[..., str],
+    codec: AdCodec,
+    trained: np.ndarray,
+    queries: np.ndarray,
+) -> None:
+    """Issue 15 item 10 and issue 11 item 1: bad records (two over the real 1,000,000-byte
+    limit) are dead-lettered once; a stream that replays the topic from the beginning (an older
+    snapshot) counts them as dead-lettered before and sends nothing; new bad records after the
+    replayed ones are sent."""
+    now_ms = int(time.time() * 1000)
+    hostile = _hostile_ads(codec, now_ms)
+    rng = np.random.default_rng(5)
+    good_events = _events(np.arange(1, 41), np.full(40, OP_UPSERT), rng.standard_normal((40, DIM)))
+    good = codec.encode(good_events)
+    values: list[bytes | None] = []
+    for i, message in enumerate(good):
+        values.append(message)
+        if i % 8 == 3:
+            values.append(hostile[(i // 8) % len(hostile)][0])
+    n_bad = len(values) - len(good)
+    assert n_bad == len(hostile)
+    cfg = _kafka(bootstrap, topic_factory("ads"), topic_factory("dlq"))
+    big = make_producer(dataclasses.replace(cfg, max_message_bytes=6_000_000))
+    for v in values:
+        big.produce(cfg.ad_topic, value=v, key=b"k", partition=0)
+    assert big.flush(HANG_GUARD_S) == 0
+
+    def run(expect_messages: int) -> tuple[LiveIvfIndex, int, int, DeadLetterPublisher]:
+        stream, dead_letters = _stream(cfg, codec)
+        index = _empty(trained)
+        sent = again = seen = 0
+        deadline = time.monotonic() + HANG_GUARD_S
+        try:
+            while seen < expect_messages and time.monotonic() < deadline:
+                poll = stream.poll(7, 0.2)
+                seen += poll.messages
+                sent += poll.rejected
+                again += poll.already_dead_lettered
+                _apply(index, poll.batch)
+                dead_letters.poll()
+            assert seen == expect_messages
+            assert dead_letters.flush() == 0
+        finally:
+            stream.close()
+        return index, sent, again, dead_letters
+
+    index, sent, again, letters = run(len(values))
+    assert (sent, again, letters.failed) == (n_bad, 0, 0)
+    expected = dict(zip(range(1, 41), good_events.vectors, strict=True))
+    _assert_same(index, _fresh(trained, expected), queries)
+    dead = _read_all(cfg, cfg.dead_letter_topic, n_bad)
+    reasons = {d["source"]: d["reason"] for d in dead}
+    bad_at = [i for i, v in enumerate(values) if v not in good]
+    for at, (_, reason) in zip(bad_at, hostile, strict=True):
+        assert reasons[f"{cfg.ad_topic}/0/{at}"].startswith(reason), reasons
+
+    # A replay of the whole topic (an older snapshot): nothing is sent again.
+    more = [b"late garbage", hostile[3][0]]
+    index, sent, again, letters = run(len(values))
+    assert (sent, again) == (0, n_bad)
+    _assert_same(index, _fresh(trained, expected), queries)
+    for v in more:
+        big.produce(cfg.ad_topic, value=v, key=b"k", partition=0)
+    assert big.flush(HANG_GUARD_S) == 0
+    _, sent, again, _ = run(len(values) + len(more))
+    assert (sent, again) == (len(more), n_bad)
+    dead = _read_all(cfg, cfg.dead_letter_topic, n_bad + len(more))
+    assert [d["source"] for d in dead[n_bad:]] == [
+        f"{cfg.ad_topic}/0/{len(values) + i}" for i in range(len(more))
+    ]

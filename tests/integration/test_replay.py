@@ -178,7 +178,7 @@ def test_replay_topic_time_range_keeps_order_and_resumes(
     cfg = KafkaConfig(bootstrap_servers=bootstrap)
 
     def run(max_events: int | None) -> int:
-        consumer = make_consumer(cfg, "replay-test", enable_partition_eof=True)
+        consumer = make_consumer(cfg, "replay-test", **{"enable.partition.eof": True})
         try:
             result = replay_topic(consumer, source, _publisher(bootstrap, target),
                                   start_ms=start_ms, end_ms=end_ms, checkpoint=ckpt,

@@ -8,7 +8,8 @@ import fastavro
 import numpy as np
 import pytest
 
-from annstream.codec import AdCodec, EngagementCodec
+from annstream.codec import DEFAULT_MAX_MESSAGE_BYTES, AdCodec, EngagementCodec
+from annstream.config import KafkaConfig
 from annstream.errors import InvalidEventError, SchemaError
 from annstream.events import OP_DELETE, OP_UPSERT, AdBatch, EngagementBatch
 from annstream.schemas import LocalSchemaRegistry, frame, load_schema, schema_dir, unframe
@@ -199,3 +200,105 @@ def test_batches_concat_in_order() -> None:
     assert both.model_versions == a.model_versions + b.model_versions
     assert len(AdBatch.concat([], DIM)) == 0 and AdBatch.concat([], DIM).dim == DIM
     assert len(EngagementBatch.concat([], DIM)) == 0
+
+
+# ---- ids and event times (issue 11 items 5 and 11) -------------------------------------------
+
+NOW_MS = 1_800_000_000_000
+SKEW_S = 600.0
+
+
+def _ad_codecs(registry: LocalSchemaRegistry) -> list[AdCodec]:
+    """The numpy batch parser and the fastavro path: both must refuse the same events."""
+    fast, slow = AdCodec(registry, DIM), AdCodec(registry, DIM)
+    slow._parse_fast = False
+    assert fast._parse_fast
+    return [fast, slow]
+
+
+def _engagements(query_ids: list[int], event_times: list[int]) -> EngagementBatch:
+    n = len(query_ids)
+    return EngagementBatch(
+        query_ids=np.array(query_ids, "int64"),
+        item_ids=np.full(n, -1, "int64"),
+        event_types=np.zeros(n, "uint8"),
+        weights=np.ones(n, "float32"),
+        event_time_ms=np.array(event_times, "int64"),
+        vectors=np.zeros((n, DIM), "float32"),
+        has_vector=np.zeros(n, bool),
+    )
+
+
+def test_negative_ad_ids_are_refused_on_both_parse_paths(registry: LocalSchemaRegistry) -> None:
+    ids = np.array([5, -1, 0, -(2**63), 2**63 - 1, -7])
+    ups = AdBatch.upserts(ids, np.ones((len(ids), DIM)), NOW_MS)
+    dels = AdBatch.deletes(np.array([-1, 9]), DIM, NOW_MS)
+    for codec in _ad_codecs(registry):
+        decoded, rejected = codec.decode(codec.encode(ups) + codec.encode(dels))
+        assert decoded.ad_ids.tolist() == [5, 0, 2**63 - 1, 9]
+        assert [r.index for r in rejected] == [1, 3, 5, 6]
+        assert rejected[0].reason.startswith("negative ad id -1: ad ids must be 0 or more")
+        assert f"negative ad id {-(2**63)}" in rejected[1].reason
+        assert "-1 pads the stored neighbour lists" in rejected[3].reason
+
+
+def test_negative_query_ids_are_refused(registry: LocalSchemaRegistry) -> None:
+    codec = EngagementCodec(registry, DIM)
+    decoded, rejected = codec.decode(codec.encode(_engagements([1, -1, 0, -99], [NOW_MS] * 4)))
+    assert decoded.query_ids.tolist() == [1, 0]
+    assert [(r.index, r.reason.split(":")[0]) for r in rejected] == [
+        (1, "negative query id -1"),
+        (3, "negative query id -99"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("event_time", "refused"),
+    [
+        (NOW_MS, None),
+        (0, None),
+        (NOW_MS - 10 * 365 * 86_400_000, None),
+        (NOW_MS + int(SKEW_S * 1000), None),
+        (NOW_MS + int(SKEW_S * 1000) + 1, "ahead of the consumer's clock"),
+        (NOW_MS + 100 * 365 * 86_400_000, "ahead of the consumer's clock"),
+        (NOW_MS * 1000, "microseconds or nanoseconds"),
+        (NOW_MS * 1_000_000, "microseconds or nanoseconds"),
+        (-1, "negative event time -1 ms"),
+        (-(2**63), "negative event time"),
+    ],
+)
+def test_event_times_far_ahead_of_the_consumer_clock_or_negative_are_refused(
+    registry: LocalSchemaRegistry, event_time: int, refused: str | None
+) -> None:
+    ads = AdBatch.upserts(np.array([1, 2, 3]), np.ones((3, DIM)), NOW_MS)
+    ads.event_time_ms[1] = event_time
+    eng = _engagements([1, 2, 3], [NOW_MS, event_time, NOW_MS])
+    eng_codec = EngagementCodec(registry, DIM)
+    results = [
+        c.decode(c.encode(ads), now_ms=NOW_MS, max_skew_s=SKEW_S) for c in _ad_codecs(registry)
+    ]
+    results.append(eng_codec.decode(eng_codec.encode(eng), now_ms=NOW_MS, max_skew_s=SKEW_S))
+    for batch, rejected in results:
+        if refused is None:
+            assert rejected == [] and len(batch) == 3
+            continue
+        assert len(batch) == 2 and [r.index for r in rejected] == [1]
+        assert refused in rejected[0].reason
+        if event_time > 0:
+            assert f"kafka.max_event_skew_s ({SKEW_S:g} s)" in rejected[0].reason
+            assert str(event_time) in rejected[0].reason
+
+
+def test_without_the_consumer_clock_only_negative_event_times_are_refused(
+    registry: LocalSchemaRegistry,
+) -> None:
+    ads = AdBatch.upserts(np.array([1, 2]), np.ones((2, DIM)), NOW_MS * 1000)
+    ads.event_time_ms[1] = -5
+    for codec in _ad_codecs(registry):
+        decoded, rejected = codec.decode(codec.encode(ads))
+        assert decoded.ad_ids.tolist() == [1] and [r.index for r in rejected] == [1]
+
+
+def test_the_default_message_limit_is_librdkafkas_not_a_mebibyte() -> None:
+    assert DEFAULT_MAX_MESSAGE_BYTES == KafkaConfig().max_message_bytes == 1_000_000
+    assert KafkaConfig().max_event_skew_s == 600.0

@@ -34,3 +34,22 @@ def test_config_wrong_type_is_named() -> None:
 def test_config_missing_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.toml", env={})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("max_event_skew_s", "0"),
+        ("max_event_skew_s", "-600"),
+        ("max_event_skew_s", "nan"),
+        ("max_message_bytes", "999"),
+    ],
+)
+def test_kafka_limits_out_of_range_are_refused_naming_the_key(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"kafka.{key}"):
+        load_config(env={f"ANNSTREAM_KAFKA__{key.upper()}": value})
+
+
+def test_the_event_time_bound_can_be_turned_off() -> None:
+    cfg = load_config(env={"ANNSTREAM_KAFKA__MAX_EVENT_SKEW_S": "inf"})
+    assert cfg.kafka.max_event_skew_s == float("inf")

@@ -1,5 +1,6 @@
 """Property tests of the decoders on hostile input: random bytes, random framing, truncations,
-bit flips, unknown schema ids, wrong dimensions, NaN/inf, oversized and null messages.
+bit flips, unknown schema ids, wrong dimensions, NaN/inf, negative ids and event times,
+oversized and null messages.
 
 Decoding must never raise; every message is either decoded or rejected with a reason; valid
 messages mixed in come out exactly as encoded, in order; the ad decoder's numpy batch parser
@@ -44,7 +45,7 @@ def _ads(seed: int, n: int, dim: int = DIM, deletes: bool = True) -> AdBatch:
     optional = rng.integers(-(2**40), 2**40, (2, n))
     optional[:, rng.random(n) < 0.5] = -1
     return AdBatch(
-        ad_ids=rng.integers(-(2**62), 2**62, n),
+        ad_ids=rng.integers(0, 2**62, n),
         ops=ops,
         vectors=vectors,
         event_time_ms=rng.integers(0, 2**45, n),
@@ -60,7 +61,7 @@ def _engagements(seed: int, n: int, dim: int = DIM) -> EngagementBatch:
     vectors = rng.standard_normal((n, dim)).astype("float32")
     vectors[~has] = 0.0
     return EngagementBatch(
-        query_ids=rng.integers(-(2**62), 2**62, n),
+        query_ids=rng.integers(0, 2**62, n),
         item_ids=np.where(rng.random(n) < 0.5, -1, rng.integers(0, 2**40, n)),
         event_types=rng.integers(0, 6, n).astype("uint8"),
         weights=rng.random(n).astype("float32") * 5,
@@ -104,7 +105,15 @@ def _garbage(draw: st.DrawFn, kind: str) -> bytes | None:
         wide = ENG_WIDE.encode(eng)
     assert wide is not None
     valid = (AD.encode(_ads(seed, 1)) if kind == "ad" else ENG.encode(_engagements(seed, 1)))[0]
-    choice = draw(st.sampled_from(["null", "short", "magic", "schema", "trunc", "dim", "big"]))
+    choice = draw(
+        st.sampled_from(["null", "short", "magic", "schema", "trunc", "dim", "big", "id", "time"])
+    )
+    if choice in ("id", "time"):
+        value = -draw(st.integers(1, 2**63))
+        one = _ads(seed, 1) if kind == "ad" else _engagements(seed, 1)
+        column = "event_time_ms" if choice == "time" else "ad_ids" if kind == "ad" else "query_ids"
+        getattr(one, column)[0] = value
+        return (AD.encode(one) if isinstance(one, AdBatch) else ENG.encode(one))[0]
     if choice == "null":
         return None
     if choice == "short":

@@ -379,7 +379,7 @@ def test_head_state_restore_timeout_is_the_setting(
         reader._consumer = make_consumer(
             kafka,
             group_id=reader.snapshot_group,
-            **{k.replace(".", "_"): v for k, v in slow.items()},
+            **slow,
         )
         try:
             if ok:

@@ -250,3 +250,11 @@ def test_heads_state_of_a_restored_head_not_yet_decided_keeps_it_a_head() -> Non
     assert other.state()["in_head"].tolist() == [True, False]  # e.g. a snapshot before the batch
     third = HeadQueryTracker.from_state(t.cfg, 3, other.state(), 600.0, lambda: NOW_S)
     assert third.changes().entered.tolist() == [1]
+
+
+def test_an_empty_state_chunk_loads_as_nothing() -> None:
+    """The changelog writes a chunk with no rows when a partition's events of a micro-batch
+    were all dead-lettered (it records the engagement offset); restoring it must not fail."""
+    tracker = HeadQueryTracker(HeadsConfig(enter_score=2.0, exit_score=1.0), 4)
+    tracker.load_state(tracker.state(np.empty(0, "int64")))
+    assert len(tracker.tracked_ids()) == 0

@@ -201,3 +201,41 @@ def test_arrays_must_be_numeric(tmp_path: Path, index: LiveIvfIndex) -> None:
     with pytest.raises(SnapshotError, match="'bad'"):
         write_snapshot(tmp_path, index, {}, {}, arrays={"bad": np.array([object()])})
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("garbage", "after"),
+    [
+        ("snapshot-999999999999.annsnap", "snapshot-1000000000000.annsnap"),
+        ("snapshot-99999999999999.annsnap", "snapshot-100000000000000.annsnap"),
+    ],
+)
+def test_a_garbage_newest_file_never_hides_the_snapshots_written_after_it(
+    tmp_path: Path, index: LiveIvfIndex, garbage: str, after: str
+) -> None:
+    """Issue 11 item 12: the next sequence number after 999999999999 has 13 digits; it must
+    be found and loaded, and each restart must resume from the latest snapshot."""
+    first = _write(tmp_path, index, 10)
+    (tmp_path / garbage).write_bytes(b"not a snapshot")
+    index.upsert([1000], _data(1, seed=6))
+    second = _write(tmp_path, index, 20, keep=5)
+    assert second.name == after
+    assert list_snapshots(tmp_path) == [second, tmp_path / garbage, first]
+    snap = load_latest_snapshot(tmp_path, CFG)
+    assert snap is not None and snap.path == second and snap.offsets[("ads", 0)] == 20
+    index.upsert([1001], _data(1, seed=7))
+    third = _write(tmp_path, index, 30, keep=5)
+    snap = load_latest_snapshot(tmp_path, CFG)
+    assert snap is not None and snap.path == third and snap.index.contains([1001])[0]
+
+
+def test_sequence_numbers_order_numerically_whatever_their_digits(tmp_path: Path) -> None:
+    for name in ("snapshot-9.annsnap", "snapshot-000000000010.annsnap", "snapshot-1000.annsnap"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "snapshot-5000.annsnap").mkdir()
+    (tmp_path / "snapshot-x.annsnap").write_bytes(b"")
+    assert [p.name for p in list_snapshots(tmp_path)] == [
+        "snapshot-1000.annsnap",
+        "snapshot-000000000010.annsnap",
+        "snapshot-9.annsnap",
+    ]
