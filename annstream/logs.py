@@ -53,7 +53,7 @@ _RDKAFKA = re.compile(
     r'(?P<k>value ")(?P<v>.*?)(?P<rest>" for configuration property "(?P<p>[^"]+)")'
 )
 # Shorter values are not masked as literals: they would mangle ordinary words.
-MIN_SECRET_LENGTH = 4
+_MIN_SECRET_LENGTH = 4
 _secrets: frozenset[str] = frozenset()
 _secrets_lock = threading.Lock()
 
@@ -71,9 +71,9 @@ def is_secret_key(key: str) -> bool:
 
 
 def add_secret(value: str) -> None:
-    """Mask `value` wherever `redact_text` meets it from now on (if MIN_SECRET_LENGTH or longer)."""
+    """Mask `value` wherever `redact_text` meets it from now on (if _MIN_SECRET_LENGTH or longer)."""
     global _secrets
-    if len(value) >= MIN_SECRET_LENGTH and value != MASK:
+    if len(value) >= _MIN_SECRET_LENGTH and value != MASK:
         with _secrets_lock:
             _secrets = _secrets | {value}
 
