@@ -23,10 +23,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from annstream.errors import ConfigError
-from annstream.logs import MASK, add_secret, is_secret_key, redact_text
+from annstream.logs import MASK, add_secret, add_url_secrets, is_secret_key, redact_text
 
 __all__ = [
     "Config",
@@ -231,58 +230,76 @@ def _shown(value: Any, key: str) -> str:
     return repr(redact_text(value)) if isinstance(value, str) else repr(value)
 
 
-def _flatten(table: Mapping[str, Any], where: str, prefix: str = "") -> Iterator[tuple[str, str]]:
+def _flatten(table: Mapping[str, Any], name: str, prefix: str = "") -> Iterator[tuple[str, str]]:
     """(dotted key, string value) of a settings table; TOML `sasl.password = "x"` nests."""
     for k, v in table.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            yield from _flatten(v, where, f"{key}.")
+            yield from _flatten(v, name, f"{key}.")
         elif isinstance(v, bool):
             yield key, "true" if v else "false"
         elif isinstance(v, str | int | float):
             yield key, str(v)
         else:
             raise ConfigError(
-                f"{where}.{key}: expected a string, number or boolean, got {_kind(v)}"
+                f"expected a string, number or boolean for {name}.{key}, got {_kind(v)}"
             )
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    key = where.rpartition(".")[2]
+def _entry_variable(name: str, entry: str) -> str:
+    return f"{ENV_PREFIX}{name.upper().replace('.', '__')}__{entry.upper().replace('.', '_')}"
+
+
+def _pairs(text: str, name: str) -> dict[str, str]:
+    """`k=v,k2=v2` (the whole-table variable). A secret may hold a comma, so none is taken here."""
+    pairs = [p for p in text.split(",") if p.strip()]
+    if any("=" not in p for p in pairs):
+        raise ConfigError(
+            f"expected key=value pairs separated by commas for {name}; a value that contains "
+            f"a comma needs its own variable, e.g. {_entry_variable(name, 'sasl.password')}"
+        )
+    table = dict(p.split("=", 1) for p in pairs)
+    secret = [k for k in table if is_secret_key(k)]
+    if secret:
+        raise ConfigError(
+            f"a comma-separated {name} cannot carry the secret {secret[0]} (a comma in the "
+            f"value would split it): pass it as {_entry_variable(name, secret[0])}"
+        )
+    return table
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """`value` as type `tp`; ConfigError naming the setting `name` (section.key) if it is not.
+
+    Messages say 'expected ... for KEY': `KEY: value` would look like a secret to redact_text."""
+    key = name.rpartition(".")[2]
     origin = typing.get_origin(tp)
     if origin is dict:
         if isinstance(value, str):
-            pairs = [p for p in value.split(",") if p.strip()]
-            if any("=" not in p for p in pairs):
-                raise ConfigError(
-                    f"{where}: expected key=value pairs separated by commas; a value that "
-                    f"contains a comma needs its own variable, {ENV_PREFIX}<SECTION>__<KEY>__"
-                    "<ENTRY> (e.g. ANNSTREAM_KAFKA__CLIENT__SASL_PASSWORD for sasl.password)"
-                )
-            value = dict(p.split("=", 1) for p in pairs)
+            value = _pairs(value, name)
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a table of settings, got {_kind(value)}")
-        return dict(_flatten(value, where))
+            raise ConfigError(f"expected a table of settings for {name}, got {_kind(value)}")
+        return dict(_flatten(value, name))
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
-        raise ConfigError(f"{where}: expected true or false, got {_shown(value, key)}")
+        raise ConfigError(f"expected true or false for {name}, got {_shown(value, key)}")
     if tp in (int, float):
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {_shown(value, key)}")
+            raise ConfigError(f"expected a number for {name}, got {_shown(value, key)}")
         try:
             return tp(value) if tp is float or not isinstance(value, float) else int(value)
         except (TypeError, ValueError):
             raise ConfigError(
-                f"{where}: expected {tp.__name__}, got {_shown(value, key)}"
+                f"expected {tp.__name__} for {name}, got {_shown(value, key)}"
             ) from None
     if tp is str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {_shown(value, key)}")
+            raise ConfigError(f"expected a string for {name}, got {_shown(value, key)}")
         return str(value)
-    raise ConfigError(f"{where}: unsupported setting type {tp!r}")  # pragma: no cover
+    raise ConfigError(f"unsupported type {tp!r} of {name}")  # pragma: no cover
 
 
 def _remember_secrets(key: str, value: Any) -> None:
@@ -293,15 +310,7 @@ def _remember_secrets(key: str, value: Any) -> None:
     elif isinstance(value, str):
         if is_secret_key(key):
             add_secret(value)
-        for part in value.split(","):
-            if "://" in part and "@" in part:
-                try:
-                    password = urlsplit(part.strip()).password
-                except ValueError:
-                    continue
-                if password:
-                    add_secret(password)
-                    add_secret(unquote(password))
+        add_url_secrets(value)
     elif isinstance(value, list | tuple):
         for v in value:
             _remember_secrets(key, v)
@@ -327,7 +336,11 @@ def _merge(cfg: Config, data: Mapping[str, Any], source: str) -> Config:
                 raise ConfigError(
                     f"{source}: unknown setting {name}.{key}; known: {', '.join(sorted(known))}"
                 )
-            updates[key] = _coerce(value, hints[key], f"{source}: {name}.{key}")
+            try:
+                updates[key] = _coerce(value, hints[key], f"{name}.{key}")
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+            _remember_secrets(key, updates[key])
         changes[name] = dataclasses.replace(current, **updates)
     return dataclasses.replace(cfg, **changes)
 

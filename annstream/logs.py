@@ -18,6 +18,7 @@ import logging
 import re
 import sys
 import threading
+import urllib.parse
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "MASK",
     "RedactFilter",
     "add_secret",
+    "add_url_secrets",
     "configure_logging",
     "is_secret_key",
     "redact",
@@ -71,11 +73,19 @@ def is_secret_key(key: str) -> bool:
 
 
 def add_secret(value: str) -> None:
-    """Mask `value` wherever `redact_text` meets it from now on (if _MIN_SECRET_LENGTH or longer)."""
+    """Mask `value` (and its comma-separated pieces) wherever `redact_text` meets it from now on."""
     global _secrets
-    if len(value) >= _MIN_SECRET_LENGTH and value != MASK:
-        with _secrets_lock:
-            _secrets = _secrets | {value}
+    # A value split on its commas (a list of hosts, a list of settings) may show up in pieces.
+    pieces = {value, *value.split(",")}
+    with _secrets_lock:
+        _secrets = _secrets | {p for p in pieces if len(p) >= _MIN_SECRET_LENGTH and p != MASK}
+
+
+def add_url_secrets(text: str) -> None:
+    """`add_secret` the password of every `scheme://user:password@` URL in `text`."""
+    for m in _URL.finditer(text):
+        add_secret(m["v"])
+        add_secret(urllib.parse.unquote(m["v"]))
 
 
 def redact_text(text: str) -> str:

@@ -35,7 +35,7 @@ def test_config_unknown_key_is_named(tmp_path: Path) -> None:
 
 
 def test_config_wrong_type_is_named() -> None:
-    with pytest.raises(ConfigError, match=r"environment: index\.nprobe: expected int"):
+    with pytest.raises(ConfigError, match=r"environment: expected int for index\.nprobe"):
         load_config(env={"ANNSTREAM_INDEX__NPROBE": "many"})
 
 
@@ -58,18 +58,18 @@ def _toml(tmp_path: Path, text: str) -> Path:
     [
         (
             f"[kafka]\nclient = ['sasl.password={SECRET}']\n",
-            "kafka.client: expected a table of settings, got a list",
+            "expected a table of settings for kafka.client, got a list",
         ),
-        (f"[store]\npassword = ['{SECRET}']\n", "store.password: expected a string, got a list"),
+        (f"[store]\npassword = ['{SECRET}']\n", "expected a string for store.password, got a list"),
         (
             f"[store]\npassword = {{ x = '{SECRET}' }}\n",
-            "store.password: expected a string, got a table",
+            "expected a string for store.password, got a table",
         ),
         (
             f"[kafka.client]\n'sasl.password' = ['{SECRET}']\n",
-            "kafka.client.sasl.password: expected a string, number or boolean, got a list",
+            "expected a string, number or boolean for kafka.client.sasl.password, got a list",
         ),
-        (f"[index]\nnlist = ['{SECRET}']\n", "index.nlist: expected int, got a list"),
+        (f"[index]\nnlist = ['{SECRET}']\n", "expected int for index.nlist, got a list"),
     ],
 )
 def test_config_type_errors_never_echo_values(tmp_path: Path, text: str, expected: str) -> None:
@@ -80,11 +80,13 @@ def test_config_type_errors_never_echo_values(tmp_path: Path, text: str, expecte
 
 
 def test_config_scalar_type_errors_show_ordinary_values_only() -> None:
-    with pytest.raises(ConfigError, match=r"index\.nprobe: expected int, got 'many'$"):
+    with pytest.raises(ConfigError, match=r"expected int for index\.nprobe, got 'many'$"):
         load_config(env={"ANNSTREAM_INDEX__NPROBE": "many"})
-    with pytest.raises(ConfigError, match=r"auto_register: expected true or false, got 'maybe'$"):
+    with pytest.raises(
+        ConfigError, match=r"true or false for kafka\.schema_registry_auto_register, got 'maybe'$"
+    ):
         load_config(overrides={"kafka": {"schema_registry_auto_register": "maybe"}}, env={})
-    with pytest.raises(ConfigError, match=r"store\.password: expected a string, got a bool$"):
+    with pytest.raises(ConfigError, match=r"expected a string for store\.password, got a bool$"):
         load_config(overrides={"store": {"password": True}}, env={})
 
 
@@ -117,6 +119,19 @@ def test_config_comma_separated_client_refuses_a_split_value_without_showing_it(
     message = str(info.value)
     assert "tail" not in message and "s3cr3t" not in message
     assert "ANNSTREAM_KAFKA__CLIENT__SASL_PASSWORD" in message
+
+
+def test_config_comma_separated_client_takes_no_secret() -> None:
+    for entry in ("sasl.password=no-comma-here", "sasl.username=key", "ssl.key.pem=x"):
+        with pytest.raises(ConfigError) as info:
+            load_config(env={"ANNSTREAM_KAFKA__CLIENT": f"security.protocol=SSL,{entry}"})
+        key = entry.split("=")[0]
+        variable = "ANNSTREAM_KAFKA__CLIENT__" + key.upper().replace(".", "_")
+        assert str(info.value).endswith(
+            f"cannot carry the secret {key} (a comma in the value "
+            f"would split it): pass it as {variable}"
+        )
+        assert entry.split("=")[1] not in str(info.value)
 
 
 def test_config_entries_only_for_table_settings() -> None:
