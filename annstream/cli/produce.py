@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     k = cfg.kafka
     topic = args.topic or (k.ad_topic if args.kind == "ads" else k.engagement_topic)
-    registry = open_registry(k.schema_registry_url, k.schema_registry_file)
+    registry = open_registry(k)
     codec = (AdCodec if args.kind == "ads" else EngagementCodec)(
         registry, peek.dim, cfg.index.metric
     )
