@@ -448,6 +448,8 @@ def _problems(cfg: Config) -> Iterator[str]:
         yield bad(
             "kafka", "schema_registry_url", f"use {', '.join(REGISTRY_URL_SCHEMES)} URLs or empty"
         )
+    if k.schema_registry_key_location and not k.schema_registry_cert_location:
+        yield bad("kafka", "schema_registry_key_location", "needs schema_registry_cert_location")
     if any(not key.strip() for key in k.client):
         yield "kafka.client has an entry with an empty name"
 

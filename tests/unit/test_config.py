@@ -190,6 +190,12 @@ def test_config_secrets_read_are_masked_in_any_later_message(tmp_path: Path) -> 
         ("snapshot", "keep", 0, "snapshot.keep = 0: must be > 0"),
         ("kafka", "ad_topic", "ads topic", "kafka.ad_topic = 'ads topic': a Kafka topic name"),
         ("kafka", "schema_registry_url", "sr:8081", "kafka.schema_registry_url = 'sr:8081': use"),
+        (
+            "kafka",
+            "schema_registry_key_location",
+            "/k.pem",
+            "kafka.schema_registry_key_location = '/k.pem': needs schema_registry_cert_location",
+        ),
     ],
 )
 def test_config_values_are_checked_at_load(
