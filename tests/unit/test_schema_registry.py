@@ -140,6 +140,11 @@ def test_confluent_avro_serde_and_annstream_read_each_other() -> None:
     assert not rejected and decoded.ad_ids.tolist() == [10]
     assert np.array_equal(decoded.vectors[0], ads.vectors[0])
 
+    engagements = _engagements()
+    context = SerializationContext("prod.engagements", MessageField.VALUE)
+    events = [reader(m, context) for m in EngagementCodec(registry, DIM).encode(engagements)]
+    assert [e["query_id"] for e in events] == engagements.query_ids.tolist()
+
 
 def test_bad_registry_url_is_refused_at_config_load() -> None:
     with pytest.raises(SchemaError, match=r"kafka\.schema_registry_url carries user:password@"):
