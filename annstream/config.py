@@ -2,8 +2,15 @@
 
 A `Config` is built from defaults, then a TOML file, then environment variables
 (`ANNSTREAM_<SECTION>__<FIELD>`, e.g. `ANNSTREAM_KAFKA__BOOTSTRAP_SERVERS`), then explicit
-overrides (command-line flags), and is frozen afterwards. Unknown keys and values of the
-wrong type raise `ConfigError` naming the key, so a typo never passes silently.
+overrides (command-line flags), and is frozen afterwards. Unknown keys, values of the wrong type
+and values out of range (`validate`) raise `ConfigError` naming the key and what is allowed,
+before anything connects, so a typo never passes silently. No message shows a secret: the value
+of a secret-looking key is never echoed, and every secret read is handed to `logs.add_secret`.
+
+A table setting (`kafka.client`) takes one variable per entry, which adds to or replaces that
+entry of the file's table: `ANNSTREAM_KAFKA__CLIENT__SASL_PASSWORD` sets `sasl.password` (`_`
+becomes `.`), so a value may contain commas. `ANNSTREAM_KAFKA__CLIENT=k=v,k2=v2` replaces the
+whole table and cannot carry a value with a comma.
 """
 
 from __future__ import annotations
@@ -12,12 +19,13 @@ import dataclasses
 import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from annstream.errors import ConfigError
+from annstream.logs import MASK, add_secret, add_url_secrets, is_secret_key, redact_text
 
 __all__ = [
     "Config",
@@ -31,6 +39,7 @@ __all__ = [
     "SnapshotConfig",
     "StoreConfig",
     "load_config",
+    "validate",
 ]
 
 ENV_PREFIX = "ANNSTREAM_"
@@ -51,6 +60,11 @@ class KafkaConfig:
     `max_event_skew_s` either. A replica that gains an engagement partition restores its head
     state from `head_state_topic` (the latest snapshot and the changes after it) within
     `head_state_restore_timeout_s`.
+    With `schema_registry_url` set, schema ids come from that Confluent Schema Registry under
+    the subjects `<topic>-value` (TopicNameStrategy); basic auth from `user:password@` in the
+    URL or `schema_registry_user`/`_password`, TLS from the `_location` settings. Writers
+    register their schema unless `schema_registry_auto_register` is false (production: the
+    schemas are registered ahead, and a writer whose schema is missing refuses to start).
     """
 
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -62,6 +76,12 @@ class KafkaConfig:
     group_id: str = "annstream-refresher"
     schema_registry_url: str = ""
     schema_registry_file: str = ""
+    schema_registry_user: str = ""
+    schema_registry_password: str = ""
+    schema_registry_auto_register: bool = True
+    schema_registry_ca_location: str = ""
+    schema_registry_cert_location: str = ""
+    schema_registry_key_location: str = ""
     max_message_bytes: int = 1_000_000
     max_event_skew_s: float = 600.0
     head_state_restore_timeout_s: float = 60.0
@@ -235,54 +255,114 @@ class Config:
 
     def replace(self, section: str, **values: Any) -> Config:
         """A copy with some fields of one section changed (values are checked like the file's)."""
-        return _merge(self, {section: values}, source="override")
+        return validate(_merge(self, {section: values}, source="override"))
 
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
+_SCALARS = (str, int, float, bool)
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def _kind(value: Any) -> str:
+    """A value's kind for an error message, never its content."""
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _shown(value: Any, key: str) -> str:
+    """`value` as an error message may show it: scalars of ordinary keys only, redacted."""
+    if is_secret_key(key) or not isinstance(value, _SCALARS):
+        return _kind(value)
+    return repr(redact_text(value)) if isinstance(value, str) else repr(value)
+
+
+def _flatten(table: Mapping[str, Any], name: str, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, string value) of a settings table; TOML `sasl.password = "x"` nests."""
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            yield from _flatten(v, name, f"{key}.")
+        elif isinstance(v, bool):
+            yield key, "true" if v else "false"
+        elif isinstance(v, str | int | float):
+            yield key, str(v)
+        else:
+            raise ConfigError(
+                f"expected a string, number or boolean for {name}.{key}, got {_kind(v)}"
+            )
+
+
+def _entry_variable(name: str, entry: str) -> str:
+    return f"{ENV_PREFIX}{name.upper().replace('.', '__')}__{entry.upper().replace('.', '_')}"
+
+
+def _pairs(text: str, name: str) -> dict[str, str]:
+    """`k=v,k2=v2` (the whole-table variable). A secret may hold a comma, so none is taken here."""
+    pairs = [p for p in text.split(",") if p.strip()]
+    if any("=" not in p for p in pairs):
+        raise ConfigError(
+            f"expected key=value pairs separated by commas for {name}; a value that contains "
+            f"a comma needs its own variable, e.g. {_entry_variable(name, 'sasl.password')}"
+        )
+    table = dict(p.split("=", 1) for p in pairs)
+    secret = [k for k in table if is_secret_key(k)]
+    if secret:
+        raise ConfigError(
+            f"a comma-separated {name} cannot carry the secret {secret[0]} (a comma in the "
+            f"value would split it): pass it as {_entry_variable(name, secret[0])}"
+        )
+    return table
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """`value` as type `tp`; ConfigError naming the setting `name` (section.key) if it is not.
+
+    Messages say 'expected ... for KEY': `KEY: value` would look like a secret to redact_text."""
+    key = name.rpartition(".")[2]
     origin = typing.get_origin(tp)
     if origin is dict:
         if isinstance(value, str):
-            pairs = [p for p in value.split(",") if p.strip()]
-            try:
-                value = dict(p.split("=", 1) for p in pairs)
-            except ValueError:
-                raise ConfigError(
-                    f"{where}: expected key=value pairs separated by commas"
-                ) from None
+            value = _pairs(value, name)
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a table of settings, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
+            raise ConfigError(f"expected a table of settings for {name}, got {_kind(value)}")
+        return dict(_flatten(value, name))
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in (
-            "1",
-            "true",
-            "yes",
-            "on",
-            "0",
-            "false",
-            "no",
-            "off",
-        ):
-            return value.lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"expected true or false for {name}, got {_shown(value, key)}")
     if tp in (int, float):
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"expected a number for {name}, got {_shown(value, key)}")
         try:
             return tp(value) if tp is float or not isinstance(value, float) else int(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+            raise ConfigError(
+                f"expected {tp.__name__} for {name}, got {_shown(value, key)}"
+            ) from None
     if tp is str:
-        if not isinstance(value, str | int | float):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"expected a string for {name}, got {_shown(value, key)}")
         return str(value)
-    raise ConfigError(f"{where}: unsupported setting type {tp!r}")  # pragma: no cover
+    raise ConfigError(f"unsupported type {tp!r} of {name}")  # pragma: no cover
+
+
+def _remember_secrets(key: str, value: Any) -> None:
+    """Hand every secret in a raw setting to logs.add_secret before anything can echo it."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _remember_secrets(str(k), v)
+    elif isinstance(value, str):
+        if is_secret_key(key):
+            add_secret(value)
+        add_url_secrets(value)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _remember_secrets(key, v)
 
 
 def _merge(cfg: Config, data: Mapping[str, Any], source: str) -> Config:
@@ -300,23 +380,199 @@ def _merge(cfg: Config, data: Mapping[str, Any], source: str) -> Config:
         known = {f.name for f in dataclasses.fields(current)}
         updates = {}
         for key, value in values.items():
+            _remember_secrets(key, value)
             if key not in known:
                 raise ConfigError(
                     f"{source}: unknown setting {name}.{key}; known: {', '.join(sorted(known))}"
                 )
-            updates[key] = _coerce(value, hints[key], f"{source}: {name}.{key}")
+            try:
+                updates[key] = _coerce(value, hints[key], f"{name}.{key}")
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+            _remember_secrets(key, updates[key])
         changes[name] = dataclasses.replace(current, **updates)
     return dataclasses.replace(cfg, **changes)
 
 
-def _env_table(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+def _env_tables(
+    env: Mapping[str, str],
+) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, dict[str, str]]]]:
+    """(whole settings, entries of table settings) from ANNSTREAM_* variables.
+
+    `ANNSTREAM_KAFKA__CLIENT__SSL_CA_LOCATION` is the entry `ssl.ca.location` of kafka.client.
+    """
     table: dict[str, dict[str, str]] = {}
-    for key, value in env.items():
+    entries: dict[str, dict[str, dict[str, str]]] = {}
+    for key, value in sorted(env.items()):
         if not key.startswith(ENV_PREFIX) or "__" not in key:
             continue
         section, _, name = key[len(ENV_PREFIX) :].partition("__")
-        table.setdefault(section.lower(), {})[name.lower()] = value
-    return table
+        name, nested, entry = name.partition("__")
+        if not nested:
+            table.setdefault(section.lower(), {})[name.lower()] = value
+            continue
+        if not entry.strip("_"):
+            raise ConfigError(f"environment: {key} names no entry after {name}__")
+        _remember_secrets(entry, value)
+        fields = entries.setdefault(section.lower(), {})
+        fields.setdefault(name.lower(), {})[entry.lower().replace("_", ".")] = value
+    return table, entries
+
+
+def _merge_entries(
+    cfg: Config, entries: Mapping[str, Mapping[str, Mapping[str, str]]], source: str
+) -> Config:
+    """Add `entries` to the table settings they name (kafka.client, ...), keeping the others."""
+    for section, fields in entries.items():
+        current = getattr(cfg, section, None)
+        if current is None:
+            known = ", ".join(f.name for f in dataclasses.fields(Config))
+            raise ConfigError(f"{source}: unknown section [{section}]; known sections: {known}")
+        hints = typing.get_type_hints(type(current))
+        for name, values in fields.items():
+            if typing.get_origin(hints.get(name)) is not dict:
+                tables = [n for n, tp in hints.items() if typing.get_origin(tp) is dict]
+                raise ConfigError(
+                    f"{source}: {section}.{name} is not a table of settings, so it takes no "
+                    f"entries; tables: {', '.join(f'{section}.{t}' for t in tables) or 'none'}"
+                )
+            merged = {**getattr(current, name), **values}
+            cfg = _merge(cfg, {section: {name: merged}}, source)
+    return cfg
+
+
+# What the code accepts; tests check these against the modules that use them.
+METRICS = ("cosine", "ip", "l2")
+INDEX_KINDS = ("ivfflat", "ivfpq")
+HEAD_EXIT_POLICIES = ("expire", "delete")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+STORE_URL_FORMS = "sqlite:///path or aerospike://host:port/namespace/set"
+REGISTRY_URL_SCHEMES = ("http://", "https://", "mock://")
+MAX_TTL_S = 10 * 365 * 86_400
+"""Aerospike's TTL cap (10 years); -2 keeps a record's TTL, -1 never expires, 0 = default."""
+_TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def _problems(cfg: Config) -> Iterator[str]:
+    """One message per bad value: the key, the value (unless secret) and what is allowed."""
+
+    def bad(section: str, key: str, allowed: str) -> str:
+        value = getattr(getattr(cfg, section), key)
+        return f"{section}.{key} = {MASK if is_secret_key(key) else _shown(value, key)}: {allowed}"
+
+    def at_least(section: str, low: float, *keys: str) -> Iterator[str]:
+        for key in keys:
+            if getattr(getattr(cfg, section), key) < low:
+                yield bad(section, key, f"must be >= {low:g}")
+
+    def positive(section: str, *keys: str) -> Iterator[str]:
+        for key in keys:
+            if getattr(getattr(cfg, section), key) <= 0:
+                yield bad(section, key, "must be > 0")
+
+    def fraction(section: str, *keys: str) -> Iterator[str]:
+        for key in keys:
+            if not 0.0 <= getattr(getattr(cfg, section), key) <= 1.0:
+                yield bad(section, key, "must be between 0 and 1")
+
+    def one_of(section: str, key: str, allowed: tuple[str, ...]) -> Iterator[str]:
+        if getattr(getattr(cfg, section), key) not in allowed:
+            yield bad(section, key, f"use one of {', '.join(allowed)}")
+
+    k = cfg.kafka
+    for key in ("bootstrap_servers", "group_id"):
+        if not getattr(k, key).strip():
+            yield bad("kafka", key, "must not be empty")
+    for key in ("ad_topic", "engagement_topic", "dead_letter_topic", "head_state_topic"):
+        topic = getattr(k, key)
+        if not topic or len(topic) > 249 or not set(topic) <= _TOPIC_CHARS or topic in (".", ".."):
+            yield bad("kafka", key, "a Kafka topic name is 1-249 of a-z A-Z 0-9 . _ -")
+    if k.results_topic and (len(k.results_topic) > 249 or not set(k.results_topic) <= _TOPIC_CHARS):
+        yield bad(
+            "kafka", "results_topic", "a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -) or empty"
+        )
+    yield from positive("kafka", "head_state_restore_timeout_s")
+    urls = [u.strip() for u in k.schema_registry_url.split(",") if u.strip()]
+    if any(not u.startswith(REGISTRY_URL_SCHEMES) for u in urls):
+        yield bad(
+            "kafka", "schema_registry_url", f"use {', '.join(REGISTRY_URL_SCHEMES)} URLs or empty"
+        )
+    if k.schema_registry_key_location and not k.schema_registry_cert_location:
+        yield bad("kafka", "schema_registry_key_location", "needs schema_registry_cert_location")
+    if any(not key.strip() for key in k.client):
+        yield "kafka.client has an entry with an empty name"
+
+    i = cfg.index
+    yield from positive("index", "dim", "nlist", "nprobe", "train_size")
+    yield from one_of("index", "metric", METRICS)
+    yield from one_of("index", "kind", INDEX_KINDS)
+    if 0 < i.nlist < i.nprobe:
+        yield bad("index", "nprobe", f"must be <= index.nlist ({i.nlist}), the lists there are")
+    if 0 < i.train_size < i.nlist:
+        yield bad("index", "train_size", f"must be >= index.nlist ({i.nlist}) to train the lists")
+    if i.kind == "ivfpq":
+        if i.pq_m <= 0 or (i.dim > 0 and i.dim % i.pq_m):
+            yield bad("index", "pq_m", f"must be a positive divisor of index.dim ({i.dim})")
+        if not 1 <= i.pq_nbits <= 16:
+            yield bad("index", "pq_nbits", "must be between 1 and 16")
+
+    yield from at_least("snapshot", 0, "every_s", "every_events")  # 0: that trigger is off
+    yield from positive("snapshot", "keep")
+    if not cfg.snapshot.dir.strip():
+        yield bad("snapshot", "dir", "must not be empty")
+
+    yield from at_least("drift", 1.0, "imbalance_threshold")
+    yield from fraction("drift", "recall_drop", "recall_threshold")
+    yield from positive("drift", "recall_sample", "check_every_batches", "reservoir_size")
+
+    h = cfg.heads
+    yield from positive("heads", "half_life_s", "max_tracked")
+    yield from at_least("heads", 0, "enter_score", "exit_score", "top_n", "top_n_slack")
+    if h.exit_score > h.enter_score:
+        yield bad("heads", "exit_score", f"must be <= heads.enter_score ({h.enter_score:g})")
+
+    r = cfg.refresh
+    yield from positive("refresh", "k", "batch_ms", "batch_events", "full_recompute_per_batch")
+    yield from at_least("refresh", 0, "margin", "nprobe", "scan_k")
+    if i.nlist > 0 and r.nprobe > i.nlist:
+        yield bad("refresh", "nprobe", f"must be <= index.nlist ({i.nlist}); 0 = index.nprobe")
+
+    st = cfg.store
+    url = st.url
+    if not (
+        (url.startswith("sqlite:///") and len(url) > len("sqlite:///"))
+        or url.startswith("aerospike://")
+    ):
+        yield bad("store", "url", f"use {STORE_URL_FORMS}")
+    yield from one_of("store", "on_head_exit", HEAD_EXIT_POLICIES)
+    yield from at_least("store", 0, "retries", "retry_backoff_s")
+    yield from positive("store", "timeout_ms")
+
+    sv = cfg.service
+    if not 0 <= sv.metrics_port <= 65535:
+        yield bad("service", "metrics_port", "must be 0 (off) or a TCP port, 1..65535")
+    if not sv.metrics_host.strip():
+        yield bad("service", "metrics_host", "must not be empty (0.0.0.0 for every interface)")
+    if sv.log_level.upper() not in LOG_LEVELS:
+        yield bad("service", "log_level", f"use one of {', '.join(LOG_LEVELS)}")
+    yield from positive(
+        "service", "shutdown_timeout_s", "flush_timeout_s", "recall_sample", "health_stale_s"
+    )
+    yield from at_least("service", 0, "recall_every_batches")
+    yield from fraction("service", "recall_warn_below")
+
+
+def validate(cfg: Config) -> Config:
+    """`cfg` if every value is in range, else ConfigError naming each bad one (one line).
+
+    Limits that must hold however a section is built (the message limit and event-time skew in
+    KafkaConfig, the store TTLs) are checked by that section's `__post_init__`, already when
+    the file or environment is merged; everything else is checked here.
+    """
+    problems = list(_problems(cfg))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
 
 
 def load_config(
@@ -325,7 +581,8 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Config:
-    """Defaults, then the TOML file at `path`, then `ANNSTREAM_*` variables, then `overrides`."""
+    """Defaults, then the TOML file at `path`, then `ANNSTREAM_*` variables, then `overrides`,
+    checked by `validate`."""
     cfg = Config()
     if path is not None:
         p = Path(path)
@@ -336,7 +593,9 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
         cfg = _merge(cfg, data, source=str(p))
-    cfg = _merge(cfg, _env_table(os.environ if env is None else env), source="environment")
+    table, entries = _env_tables(os.environ if env is None else env)
+    cfg = _merge(cfg, table, source="environment")
+    cfg = _merge_entries(cfg, entries, source="environment")
     if overrides:
         cfg = _merge(cfg, overrides, source="override")
-    return cfg
+    return validate(cfg)

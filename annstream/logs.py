@@ -2,7 +2,11 @@
 
 Kafka client settings (`sasl.password`, `ssl.key.password`, ...), store passwords and tokens
 end up in config dumps and error messages; `RedactFilter` masks the values of such keys in the
-message, its arguments, extra fields and exception text before any handler writes them.
+message, its arguments, extra fields and exception text before any handler writes them. The CLI
+passes its error messages through `redact_text` too, so this is the one place that decides what
+a secret is: values of secret-looking keys, URL passwords, and every value handed to
+`add_secret` (the config loader does so for each secret it reads), which also catches a secret
+quoted in a form no pattern knows (a librdkafka message, the tail of a mis-split value).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import json as jsonlib
 import logging
 import re
 import sys
+import threading
+import urllib.parse
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -20,6 +26,8 @@ __all__ = [
     "JsonFormatter",
     "MASK",
     "RedactFilter",
+    "add_secret",
+    "add_url_secrets",
     "configure_logging",
     "is_secret_key",
     "redact",
@@ -29,7 +37,11 @@ __all__ = [
 MASK = "***"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-_SECRET_WORDS = r"(?:password|passwd|passphrase|secret|token|api[_.-]?key|credentials?|jaas\.config|private[_.-]?key)"
+# Anywhere in a key: sasl.* (bar the mechanism names), ssl.key*, basic.auth* (Schema Registry).
+_SECRET_WORDS = (
+    r"(?:password|passwd|passphrase|secret|token|api[_.-]?key|credentials?|jaas\.config"
+    r"|private[_.-]?key|user[_.-]?info|sasl[_.-](?!mechanisms?\b)|ssl[_.-]key|basic[_.-]auth)"
+)
 _SECRET_KEY = re.compile(rf"^[\w.\-]*{_SECRET_WORDS}[\w.\-]*$", re.IGNORECASE)
 _KEY = rf"[\w.\-]*{_SECRET_WORDS}[\w.\-]*"
 # 'sasl.password': 'x'  |  "token": "x"  |  password='x'
@@ -37,7 +49,15 @@ _QUOTED = re.compile(rf"""(?P<k>['"]?{_KEY}['"]?\s*[:=]\s*)(?P<q>['"])(?P<v>.*?)
 # password=x  |  sasl.password: x  (up to a space, comma, semicolon, brace or quote)
 _BARE = re.compile(rf"""(?P<k>\b{_KEY}\s*[:=]\s*)(?P<v>[^\s,;'"{{}}()\[\]]+)""", re.I)
 # scheme://user:password@host
-_URL = re.compile(r"(?P<k>\b[a-z][a-z0-9+.\-]*://[^\s:/@]+:)(?P<v>[^\s@/]+)(?=@)", re.I)
+_URL = re.compile(r"(?P<k>\b[a-z][a-z0-9+.\-]*://[^\s:/@]*:)(?P<v>[^\s@/]+)(?=@)", re.I)
+# librdkafka: Invalid value "x" for configuration property "sasl.password"
+_RDKAFKA = re.compile(
+    r'(?P<k>value ")(?P<v>.*?)(?P<rest>" for configuration property "(?P<p>[^"]+)")'
+)
+# Shorter values are not masked as literals: they would mangle ordinary words.
+_MIN_SECRET_LENGTH = 4
+_secrets: frozenset[str] = frozenset()
+_secrets_lock = threading.Lock()
 
 _RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
     "message",
@@ -52,10 +72,31 @@ def is_secret_key(key: str) -> bool:
     return bool(_SECRET_KEY.match(key))
 
 
+def add_secret(value: str) -> None:
+    """Mask `value` (and its comma-separated pieces) wherever `redact_text` meets it from now on."""
+    global _secrets
+    # A value split on its commas (a list of hosts, a list of settings) may show up in pieces.
+    pieces = {value, *value.split(",")}
+    with _secrets_lock:
+        _secrets = _secrets | {p for p in pieces if len(p) >= _MIN_SECRET_LENGTH and p != MASK}
+
+
+def add_url_secrets(text: str) -> None:
+    """`add_secret` the password of every `scheme://user:password@` URL in `text`."""
+    for m in _URL.finditer(text):
+        add_secret(m["v"])
+        add_secret(urllib.parse.unquote(m["v"]))
+
+
 def redact_text(text: str) -> str:
-    """`text` with the values of secret-looking keys and URL passwords replaced by ***."""
+    """`text` with the values of secret-looking keys, URL passwords and known secrets masked."""
     if not text:
         return text
+    for secret in sorted(_secrets, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    text = _RDKAFKA.sub(
+        lambda m: f"{m['k']}{MASK if is_secret_key(m['p']) else m['v']}{m['rest']}", text
+    )
     text = _QUOTED.sub(lambda m: f"{m['k']}{m['q']}{MASK}{m['q']}", text)
     text = _BARE.sub(lambda m: f"{m['k']}{MASK}", text)
     return _URL.sub(lambda m: f"{m['k']}{MASK}", text)

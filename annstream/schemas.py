@@ -1,9 +1,13 @@
 """Avro schemas, schema ids and the Confluent wire format (magic 0, 4-byte schema id, payload).
 
 Schema ids come from a local registry file (schemas/registry.json by default) or, when a URL is
-configured, from a Confluent-compatible Schema Registry. Readers resolve any writer schema they
-can look up by id against their own reader schema, so adding an optional field never breaks an
-older consumer.
+configured, from a Confluent Schema Registry through confluent-kafka's `SchemaRegistryClient`
+(basic auth, TLS, `mock://` for tests). Readers resolve any writer schema they can look up by id
+against their own reader schema, so adding an optional field never breaks an older consumer.
+
+Code asks for the schema of a kind of record by its subject under the default topic names
+(`AD_SUBJECT`, ...); a Schema Registry maps that to the subject of the configured topic,
+`<topic>-value` (Confluent's TopicNameStrategy), so Java, Connect and ksqlDB find it there.
 """
 
 from __future__ import annotations
@@ -12,27 +16,30 @@ import json
 import logging
 import struct
 import threading
-import urllib.error
-import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import fastavro
 
+from annstream.config import KafkaConfig
 from annstream.errors import InvalidEventError, SchemaError
+from annstream.logs import add_secret, redact_text
 
 __all__ = [
     "AD_SUBJECT",
     "ENGAGEMENT_SUBJECT",
     "NEIGHBOUR_SUBJECT",
-    "HttpSchemaRegistry",
+    "ConfluentSchemaRegistry",
     "LocalSchemaRegistry",
     "SchemaRegistry",
     "frame",
     "load_schema",
     "open_registry",
     "schema_dir",
+    "topic_subjects",
     "unframe",
 ]
 
@@ -157,61 +164,168 @@ class LocalSchemaRegistry:
             ) from None
 
 
-class HttpSchemaRegistry:
-    """A Confluent-compatible Schema Registry over HTTP; writer ids are registered on first use."""
+def topic_subjects(kafka: KafkaConfig) -> dict[str, str]:
+    """The registry subject of each kind of record: `<configured topic>-value` (TopicNameStrategy)."""
+    return {
+        AD_SUBJECT: f"{kafka.ad_topic}-value",
+        ENGAGEMENT_SUBJECT: f"{kafka.engagement_topic}-value",
+        NEIGHBOUR_SUBJECT: f"{kafka.results_topic}-value"
+        if kafka.results_topic
+        else NEIGHBOUR_SUBJECT,
+    }
 
-    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
-        self.url = url.rstrip("/")
-        self.timeout_s = timeout_s
+
+def _client_settings(kafka: KafkaConfig) -> tuple[dict[str, Any], str]:
+    """(SchemaRegistryClient settings, the URLs as messages may show them).
+
+    Credentials move from the URLs' `user:password@` to `basic.auth.user.info`, so that no URL
+    the client may quote in an error carries them.
+    """
+    urls, user, password = [], kafka.schema_registry_user, kafka.schema_registry_password
+    for raw in (u.strip() for u in kafka.schema_registry_url.split(",") if u.strip()):
+        parts = urlsplit(raw)
+        if parts.username or parts.password:
+            if kafka.schema_registry_user or kafka.schema_registry_password:
+                raise SchemaError(
+                    "kafka.schema_registry_url carries user:password@ and "
+                    "kafka.schema_registry_user/password are set too: keep one of them"
+                )
+            user, password = unquote(parts.username or ""), unquote(parts.password or "")
+            netloc = parts.netloc.rpartition("@")[2]
+            raw = urlunsplit(parts._replace(netloc=netloc))
+        urls.append(raw)
+    settings: dict[str, Any] = {"url": ",".join(urls), "timeout": 10}
+    if user or password:
+        add_secret(password)
+        settings["basic.auth.user.info"] = f"{user}:{password}"
+    for key, value in (
+        ("ssl.ca.location", kafka.schema_registry_ca_location),
+        ("ssl.certificate.location", kafka.schema_registry_cert_location),
+        ("ssl.key.location", kafka.schema_registry_key_location),
+    ):
+        if value:
+            settings[key] = value
+    return settings, settings["url"]
+
+
+class ConfluentSchemaRegistry:
+    """A Confluent Schema Registry through confluent-kafka's client; writer ids on first use.
+
+    `subjects` maps annstream's subjects to those of the configured topics (`topic_subjects`).
+    With `auto_register` a writer registers its schema (dev); without, it only looks the schema
+    up under its subject and refuses to start when it is missing (production: schemas are
+    registered ahead, by CI or an operator, under the registry's compatibility rules).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        subjects: Mapping[str, str] | None = None,
+        auto_register: bool = True,
+        where: str = "",
+    ) -> None:
+        self.client = client
+        self.subjects = dict(subjects or {})
+        self.auto_register = auto_register
+        self.where = redact_text(where or str(client.config().get("url", "")))
         self._ids: dict[str, int] = {}
         self._schemas: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(
-            self.url + path,
-            data=data,
-            method=method,
-            headers={"Content-Type": "application/vnd.schemaregistry.v1+json"},
-        )
+    @classmethod
+    def from_config(cls, kafka: KafkaConfig) -> ConfluentSchemaRegistry:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        settings, where = _client_settings(kafka)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                raise KeyError(path) from exc
-            raise SchemaError(f"schema registry {self.url}{path}: HTTP {exc.code}") from exc
-        except (urllib.error.URLError, OSError) as exc:
-            raise SchemaError(f"schema registry {self.url} unreachable: {exc}") from exc
+            client = SchemaRegistryClient.new_client(settings)
+        except (ValueError, TypeError, OSError) as exc:
+            raise SchemaError(
+                f"cannot set up the schema registry client for {redact_text(where)}: "
+                f"{redact_text(str(exc))}; check the kafka.schema_registry_* settings"
+            ) from None
+        return cls(
+            client,
+            subjects=topic_subjects(kafka),
+            auto_register=kafka.schema_registry_auto_register,
+            where=where,
+        )
+
+    def _failure(self, exc: Exception, doing: str) -> SchemaError:
+        from confluent_kafka.schema_registry import SchemaRegistryError
+
+        if isinstance(exc, SchemaRegistryError):
+            why = f"HTTP {exc.http_status_code}: {exc.error_message}"
+        else:
+            why = f"cannot reach it ({type(exc).__name__}: {exc})"
+        return SchemaError(redact_text(f"schema registry {self.where}, {doing}: {why}"))
 
     def id_for(self, subject: str) -> int:
+        from confluent_kafka.schema_registry import Schema, SchemaRegistryError
+
         with self._lock:
-            if subject not in self._ids:
-                if subject not in _SUBJECT_FILES:
-                    raise SchemaError(f"no local schema for subject {subject!r} to register")
-                text = (schema_dir() / _SUBJECT_FILES[subject]).read_text("utf-8")
-                reply = self._call("POST", f"/subjects/{subject}/versions", {"schema": text})
-                self._ids[subject] = int(reply["id"])
-            return self._ids[subject]
+            if subject in self._ids:
+                return self._ids[subject]
+            if subject not in _SUBJECT_FILES:
+                raise SchemaError(f"no local schema for subject {subject!r} to register")
+            file = _SUBJECT_FILES[subject]
+            schema = Schema((schema_dir() / file).read_text("utf-8"), "AVRO")
+            target = self.subjects.get(subject, subject)
+            try:
+                if self.auto_register:
+                    schema_id = int(self.client.register_schema(target, schema))
+                else:
+                    schema_id = int(self.client.lookup_schema(target, schema).schema_id)
+            except SchemaRegistryError as exc:
+                if not self.auto_register and exc.http_status_code == 404:
+                    raise SchemaError(
+                        f"schema registry {self.where} has no {file} under subject {target!r}, "
+                        "and kafka.schema_registry_auto_register is false: register it there "
+                        "first, or allow auto-registration"
+                    ) from None
+                action = "registering" if self.auto_register else "looking up"
+                raise self._failure(exc, f"{action} {file} under {target!r}") from None
+            except Exception as exc:  # httpx and ssl errors: the client wraps none of them
+                raise self._failure(exc, f"subject {target!r}") from None
+            self._ids[subject] = schema_id
+            return schema_id
 
     def schema(self, schema_id: int) -> dict[str, Any]:
+        from confluent_kafka.schema_registry import SchemaRegistryError
+
         with self._lock:
-            if schema_id not in self._schemas:
-                try:
-                    reply = self._call("GET", f"/schemas/ids/{schema_id}")
-                except KeyError:
+            if schema_id in self._schemas:
+                return self._schemas[schema_id]
+            try:
+                found = self.client.get_schema(schema_id)
+            except SchemaRegistryError as exc:
+                if exc.http_status_code == 404:
                     raise InvalidEventError(
-                        f"unknown schema id {schema_id}: the schema registry {self.url} "
-                        "does not know it"
+                        f"unknown schema id {schema_id}: the schema registry does not know it"
                     ) from None
-                parsed = fastavro.parse_schema(json.loads(reply["schema"]))
-                self._schemas[schema_id] = cast(dict[str, Any], parsed)
+                raise self._failure(exc, f"schema id {schema_id}") from None
+            except Exception as exc:
+                raise self._failure(exc, f"schema id {schema_id}") from None
+            kind = found.schema_type or "AVRO"
+            if kind != "AVRO":
+                raise InvalidEventError(f"schema id {schema_id} is a {kind} schema, not Avro")
+            try:
+                parsed = fastavro.parse_schema(json.loads(found.schema_str))
+            except (ValueError, fastavro.schema.SchemaParseException) as exc:
+                raise InvalidEventError(
+                    f"schema id {schema_id} is no Avro schema fastavro can read "
+                    f"(references are not supported): {exc}"
+                ) from None
+            self._schemas[schema_id] = cast(dict[str, Any], parsed)
             return self._schemas[schema_id]
 
 
-def open_registry(url: str = "", file: str = "") -> SchemaRegistry:
-    """The Schema Registry at `url` if set, else the local registry `file` (or the shipped one)."""
-    if url:
-        return HttpSchemaRegistry(url)
-    return LocalSchemaRegistry(file or None)
+def open_registry(config: KafkaConfig | str | None = None, file: str = "") -> SchemaRegistry:
+    """The Schema Registry the Kafka settings name, else the local registry file (or the shipped
+    one). A bare URL (and `file`) is accepted too, with the default topics' subjects."""
+    if not isinstance(config, KafkaConfig):
+        config = KafkaConfig(schema_registry_url=config or "", schema_registry_file=file)
+    if config.schema_registry_url:
+        return ConfluentSchemaRegistry.from_config(config)
+    return LocalSchemaRegistry(config.schema_registry_file or None)

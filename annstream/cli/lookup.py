@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import numpy.typing as npt
 
+from annstream.cli import error_line
 from annstream.config import load_config
 from annstream.serving import ServingResult, exclude, select
 from annstream.store import LookupResult, open_store
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = select(raw, args.k, predicate)
     except ValueError as exc:
-        print(f"annstream lookup: error: {exc}", file=sys.stderr)
+        print(error_line("lookup", str(exc)), file=sys.stderr)
         return 2
     columns = {
         name: _metadata_of(result, raw, values)

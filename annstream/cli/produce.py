@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     if peek is None:
         _report(args, PublishStats().as_dict(topic) | times, f"no {args.kind} events to publish")
         return 0
-    registry = open_registry(k.schema_registry_url, k.schema_registry_file)
+    registry = open_registry(k)
     codec = (AdCodec if args.kind == "ads" else EngagementCodec)(
         registry, peek.dim, cfg.index.metric
     )

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         "max_events": args.max_events,
     }
     if args.from_file:
-        registry = open_registry(k.schema_registry_url, k.schema_registry_file)
+        registry = open_registry(k)
         result = replay_file(args.from_file, publisher, registry, **common)
     else:
         consumer = make_consumer(k, "annstream-replay", **{"enable.partition.eof": True})

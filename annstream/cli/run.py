@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         help="TOML config file (sections kafka, index, snapshot, drift, heads, refresh, store, "
-        "service); ANNSTREAM_<SECTION>__<KEY> environment variables override it",
+        "service); ANNSTREAM_<SECTION>__<KEY> environment variables override it, and "
+        "ANNSTREAM_KAFKA__CLIENT__<ENTRY> sets one [kafka.client] entry, '_' read as '.' "
+        "(ANNSTREAM_KAFKA__CLIENT__SASL_PASSWORD: sasl.password; commas allowed)",
     )
     parser.add_argument(
         "--bootstrap-servers", help="Kafka bootstrap servers (kafka.bootstrap_servers)"

@@ -83,7 +83,7 @@ def test_tune_on_npy_file_and_snapshot(capsys: pytest.CaptureFixture[str], tmp_p
     index = LiveIvfIndex.train(cfg, x)
     index.upsert(np.arange(len(x)), x)
     write_snapshot(tmp_path / "snaps", index, {}, {})
-    (tmp_path / "c.toml").write_text("[index]\ndim = 16\nnlist = 16\n")
+    (tmp_path / "c.toml").write_text("[index]\ndim = 16\nnlist = 16\nnprobe = 4\n")
     code, out = _tune(
         capsys, "--snapshot-dir", str(tmp_path / "snaps"), "--config", str(tmp_path / "c.toml"),
         *args,

@@ -5,6 +5,7 @@ a TTL write refused by Aerospike) is caught by reading the files together.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import tomllib
@@ -294,6 +295,50 @@ def test_service_config_points_at_the_compose_services(
         "store",
         "service",
     }
+
+
+def _dockerfile_env() -> dict[str, str]:
+    """The ENV of the final image stage (`ENV K=V K2=V2`, one or more instructions)."""
+    env: dict[str, str] = {}
+    for instruction, rest in _dockerfile_stages()[-1]:
+        if instruction == "ENV":
+            env.update(word.split("=", 1) for word in shlex.split(rest))
+    return env
+
+
+def _config_in_container(service: dict[str, Any]) -> Config:
+    """What `annstream run` loads in this container: the file its command names (mounted from the
+    repo, else the copy the image carries), then the image's and the service's ANNSTREAM_* vars."""
+    command = service.get("command") or []
+    path = command[command.index("--config") + 1]
+    mounted = dict((t, s) for s, t in _mounts(service))
+    if path in mounted:
+        source = ROOT / mounted[path]
+    else:
+        copies = [r.split() for i, r in _dockerfile_stages()[-1] if i == "COPY"]
+        (source,) = (ROOT / words[-2] for words in copies if words[-1] == path)
+    return load_config(source, env={**_dockerfile_env(), **_env(service)})
+
+
+def test_metrics_listen_where_prometheus_can_scrape_them(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Prometheus scrapes refresher:9108 from another container, so the service must listen on
+    all interfaces of its own; 127.0.0.1 passes the in-container health check and nothing else."""
+    refresher = services["refresher"]
+    (cmd,) = (r for i, r in _dockerfile_stages()[-1] if i == "CMD")
+    for cfg in (
+        _config_in_container(refresher),
+        _config_in_container({"command": json.loads(cmd)}),  # `docker run annstream:TAG`
+    ):
+        assert cfg.service.metrics_host == "0.0.0.0", (
+            f"the container's metrics listen on {cfg.service.metrics_host}:"
+            f"{cfg.service.metrics_port}, out of reach of Prometheus and of the published port"
+        )
+        assert cfg.service.metrics_port == METRICS_PORT
+    expose = [r for i, r in _dockerfile_stages()[-1] if i == "EXPOSE"]
+    assert expose == [str(METRICS_PORT)]
+    assert METRICS_PORT in _published(refresher)
 
 
 def _dockerfile_stages() -> list[list[tuple[str, str]]]:

@@ -10,7 +10,14 @@ from collections.abc import Iterator
 import pytest
 
 from annstream.config import Config, KafkaConfig, StoreConfig
-from annstream.logs import MASK, configure_logging, is_secret_key, redact, redact_text
+from annstream.logs import (
+    MASK,
+    add_secret,
+    configure_logging,
+    is_secret_key,
+    redact,
+    redact_text,
+)
 
 SECRET = "hunter2-s3cr3t"
 
@@ -52,7 +59,7 @@ def test_json_lines_have_the_fields_and_extras(out: io.StringIO) -> None:
 
 def test_secrets_are_masked_in_messages_args_extras_and_exceptions(out: io.StringIO) -> None:
     log = logging.getLogger("annstream.test")
-    client = {"sasl.username": "svc", "sasl.password": SECRET, "ssl.key.password": SECRET}
+    client = {"sasl.mechanisms": "PLAIN", "sasl.password": SECRET, "ssl.key.password": SECRET}
     log.info("kafka client %s", client)
     log.warning("connect sasl.password=%s token: %s", SECRET, SECRET)
     log.info("store", extra={"password": SECRET, "conf": {"api_key": SECRET, "host": "h"}})
@@ -64,7 +71,7 @@ def test_secrets_are_masked_in_messages_args_extras_and_exceptions(out: io.Strin
     text = out.getvalue()
     assert SECRET not in text
     lines = _lines(out)
-    assert "'sasl.username': 'svc'" in str(lines[0]["message"])
+    assert "'sasl.mechanisms': 'PLAIN'" in str(lines[0]["message"])
     assert lines[2]["password"] == MASK and lines[2]["conf"] == {"api_key": MASK, "host": "h"}
     assert "admin:***@db:3000" in str(lines[3]["message"])
 
@@ -108,3 +115,57 @@ def test_redact_config_dump() -> None:
     assert is_secret_key("ssl.key.password") and is_secret_key("TOKEN")
     assert not is_secret_key("bootstrap.servers")
     assert redact_text("no secrets here: nprobe=32") == "no secrets here: nprobe=32"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "sasl.password",
+        "sasl.username",  # a Confluent Cloud API key
+        "sasl.oauthbearer.client.secret",
+        "sasl.jaas.config",
+        "ssl.key.password",
+        "ssl.key.pem",
+        "ssl.keystore.password",
+        "basic.auth.user.info",
+        "schema_registry_password",
+        "SASL_PASSWORD",
+        "password",
+    ],
+)
+def test_secret_keys(key: str) -> None:
+    assert is_secret_key(key)
+    assert redact_text(f"{key}=abc,def") == f"{key}=***,def"
+
+
+@pytest.mark.parametrize(
+    "key", ["sasl.mechanisms", "sasl.mechanism", "security.protocol", "ssl.ca.location", "url"]
+)
+def test_not_secret_keys(key: str) -> None:
+    assert not is_secret_key(key)
+
+
+def test_urls_lose_their_password_and_keep_the_user() -> None:
+    assert (
+        redact_text("https://key:s%40cret@sr.example:443/x") == "https://key:***@sr.example:443/x"
+    )
+    assert redact_text("at https://:pw12@sr:8081, not") == "at https://:***@sr:8081, not"
+    assert redact_text("https://sr.example:8081/subjects") == "https://sr.example:8081/subjects"
+
+
+def test_librdkafka_invalid_value_of_a_secret_property_is_masked() -> None:
+    secret = 'Invalid value "p4ss" for configuration property "sasl.password"'
+    assert redact_text(secret) == 'Invalid value "***" for configuration property "sasl.password"'
+    plain = 'Invalid value "SSL2" for configuration property "security.protocol"'
+    assert redact_text(plain) == plain
+
+
+def test_added_secrets_are_masked_in_any_form(out: io.StringIO) -> None:
+    add_secret("tail-of-a,comma-pw")
+    add_secret("pw")  # too short to mask as a literal: it would mangle ordinary words
+    assert redact_text("could not log in as svc with tail-of-a,comma-pw.") == (
+        "could not log in as svc with ***."
+    )
+    assert redact_text("pw is short") == "pw is short"
+    logging.getLogger("annstream.test").error("librdkafka said %s", "tail-of-a,comma-pw!")
+    assert "comma-pw!" not in out.getvalue() and "***!" in out.getvalue()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 
 import pytest
 
@@ -34,12 +35,33 @@ def test_top_level_api_is_pinned() -> None:
             "ConfigError",
             "IndexStateError",
             "InvalidEventError",
+            "NeighbourReader",
             "SchemaError",
+            "ServingResult",
             "SnapshotError",
             "StoreConfigError",
             "StoreError",
             "StoreUnavailableError",
             "__version__",
             "load_config",
+            "open_store",
         ]
     )
+
+
+def test_embedding_api_serves_lookups_from_the_top_level(tmp_path: Path) -> None:
+    """What the README shows: read stored lists with names from `annstream` alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, annstream\n"
+        "assert 'annstream.serving' not in sys.modules  # import annstream stays light\n"
+        "from annstream import NeighbourReader, ServingResult, load_config, open_store\n"
+        f"cfg = load_config(env={{}}, overrides={{'store': {{'url': 'sqlite:///{tmp_path}/n.db'}}}})\n"
+        "store = open_store(cfg.store.url, cfg.store)\n"
+        "result = NeighbourReader(store, k=5).lookup([1, 2])\n"
+        "assert isinstance(result, ServingResult) and not result.found.any()\n"
+        "store.close()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
