@@ -252,7 +252,7 @@ class ServiceRig:
             AdCodec(self.registry, 50),
             synthetic_ads(opts.ads, seed=opts.seed, pool=self.pool, queries=opts.queries),
         )
-        self.service = RefresherService(self.cfg)
+        self.service = RefresherService.from_config(self.cfg)
         self._started = self.service
         self.step_until(
             lambda s: (

@@ -117,12 +117,15 @@ class NeighbourLists:
 
 @dataclass(frozen=True)
 class UpsertResult:
-    """Per row of an upsert: stored now, skipped as stale (done), or failed (retry, no commit)."""
+    """Per row of an upsert: stored now, skipped as stale (done), failed (retryable: retry, no
+    commit), or `permanent` (refused for good, e.g. record too big: report, never retry;
+    None = no such row)."""
 
     stored: BoolArray
     stale: BoolArray
     failed: BoolArray
     errors: dict[int, str] = field(default_factory=dict)
+    permanent: BoolArray | None = None
 
     @property
     def done(self) -> BoolArray:

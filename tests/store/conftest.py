@@ -14,6 +14,7 @@ import pytest
 
 from annstream.config import StoreConfig
 from annstream.store import NeighbourLists, NeighbourStore, open_store
+from annstream.store.memory import InMemoryStore
 from annstream.store.sqlite import SqliteStore
 from annstream.testing.aerospike_server import AerospikeTestServer, Fault
 
@@ -97,7 +98,12 @@ def _aerospike_backend(server: AerospikeTestServer, cfg: StoreConfig, clock: Fak
     return Backend("aerospike", store, clock, fail, server.clear_faults, refuse_ttl)
 
 
-@pytest.fixture(params=["sqlite", "aerospike"])
+def _memory_backend(cfg: StoreConfig, clock: FakeClock) -> Backend:
+    store = InMemoryStore(cfg, clock=clock)
+    return Backend("memory", store, clock, store.fail, store.heal, None)
+
+
+@pytest.fixture(params=["sqlite", "aerospike", "memory"])
 def backend(
     request: pytest.FixtureRequest,
     tmp_path: Path,
@@ -106,6 +112,8 @@ def backend(
 ) -> Iterator[Backend]:
     if request.param == "sqlite":
         b = _sqlite_backend(tmp_path / "store.db", store_cfg, clock)
+    elif request.param == "memory":
+        b = _memory_backend(store_cfg, clock)
     else:
         server: AerospikeTestServer = request.getfixturevalue("aerospike_server")
         server.clear()
