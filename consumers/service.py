@@ -154,6 +154,7 @@ class RefresherService:
         self._eng_offsets: dict[int, int] = {}
         self._now_ms = 0
         self._rebalanced = False
+        self._closed = False
         self.batcher = MicroBatcher(cfg.refresh)
         self.snapshot_policy = SnapshotPolicy(cfg.snapshot)
         self.drift = DriftMonitor(cfg.drift, cfg.index.dim)
@@ -524,7 +525,10 @@ class RefresherService:
             self._flush()
 
     def shutdown(self) -> None:
-        """Finish the micro-batch, store, flush, commit, snapshot, close."""
+        """Finish the micro-batch, store, flush, commit, snapshot, close (once)."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.drain(self.cfg.service.shutdown_timeout_s)
             if not self.checkpoint.pending:

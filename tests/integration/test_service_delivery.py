@@ -208,10 +208,12 @@ def test_status_and_health_answer_through_a_store_outage_and_say_the_store_is_do
                     break
                 assert time.monotonic() < deadline, f"still unhealthy: {health}"
                 time.sleep(0.2)
+            while committed_offsets(bootstrap, topics.engagements, group) != feed.engagement_ends:
+                assert time.monotonic() < deadline, "not everything committed after the outage"
+                time.sleep(0.5)
         finally:
             stop.set()
             loop.join(60)
-        assert committed_offsets(bootstrap, topics.engagements, group) == feed.engagement_ends
 
 
 def _stale_lists(query_ids: np.ndarray) -> NeighbourLists:
