@@ -149,6 +149,18 @@ class EngagementStream:
         self.paused = True
         self.consumer.pause([TopicPartition(self.topic, p) for p in sorted(self.assigned)])
 
+    def keep_alive(self, timeout_s: float) -> None:
+        """Serve heartbeats and rebalance callbacks while paused; a message that still comes
+        (fetched before the pause) is not processed: its partition is rewound to it."""
+        first: dict[int, int] = {}
+        for m in self.consumer.consume(10, timeout_s):
+            if m.error() is None and m.partition() is not None:
+                first.setdefault(int(m.partition() or 0), int(m.offset() or 0))
+        for p, offset in first.items():
+            if p in self.assigned:
+                logger.warning("engagement partition %d delivered while paused: rewound", p)
+                self.consumer.seek(TopicPartition(self.topic, p, offset))
+
     def resume(self) -> None:
         self.paused = False
         self.consumer.resume([TopicPartition(self.topic, p) for p in sorted(self.assigned)])

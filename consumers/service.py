@@ -335,7 +335,7 @@ class RefresherService:
     def _keep_alive(self, timeout_s: float) -> None:
         """Serve heartbeats and rebalances while consumption is paused."""
         if self.engagements is not None:
-            self.engagements.consumer.consume(1, timeout_s)
+            self.engagements.keep_alive(timeout_s)
         else:
             time.sleep(timeout_s)
 
