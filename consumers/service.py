@@ -470,6 +470,7 @@ class RefresherService:
             self.metrics.observe_store_error(f"verify: {exc}")
             logger.warning("store verification skipped, the store cannot be read: %s", exc)
             return
+        self.metrics.observe_store_ok()
         if not len(lost):
             return
         self.stats.rewrites += len(lost)
