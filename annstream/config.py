@@ -25,6 +25,7 @@ __all__ = [
     "HeadsConfig",
     "IndexConfig",
     "KafkaConfig",
+    "MAX_TTL_S",
     "RefreshConfig",
     "ServiceConfig",
     "SnapshotConfig",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 ENV_PREFIX = "ANNSTREAM_"
+MAX_TTL_S = 315_360_000  # 10 years: a real Aerospike server answers a longer TTL with result 4
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,11 @@ class RefreshConfig:
     Each head query keeps `k` + `margin` neighbours; `nprobe` 0 means the index's own.
     `scan_k`: changed ads considered per head query and micro-batch; a query with more
     qualifying candidates is searched again in full.
+    `exclude_self`: leave a query's own id out of its list (similar items, where a query is
+    itself an ad).
+    `retired_max_mb`: memory for the lists of queries that left the head set and stay readable
+    until `store.exit_ttl_s` (the refresher removes deleted ads from them); over it, the lists
+    expiring soonest are rewritten empty and forgotten.
     """
 
     k: int = 100
@@ -130,15 +137,21 @@ class RefreshConfig:
     full_recompute_per_batch: int = 5_000
     nprobe: int = 0
     scan_k: int = 16
+    exclude_self: bool = False
+    retired_max_mb: int = 256
 
 
 @dataclass(frozen=True)
 class StoreConfig:
     """The neighbour store: `sqlite:///path` embedded, `aerospike://host:port/namespace/set`.
 
-    Writes make one attempt per call; what is not stored stays pending and is retried after a
-    backoff starting at `retry_backoff_s` and doubling up to `retry_backoff_max_s`, while the
-    service keeps polling with consumption paused.
+    `sqlite:///relative/path.db` is relative to the working directory,
+    `sqlite:////absolute/path.db` (four slashes) is absolute. `ttl_s` and `exit_ttl_s`: -2 keep
+    the stored TTL, -1 never expire, 0 namespace default, up to 315,360,000 s (10 years,
+    Aerospike's limit). `retries` / `retry_backoff_s` bound the connection attempts at
+    start-up; a store call itself tries once. Writes that fail stay pending in the service and
+    are retried after a backoff starting at `retry_backoff_s` and doubling up to
+    `retry_backoff_max_s`, while it keeps polling with consumption paused.
     """
 
     url: str = "sqlite:///var/annstream.db"
@@ -153,6 +166,16 @@ class StoreConfig:
     password: str = ""
     tls_name: str = ""
     tls_cafile: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("ttl_s", "exit_ttl_s"):
+            value = getattr(self, key)
+            if not -2 <= value <= MAX_TTL_S:
+                raise ConfigError(
+                    f"store.{key} = {value} is out of range: use -2 (keep), -1 (never), "
+                    f"0 (namespace default) or 1..{MAX_TTL_S} seconds (10 years, the most "
+                    "Aerospike accepts; it refuses a longer TTL on every write)"
+                )
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""The incremental refresher: keeps every head query's top K fresh, micro-batch by micro-batch.
+"""The incremental refresher: keeps every head query's K + margin list fresh, micro-batch by
+micro-batch.
 
 Each head query keeps K + margin neighbours in the index's search order (score, ties by id), a
 valid-prefix length `c` (the first `c` entries are exactly the best `c` ads its IVF probe lists
-hold; a -1 inside the prefix means "no more ads") and its probe lists.
+hold; a -1 inside the prefix means "no more ads"; entries past it are -1 padding) and its probe
+lists.
 
 One micro-batch (`Refresher.apply`), two cores busy in steps 1-2:
 1. in a background thread: the new ads, routed to their list, are scored against the head
@@ -11,13 +13,20 @@ One micro-batch (`Refresher.apply`), two cores busy in steps 1-2:
    deletes go to the index in one call each;
 2. meanwhile the removed ads (deletes and the old version of updates) are found by id in the
    neighbour lists and those rows are compacted (`c` shrinks); a row whose valid prefix falls
-   below K is re-searched;
+   below K is re-searched; the retired lists (below) lose them too;
 3. the candidates still beating the (possibly raised) last valid score are merged into their
    rows, all at once (`c` grows up to K + margin);
 4. new head queries, changed query vectors and the re-searches above get a full search; after a
    retrain (index version changed) every head query is recomputed, at most
    `full_recompute_per_batch` per micro-batch (`pending_full` shows the progress);
-5. only the queries whose top K ids changed (plus new and changed queries) are returned.
+5. every list whose stored content changed (any id, order or score of the K + margin) is
+   returned, plus new and changed queries: the whole stored list is the contract, so a list
+   is never left holding a deleted ad or a stale score, even in its margin.
+
+Retired lists: the store keeps the list of a query that left the head set readable until its
+exit TTL. The refresher keeps those lists (ids, scores, expiry; no vector, no routing) and
+removes deleted and re-embedded ads from them, returning them for a rewrite with their
+remaining TTL (`RefreshResult.retired`); nothing enters them, so they only get shorter.
 
 Exactness rests on the quantizer: an ad can only enter the result of a query that probes the
 ad's list, so after a retrain everything is recomputed. Scores of routed ads are computed with
@@ -41,7 +50,17 @@ from annstream.config import RefreshConfig
 from annstream.heads import HeadChanges
 from annstream.index import LiveIvfIndex
 
-__all__ = ["AdChanges", "MicroBatcher", "RefreshResult", "Refresher"]
+__all__ = [
+    "RETIRED_GRACE_S",
+    "AdChanges",
+    "MicroBatcher",
+    "RefreshResult",
+    "Refresher",
+    "RetiredLists",
+    "compact_rows",
+    "drop_entries",
+    "held_entries",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +70,68 @@ BoolArray = npt.NDArray[np.bool_]
 VectorLookup = Callable[[Int64Array], npt.ArrayLike]
 
 _HOLD_BITS = 18
+_HOLD_CHUNK = 1 << 20
 _FILTER_TOL = 1e-4
+_NEVER = np.iinfo(np.int64).max
+# A retired list is kept this long past its expiry: the store's TTL starts when the micro-batch
+# is written, a little after the refresher computed it, and a late delete must still reach it.
+RETIRED_GRACE_S = 600
 
 
 def _empty_ids() -> Int64Array:
     return np.empty(0, dtype=np.int64)
+
+
+def held_entries(ids: Int64Array, removed: Int64Array) -> tuple[Int64Array, Int64Array]:
+    """(rows, columns) of the entries of `ids` (rows of ad ids) holding an id of `removed`.
+
+    `removed` is sorted and unique. A bitmap on the low id bits screens every entry in one
+    pass (in chunks, to bound the temporaries); only the few entries it lets through are
+    looked up exactly. Padding (-1) never matches.
+    """
+    removed = removed[removed != -1]
+    n, w = ids.shape
+    if n == 0 or w == 0 or len(removed) == 0:
+        return _empty_ids(), _empty_ids()
+    mask = (1 << _HOLD_BITS) - 1
+    bitmap = np.zeros(1 << _HOLD_BITS, dtype=bool)
+    bitmap[removed & mask] = True
+    flat = np.ascontiguousarray(ids).reshape(-1)
+    step = max(1, _HOLD_CHUNK // w) * w
+    parts = []
+    for a in range(0, len(flat), step):
+        chunk = flat[a : a + step]
+        hit = np.flatnonzero(bitmap[chunk & mask])
+        found = chunk[hit]
+        pos = np.minimum(np.searchsorted(removed, found), len(removed) - 1)
+        parts.append(hit[removed[pos] == found] + a)
+    rows, cols = np.divmod(np.concatenate(parts), w)
+    return rows, cols
+
+
+def compact_rows(ids: Int64Array, scores: Float32Array) -> tuple[Int64Array, Float32Array]:
+    """Rows with holes (id -1) as lists: the other entries first, in order, then -1 / -inf."""
+    keep = ids != -1
+    fill = np.arange(ids.shape[1])[None, :] < keep.sum(axis=1)[:, None]
+    out_i = np.full(ids.shape, -1, dtype=np.int64)
+    out_s = np.full(scores.shape, -np.inf, dtype=np.float32)
+    out_i[fill] = ids[keep]
+    out_s[fill] = scores[keep]
+    return out_i, out_s
+
+
+def drop_entries(
+    ids: Int64Array, scores: Float32Array, rows: Int64Array, cols: Int64Array
+) -> tuple[Int64Array, Int64Array, Int64Array, Float32Array]:
+    """Remove the entries (rows, cols) from their rows; the rest move up, -1 / -inf pad.
+
+    Returns the distinct rows hit, how many entries each lost and their new ids and scores.
+    """
+    hit, inv, gone_n = np.unique(rows, return_inverse=True, return_counts=True)
+    sub_i, sub_s = ids[hit], scores[hit]
+    sub_i[inv.reshape(-1), cols] = -1
+    out_i, out_s = compact_rows(sub_i, sub_s)
+    return hit, gone_n.astype(np.int64), out_i, out_s
 
 
 @dataclass(frozen=True)
@@ -75,10 +151,41 @@ class AdChanges:
 
 
 @dataclass(frozen=True)
-class RefreshResult:
-    """Head queries whose top K changed: K + margin neighbours each, padded with -1 / -inf.
+class RetiredLists:
+    """Lists of queries that left the head set, to rewrite with their remaining TTL.
 
-    Entries past a query's valid prefix are padding too; consumers keep the first K.
+    They lost ads deleted or re-embedded since (nothing enters them, so they may be shorter,
+    padded with -1 / -inf, or empty when evicted). `ttl_s` is each row's remaining TTL in
+    seconds as of the micro-batch (at least 1; the configured exit TTL itself when it is not
+    positive), `expires_at_ms` the wall-clock expiry the refresher keeps (-1: none).
+    """
+
+    query_ids: Int64Array
+    ids: Int64Array
+    scores: Float32Array
+    ttl_s: Int64Array
+    expires_at_ms: Int64Array
+
+    @classmethod
+    def empty(cls, width: int) -> RetiredLists:
+        return cls(
+            _empty_ids(),
+            np.empty((0, width), dtype=np.int64),
+            np.empty((0, width), dtype=np.float32),
+            _empty_ids(),
+            _empty_ids(),
+        )
+
+    def __len__(self) -> int:
+        return len(self.query_ids)
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    """Head queries whose stored list changed: K + margin neighbours each, -1 / -inf padded.
+
+    Every row is the whole list to store (entries past a query's valid prefix are padding).
+    `retired`: lists of queries that left the head set, rewritten with a per-row TTL.
     """
 
     query_ids: Int64Array
@@ -86,6 +193,7 @@ class RefreshResult:
     scores: Float32Array
     version: int
     stats: dict[str, float | int]
+    retired: RetiredLists = field(default_factory=lambda: RetiredLists.empty(0))
 
 
 class MicroBatcher:
@@ -179,16 +287,129 @@ class _Background:
         return self._out
 
 
-class Refresher:
-    """Maintains the K + margin neighbour lists of the head queries against a live index."""
+class _Retired:
+    """The retired lists in arrival order: query id, ids, scores, expiry (ms; _NEVER: none).
 
-    def __init__(self, index: LiveIvfIndex, cfg: RefreshConfig) -> None:
+    Removed ads leave holes (id -1) in place, closed when rows are read (`lists`).
+
+    `ttl_s` is the store's exit TTL: positive, rows expire that long after they retire;
+    otherwise they never expire here and are rewritten with that TTL as is.
+    """
+
+    def __init__(self, width: int, ttl_s: int, max_bytes: int) -> None:
+        self.width = width
+        self.ttl_s = int(ttl_s)
+        self.max_rows = max(1, max_bytes // self.row_bytes)
+        self.qid = _empty_ids()
+        self.ids = np.empty((0, width), dtype=np.int64)
+        self.scores = np.empty((0, width), dtype=np.float32)
+        self.expires_ms = _empty_ids()
+
+    def __len__(self) -> int:
+        return len(self.qid)
+
+    @property
+    def row_bytes(self) -> int:
+        """Query id, expiry, and 8 + 4 bytes per entry (id, score)."""
+        return 16 + 12 * self.width
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self.row_bytes
+
+    def keep(self, mask: BoolArray) -> None:
+        if mask.all():
+            return
+        self.qid, self.expires_ms = self.qid[mask], self.expires_ms[mask]
+        self.ids, self.scores = self.ids[mask], self.scores[mask]
+
+    def remove(self, qids: Int64Array) -> int:
+        if not len(self) or not len(qids):
+            return 0
+        gone = np.isin(self.qid, qids)
+        self.keep(~gone)
+        return int(gone.sum())
+
+    def add(
+        self, qids: Int64Array, ids: Int64Array, scores: Float32Array, expires_ms: Int64Array
+    ) -> None:
+        self.remove(qids)
+        self.qid = np.concatenate([self.qid, qids])
+        self.ids = np.concatenate([self.ids, ids])
+        self.scores = np.concatenate([self.scores, scores])
+        self.expires_ms = np.concatenate([self.expires_ms, expires_ms])
+
+    def expiry(self, n: int, now_ms: int) -> Int64Array:
+        at = now_ms + 1000 * self.ttl_s if self.ttl_s > 0 else _NEVER
+        return np.full(n, at, dtype=np.int64)
+
+    def expire(self, now_ms: int) -> int:
+        """Forget the rows whose store record expired (a grace period after their expiry)."""
+        live = self.expires_ms > now_ms - 1000 * RETIRED_GRACE_S
+        self.keep(live)
+        return int((~live).sum())
+
+    def drop_ads(self, removed: Int64Array, start: int = 0) -> Int64Array:
+        """Punch `removed` ads (sorted, unique) out of rows `start:` (holes: id -1, compacted
+        when the rows are read); returns the rows changed."""
+        rows, cols = held_entries(self.ids[start:], removed)
+        rows += start
+        self.ids[rows, cols] = -1
+        self.scores[rows, cols] = -np.inf
+        return np.unique(rows)
+
+    def evict(self) -> Int64Array:
+        """Empty the rows expiring soonest beyond `max_rows`; returns them (to forget later)."""
+        over = len(self) - self.max_rows
+        if over <= 0:
+            return _empty_ids()
+        rows = np.sort(np.argsort(self.expires_ms, kind="stable")[:over])
+        self.ids[rows] = -1
+        self.scores[rows] = -np.inf
+        return rows
+
+    def lists(self, rows: Int64Array, now_ms: int) -> RetiredLists:
+        rows = rows[np.argsort(self.qid[rows], kind="stable")]
+        exp = self.expires_ms[rows]
+        if self.ttl_s > 0:
+            ttl = np.maximum(1, -((now_ms - exp) // 1000))
+        else:
+            ttl = np.full(len(rows), self.ttl_s, dtype=np.int64)
+        ids, scores = compact_rows(self.ids[rows], self.scores[rows])
+        return RetiredLists(
+            self.qid[rows],
+            ids,
+            scores,
+            ttl.astype(np.int64),
+            np.where(exp == _NEVER, -1, exp).astype(np.int64),
+        )
+
+
+class Refresher:
+    """Maintains the K + margin neighbour lists of the head queries against a live index.
+
+    `retired_ttl_s`: the store's exit TTL when lists of queries that leave the head set stay
+    readable (`store.on_head_exit = "expire"`: pass `store.exit_ttl_s`); the refresher then
+    keeps removing deleted ads from them until they expire. None: exited lists are removed
+    from the store, nothing to keep. `clock` gives wall-clock seconds (TTLs).
+    """
+
+    def __init__(
+        self,
+        index: LiveIvfIndex,
+        cfg: RefreshConfig,
+        *,
+        retired_ttl_s: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if cfg.k <= 0 or cfg.margin < 0:
             raise ValueError(
                 f"refresh.k must be > 0 and refresh.margin >= 0, got {cfg.k}, {cfg.margin}"
             )
         if cfg.full_recompute_per_batch <= 0:
             raise ValueError("refresh.full_recompute_per_batch must be positive")
+        if cfg.retired_max_mb <= 0:
+            raise ValueError(f"refresh.retired_max_mb must be positive, got {cfg.retired_max_mb}")
         self.cfg = cfg
         self.k = int(cfg.k)
         self.width = int(cfg.k + cfg.margin)
@@ -215,7 +436,14 @@ class Refresher:
         self._snapped = np.zeros(0, dtype=bool)
         self._before_slots: list[Int64Array] = []
         self._before_ids: list[Int64Array] = []
+        self._before_scores: list[Float32Array] = []
         self._nlist = int(index.ivf.nlist)
+        self._clock = clock
+        self._retired = (
+            None
+            if retired_ttl_s is None
+            else _Retired(w, int(retired_ttl_s), int(cfg.retired_max_mb) << 20)
+        )
 
     @property
     def nprobe_eff(self) -> int:
@@ -310,21 +538,13 @@ class Refresher:
     # ---- scoring -----------------------------------------------------------------------
 
     def _held(self, removed: Int64Array) -> tuple[Int64Array, Int64Array]:
-        """(rows, columns) of the routed neighbour-list entries holding a removed ad.
+        """(rows, columns) of the live head queries' entries holding a removed ad.
 
-        A bitmap on the low id bits screens every entry in one pass; only the few entries it
-        lets through are looked up exactly (`removed` is sorted and unique).
+        Rows still waiting for their recompute after a retrain lose removed ads too: their
+        stored list must not serve them meanwhile.
         """
-        n = self._n
-        mask = (1 << _HOLD_BITS) - 1
-        bitmap = np.zeros(1 << _HOLD_BITS, dtype=bool)
-        bitmap[removed & mask] = True
-        ids = self._I[:n]
-        flat = np.flatnonzero(bitmap[ids & mask])
-        rows, cols = np.divmod(flat, self.width)
-        found = ids.reshape(-1)[flat]
-        pos = np.minimum(np.searchsorted(removed, found), len(removed) - 1)
-        ok = (removed[pos] == found) & self._routed[rows]
+        rows, cols = held_entries(self._I[: self._n], removed)
+        ok = self._alive[rows]
         return rows[ok], cols[ok]
 
     def _candidates(
@@ -510,31 +730,20 @@ class Refresher:
         return _Applied(n_deleted, len(scan), slots, plan.ins_ids[rows], scores, index_s)
 
     def _snapshot(self, slots: Int64Array) -> None:
-        """Remember the current top K ids of `slots` (first time only) for change detection."""
+        """Remember the whole list of `slots` (first time only) for change detection."""
         new = slots[~self._snapped[slots]]
         if len(new):
             self._snapped[new] = True
             self._before_slots.append(new)
-            self._before_ids.append(self._I[new, : self.k].copy())
+            self._before_ids.append(self._I[new].copy())
+            self._before_scores.append(self._S[new].copy())
 
     def _drop_held(self, rows: Int64Array, cols: Int64Array) -> Int64Array:
         """Compact the rows holding removed ads (`c` shrinks); returns rows now short of K."""
-        w = self.width
-        hit, inv, gone_n = np.unique(rows, return_inverse=True, return_counts=True)
-        in_top = np.zeros(len(hit), dtype=bool)
-        in_top[inv[cols < self.k]] = True
-        self._snapshot(hit[in_top])
-        held = np.zeros((len(hit), w), dtype=bool)
-        held[inv, cols] = True
-        sub_i, sub_s = self._I[hit], self._S[hit]
+        hit, gone_n, out_i, out_s = drop_entries(self._I, self._S, rows, cols)
+        self._snapshot(hit)
         c = self._c[hit]
-        complete = (c > 0) & (sub_s[np.arange(len(hit)), np.maximum(c - 1, 0)] == -np.inf)
-        fill = np.arange(w)[None, :] < (w - gone_n)[:, None]
-        out_i = np.full((len(hit), w), -1, dtype=np.int64)
-        out_s = np.full((len(hit), w), -np.inf, dtype=np.float32)
-        kept = ~held
-        out_i[fill] = sub_i[kept]
-        out_s[fill] = sub_s[kept]
+        complete = (c > 0) & (self._S[hit, np.maximum(c - 1, 0)] == -np.inf)
         self._I[hit], self._S[hit] = out_i, out_s
         c_new = np.where(complete, c, c - gone_n)
         self._c[hit] = c_new
@@ -575,7 +784,7 @@ class Refresher:
         """Insert candidates into their rows, all rows at once.
 
         Returns the merged rows, the rows sent to a full search instead (more than `scan_k`
-        candidates) and the merged rows whose top K changed (a candidate landed in it).
+        candidates) and the merged rows whose list changed (a candidate landed in it).
         """
         # the order of the index's search: by score, ties by id (larger first under inner
         # product, smaller under L2)
@@ -622,7 +831,125 @@ class Refresher:
         out_s[rest], out_i[rest] = rows_s.reshape(-1), rows_i.reshape(-1)
         self._S[upd], self._I[upd] = out_s[:, :w], out_i[:, :w]
         self._c[upd] = np.minimum(self._c[upd] + counts, w)
-        return upd, overflow, upd[pos[start] < self.k]
+        return upd, overflow, upd[pos[start] < w]
+
+    def _search_rows(self, slots: Int64Array) -> tuple[Float32Array, Int64Array]:
+        """Full search of `slots` (K + margin each; without the query's own id if excluded)."""
+        w = self.width
+        if not self.cfg.exclude_self:
+            return self.index.search(self._raw[slots], w, nprobe=self.nprobe)
+        s, i = self.index.search(self._raw[slots], w + 1, nprobe=self.nprobe)
+        keep = i != self._qid[slots][:, None]
+        keep[keep.all(axis=1), w] = False
+        return s[keep].reshape(-1, w), i[keep].reshape(-1, w)
+
+    def _retire(self, exited: Int64Array, now_ms: int) -> None:
+        """Keep the current lists of queries leaving the head set until their exit TTL."""
+        if self._retired is None or not len(exited):
+            return
+        slots, found = self._lookup(exited)
+        slots = slots[found]
+        self._retired.add(
+            self._qid[slots],
+            self._I[slots].copy(),
+            self._S[slots].copy(),
+            self._retired.expiry(len(slots), now_ms),
+        )
+
+    def _retired_out(self, changed: Int64Array, now_ms: int) -> tuple[RetiredLists, int]:
+        """The retired rows to rewrite (changed or evicted); evicted rows are then forgotten."""
+        r = self._retired
+        if r is None:
+            return RetiredLists.empty(self.width), 0
+        evicted = r.evict()
+        if len(evicted):
+            logger.warning(
+                "refresh.retired_max_mb (%d) reached: %d lists of former head queries are "
+                "rewritten empty and no longer maintained",
+                self.cfg.retired_max_mb,
+                len(evicted),
+            )
+        out = r.lists(np.union1d(changed, evicted), now_ms)
+        if len(evicted):
+            keep = np.ones(len(r), dtype=bool)
+            keep[evicted] = False
+            r.keep(keep)
+        return out, len(evicted)
+
+    def retired_lists(self) -> RetiredLists:
+        """Every retired list kept (by query id), with its remaining TTL as of now."""
+        if self._retired is None:
+            return RetiredLists.empty(self.width)
+        now_ms = int(self._clock() * 1000)
+        return self._retired.lists(np.arange(len(self._retired)), now_ms)
+
+    @property
+    def retired_bytes(self) -> int:
+        """Memory held by the retired lists (`RetiredLists` rows kept in the refresher)."""
+        return 0 if self._retired is None else self._retired.nbytes
+
+    def forget_retired(self, query_ids: npt.ArrayLike) -> int:
+        """Stop maintaining these retired lists (e.g. their partition moved to another owner)."""
+        if self._retired is None:
+            return 0
+        return self._retired.remove(np.asarray(query_ids, dtype=np.int64).reshape(-1))
+
+    def load_retired(
+        self,
+        query_ids: npt.ArrayLike,
+        ids: npt.ArrayLike,
+        scores: npt.ArrayLike,
+        expires_at_ms: npt.ArrayLike,
+    ) -> RetiredLists:
+        """Take back retired lists read from the store after a restart; returns the rewrites.
+
+        Lists of current head queries and lists already expired are skipped; ids the index no
+        longer holds are removed, and those lists (and lists with no expiry, `expires_at_ms`
+        < 0, which get the exit TTL from now) are returned for a rewrite with their TTL.
+        Rows are padded or cut to K + margin.
+        """
+        w = self.width
+        if self._retired is None:
+            return RetiredLists.empty(w)
+        r = self._retired
+        qids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
+        n = len(qids)
+        ids_a = np.asarray(ids, dtype=np.int64)
+        scores_a = np.asarray(scores, dtype=np.float32)
+        exp = np.asarray(expires_at_ms, dtype=np.int64).reshape(-1)
+        if ids_a.ndim != 2 or ids_a.shape[0] != n or scores_a.shape != ids_a.shape:
+            raise ValueError(
+                f"load_retired: ids and scores must have shape ({n}, width), got "
+                f"{ids_a.shape} and {scores_a.shape}"
+            )
+        if exp.shape != (n,):
+            raise ValueError(f"load_retired: expires_at_ms must have {n} values, got {exp.shape}")
+        m = min(w, ids_a.shape[1])
+        row_i = np.full((n, w), -1, dtype=np.int64)
+        row_s = np.full((n, w), -np.inf, dtype=np.float32)
+        row_i[:, :m], row_s[:, :m] = ids_a[:, :m], scores_a[:, :m]
+        now_ms = int(self._clock() * 1000)
+        _, live = self._lookup(qids)
+        take = ~live & ~((exp >= 0) & (exp <= now_ms))
+        qids, row_i, row_s, exp = qids[take], row_i[take], row_s[take], exp[take]
+        unknown = exp < 0
+        exp = np.where(unknown, r.expiry(len(exp), now_ms), exp)
+        r.remove(qids)
+        start = len(r)
+        r.add(qids, row_i, row_s, exp)
+        held = np.unique(row_i[row_i >= 0])
+        absent = held[~self.index.contains(held)] if len(held) else _empty_ids()
+        changed = r.drop_ads(absent, start) if len(absent) else _empty_ids()
+        if r.ttl_s > 0:
+            changed = np.union1d(changed, start + np.flatnonzero(unknown))
+        out, _ = self._retired_out(changed, now_ms)
+        logger.info(
+            "%d retired lists loaded (%d skipped), %d to rewrite",
+            len(qids),
+            n - len(qids),
+            len(out),
+        )
+        return out
 
     def apply(
         self,
@@ -631,13 +958,14 @@ class Refresher:
         head_vectors_lookup: VectorLookup,
         version: int,
     ) -> RefreshResult:
-        """Run one micro-batch; returns the head queries whose top K changed."""
+        """Run one micro-batch; returns the lists to store (changed or new, live and retired)."""
         if self._last_version is not None and version <= self._last_version:
             raise ValueError(
                 f"version {version} is not above the previous one ({self._last_version}): "
                 "pass a monotonically increasing version"
             )
         t_start = time.perf_counter()
+        now_ms = int(self._clock() * 1000)
         stats: dict[str, float | int] = {}
         index = self.index
         if index.version != self._index_version:
@@ -652,23 +980,29 @@ class Refresher:
 
         plan = self._plan_ads(ads)
 
-        # head set changes: exits and drops forget the query, entries and new vectors re-enter
+        # head set changes: exits and drops forget the query (an exit keeps its list as a
+        # retired list), entries and new vectors re-enter
         gone = np.union1d(heads.exited, heads.dropped).astype(np.int64)
         fresh_q = np.union1d(heads.entered, heads.vector_changed).astype(np.int64)
         fresh_q = fresh_q[~np.isin(fresh_q, gone)]
-        self._kill(gone)
-        self._kill(fresh_q)
         raw_fresh = np.ascontiguousarray(head_vectors_lookup(fresh_q), dtype=np.float32)
         if raw_fresh.shape != (len(fresh_q), index.dim):
             raise ValueError(
                 f"head_vectors_lookup returned shape {raw_fresh.shape}, "
                 f"expected ({len(fresh_q)}, {index.dim})"
             )
+        retired_expired = 0
+        if self._retired is not None:
+            self._retired.remove(fresh_q)
+            retired_expired = self._retired.expire(now_ms)
+        self._retire(np.asarray(heads.exited, dtype=np.int64), now_ms)
+        self._kill(gone)
+        self._kill(fresh_q)
         t0 = time.perf_counter()
 
         n = self._n
         self._snapped = np.zeros(n, dtype=bool)
-        self._before_slots, self._before_ids = [], []
+        self._before_slots, self._before_ids, self._before_scores = [], [], []
 
         # 1. in the background, on one core: the new ads scored against the head queries
         #    probing their list with the thresholds before the deletes (those only rise when
@@ -676,15 +1010,18 @@ class Refresher:
         worker = _Background(self._apply_and_scan, plan, self._threshold())
         worker.start()
 
-        # 2. meanwhile removed ads leave the rows holding them; a row short of K is searched
-        #    again
+        # 2. meanwhile removed ads leave the rows holding them (a row short of K is searched
+        #    again) and the retired lists
         reset = _empty_ids()
         hit_rows = 0
+        retired_hit = _empty_ids()
         if len(plan.removed):
             rows, cols = self._held(plan.removed)
             if len(rows):
                 reset = self._drop_held(rows, cols)
                 hit_rows = len(np.unique(rows))
+            if self._retired is not None:
+                retired_hit = self._retired.drop_ads(plan.removed)
         t1 = time.perf_counter()
         applied: _Applied = worker.result()
         t2 = time.perf_counter()
@@ -696,61 +1033,60 @@ class Refresher:
             thr = self._threshold()
             thr[reset] = np.inf
             ok = self._beats_last(applied.slots, applied.ids, applied.scores, thr)
+            if self.cfg.exclude_self:
+                ok &= applied.ids != self._qid[applied.slots]
             upd, overflow, merged_changed = self._merge(
                 applied.slots[ok], applied.ids[ok], applied.scores[ok]
             )
             merged, n_overflow = len(upd), len(overflow)
             if n_overflow:
                 reset = np.union1d(reset, overflow)
-        self._snapshot(reset)
         t3 = time.perf_counter()
 
         # 4. full searches: new and changed queries, underflowing rows, the retrain backlog
+        #    (recomputed in place, new probe lists)
         new_slots = self._alloc(fresh_q)
         self._raw[new_slots] = raw_fresh
         pend = self._pending[self._alive[self._pending]] if len(self._pending) else _empty_ids()
         batch = pend[: self.cfg.full_recompute_per_batch]
         self._pending = pend[len(batch) :]
-        moved = self._alloc(self._qid[batch]) if len(batch) else _empty_ids()
-        if len(batch):
-            self._raw[moved] = self._raw[batch]
-            self._alive[batch] = False
-        routed_new = np.concatenate([new_slots, moved])
+        self._snapshot(reset)
+        self._snapshot(batch)
+        routed_new = np.concatenate([new_slots, batch])
         if len(routed_new):
             self._q[routed_new] = index.prepare(self._raw[routed_new])
             self._qnorm[routed_new] = np.einsum(
                 "ij,ij->i", self._q[routed_new], self._q[routed_new]
             )
             self._probe[routed_new] = index.probe_lists(self._raw[routed_new], self.nprobe_eff)
-        search = np.concatenate([reset, routed_new])
+        search = np.union1d(reset, routed_new)
         if len(search):
-            s, i = index.search(self._raw[search], self.width, nprobe=self.nprobe)
+            s, i = self._search_rows(search)
             self._S[search], self._I[search] = s, i
             self._c[search] = self.width
         self._routed[routed_new] = True
         t4 = time.perf_counter()
 
-        # 5. what changed: snapshotted rows by comparison, merged-only rows by where the
-        #    candidates landed
+        # 5. what changed: snapshotted rows by comparing whole lists, merged-only rows by
+        #    where the candidates landed
         b_slots = np.concatenate(self._before_slots) if self._before_slots else _empty_ids()
-        if self._before_ids:
-            b_ids = np.concatenate(self._before_ids)
-        else:
-            b_ids = np.empty((0, self.k), np.int64)
-        diff = np.any(self._I[b_slots, : self.k] != b_ids, axis=1)
+        diff = np.zeros(len(b_slots), dtype=bool)
+        if len(b_slots):
+            diff = np.any(self._I[b_slots] != np.concatenate(self._before_ids), axis=1)
+            diff |= np.any(self._S[b_slots] != np.concatenate(self._before_scores), axis=1)
         merged_only = merged_changed[~self._snapped[merged_changed]]
-        moved_changed = moved[np.any(self._I[moved, : self.k] != self._I[batch, : self.k], axis=1)]
-        out = np.concatenate([b_slots[diff], merged_only, new_slots, moved_changed])
+        out = np.concatenate([b_slots[diff], merged_only, new_slots])
         out = out[np.argsort(self._qid[out], kind="stable")]
         out_q = self._qid[out]
         out_s = self._S[out]
         out_i = self._I[out]
+        retired, evicted = self._retired_out(retired_hit, now_ms)
         if len(gone) or len(fresh_q) or len(batch):
             self._reindex()
             if self._n > 2 * len(self._keys) + 1024:
                 self._compact()
         self._snapped = np.zeros(0, dtype=bool)
-        self._before_slots, self._before_ids = [], []
+        self._before_slots, self._before_ids, self._before_scores = [], [], []
         self._last_version = version
         t5 = time.perf_counter()
         stats.update(
@@ -764,11 +1100,16 @@ class Refresher:
             overflow_searches=n_overflow,
             delete_hits=hit_rows,
             merged=merged,
-            affected=int(len(b_slots) + len(merged_only) + len(routed_new)),
+            affected=int(len(b_slots) + len(merged_only) + len(new_slots)),
             full_searches=len(search),
             re_searched=len(reset),
             pending_full=self.pending_full,
             changed=len(out),
+            retired=0 if self._retired is None else len(self._retired),
+            retired_bytes=self.retired_bytes,
+            retired_rewrites=len(retired),
+            retired_expired=retired_expired,
+            retired_evicted=evicted,
             heads_s=t0 - t_start,
             index_s=applied.index_s,
             delete_s=t1 - t0,
@@ -778,4 +1119,4 @@ class Refresher:
             emit_s=t5 - t4,
             total_s=t5 - t_start,
         )
-        return RefreshResult(out_q, out_i, out_s, version, stats)
+        return RefreshResult(out_q, out_i, out_s, version, stats, retired)

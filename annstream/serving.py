@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
-from annstream.store import LookupResult, NeighbourStore
+from annstream.config import StoreConfig
+from annstream.store import LookupResult, NeighbourStore, open_store
 from annstream.store.base import as_query_ids
 
 __all__ = ["NeighbourReader", "Predicate", "ServingResult", "exclude", "select"]
@@ -40,6 +41,7 @@ class ServingResult:
     filtered: Int64Array  # neighbours the predicate removed per query
     versions: Int64Array
     computed_at_ms: Int64Array
+    errors: dict[int, str] = field(default_factory=dict)  # rows the store could not read
 
     @property
     def missing(self) -> Int64Array:
@@ -78,13 +80,26 @@ def exclude(
 
 
 class NeighbourReader:
-    """Batch lookups over any NeighbourStore; `k` defaults to the K stored with each list."""
+    """Batch lookups over any NeighbourStore; `k` defaults to the K stored with each list.
+
+    `NeighbourReader.open(url)` opens the store for reading only: it never creates a database
+    (a missing SQLite file is a StoreError naming its absolute path).
+    """
 
     def __init__(self, store: NeighbourStore, k: int | None = None) -> None:
         if k is not None and k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.store = store
         self.k = k
+
+    @classmethod
+    def open(
+        cls, url: str, cfg: StoreConfig | None = None, k: int | None = None
+    ) -> NeighbourReader:
+        return cls(open_store(url, cfg, create=False), k)
+
+    def close(self) -> None:
+        self.store.close()
 
     def lookup(
         self,
@@ -132,4 +147,5 @@ def select(raw: LookupResult, k: int | None, predicate: Predicate | None) -> Ser
         filtered=filtered,
         versions=raw.versions,
         computed_at_ms=raw.computed_at_ms,
+        errors=raw.errors,
     )

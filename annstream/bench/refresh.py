@@ -9,7 +9,13 @@ re-embedded, a third new). Three ways to get every head query's top K after a ba
   gained or lost an ad.
 All three pay for the index updates, so the ratios compare the refresh work alone. `agreement`
 is the fraction of head queries whose incremental top K (ids and order) equals the full
-search's, over all batches.
+search's, over all batches; `list_agreement` the same for every valid entry of the K + margin.
+
+Rows written per micro-batch: `changed_queries` is what the refresher emits (every list whose
+stored K + margin changed: ids, order or scores); `topk_changed_queries` is how many of those
+changed their top K ids (what was written before the whole list became the contract).
+`--retired N` first lets N more queries enter and leave, so the refresher maintains N retired
+lists (their deleted ads removed each micro-batch); `retired_rewrites` counts those rewritten.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nlist", type=int, default=1024, help="IVF lists")
     parser.add_argument("--nprobe", type=int, default=32, help="lists probed per query")
     parser.add_argument("--metric", default="cosine", choices=("cosine", "ip", "l2"))
+    parser.add_argument("--retired", type=int, default=0, help="retired lists kept (default 0)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -49,11 +56,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = np.ascontiguousarray(glove_vectors(), dtype=np.float32)
     n_change = max(3, int(args.ads * args.churn))
     n_new = args.batches * (2 * (n_change // 3) + n_change)
-    if args.ads + args.heads + n_new > len(data):
-        raise SystemExit(f"--ads + --heads + arriving ads exceed the {len(data)} GloVe vectors")
+    if args.ads + args.heads + args.retired + n_new > len(data):
+        raise SystemExit(
+            f"--ads + --heads + --retired + arriving ads exceed the {len(data)} GloVe vectors"
+        )
     data = data[rng.permutation(len(data))]
-    ads, heads = data[: args.ads], data[args.ads : args.ads + args.heads]
-    pool = data[args.ads + args.heads :]
+    n_q = args.heads + args.retired
+    ads, heads = data[: args.ads], data[args.ads : args.ads + n_q]
+    pool = data[args.ads + n_q :]
 
     cfg = IndexConfig(dim=data.shape[1], metric=args.metric, nlist=args.nlist, nprobe=args.nprobe)
     t = time.perf_counter()
@@ -63,20 +73,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     twin = LiveIvfIndex.deserialize(index.cfg, *index.serialize(), version=index.version)
     rcfg = RefreshConfig(k=args.k, margin=args.margin, nprobe=args.nprobe)
-    refresher = Refresher(index, rcfg)
+    refresher = Refresher(index, rcfg, retired_ttl_s=86_400 if args.retired else None)
     head_ids = np.arange(args.heads, dtype=np.int64)
     t = time.perf_counter()
     refresher.apply(
         AdChanges.empty(cfg.dim), HeadChanges(entered=head_ids), lambda q: heads[q], version=1
     )
     init_s = time.perf_counter() - t
+    version = 1
+    if args.retired:
+        gone = np.arange(args.heads, n_q, dtype=np.int64)
+        for change in (HeadChanges(entered=gone), HeadChanges(exited=gone)):
+            version += 1
+            refresher.apply(AdChanges.empty(cfg.dim), change, lambda q: heads[q], version)
+    heads = heads[: args.heads]
     head_lists = index.probe_lists(heads, args.nprobe)
     width = args.k + args.margin
 
     next_id, pool_at = args.ads, 0
     inc_s = full_s = touched_s = index_update_s = 0.0
-    same = changed = touched_n = 0
-    for b in range(args.batches):
+    same = same_list = changed = topk_changed = retired_n = touched_n = 0
+    for _ in range(args.batches):
         live = index.ids()
         picked = rng.choice(live, 2 * (n_change // 3), replace=False)
         deletes, updates = picked[: n_change // 3], picked[n_change // 3 :]
@@ -87,12 +104,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pool_at += len(up_ids)
         old_lists = index.assign_lists(index.vectors(np.concatenate([deletes, updates])))
 
+        _, before_ids = refresher.topk(head_ids)
+        version += 1
         t = time.perf_counter()
         res = refresher.apply(
-            AdChanges(up_ids, up_vecs, deletes), HeadChanges(), lambda q: heads[q], b + 2
+            AdChanges(up_ids, up_vecs, deletes), HeadChanges(), lambda q: heads[q], version
         )
         inc_s += time.perf_counter() - t
         changed += len(res.query_ids)
+        retired_n += len(res.retired)
 
         t = time.perf_counter()
         twin.upsert(up_ids, up_vecs)
@@ -103,6 +123,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         full_s += update_s + time.perf_counter() - t
         _, inc_ids = refresher.topk(head_ids)
         same += int(np.all(inc_ids[:, : args.k] == full_ids[:, : args.k], axis=1).sum())
+        valid = inc_ids >= 0
+        same_list += int(np.all((inc_ids == full_ids) | ~valid, axis=1).sum())
+        top = args.k
+        topk_changed += int(np.any(inc_ids[:, :top] != before_ids[:, :top], axis=1).sum())
 
         lists = np.unique(np.concatenate([old_lists, index.assign_lists(up_vecs)]))
         touched = np.flatnonzero(np.isin(head_lists, lists).any(axis=1))
@@ -132,8 +156,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "speedup": round(full_s / inc_s, 2),
         "touched_speedup": round(touched_s / inc_s, 2),
         "agreement": round(same / (nb * args.heads), 6),
+        "list_agreement": round(same_list / (nb * args.heads), 6),
         "touched_queries": round(touched_n / nb),
         "changed_queries": round(changed / nb),
+        "topk_changed_queries": round(topk_changed / nb),
+        "retired": args.retired,
+        "retired_rewrites": round(retired_n / nb),
+        "retired_bytes_per_list": 16 + 12 * width,
         "build_s": round(build_s, 2),
         "initial_search_s": round(init_s, 2),
         "last_batch": {

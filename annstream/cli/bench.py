@@ -1,7 +1,8 @@
 """`annstream bench NAME`: run one benchmark from annstream/bench/ and print its JSON result.
 
 Each benchmark module `annstream/bench/<name>.py` defines `HELP`, `add_arguments(parser)` and
-`run(args) -> dict`; the dict is printed as one JSON object.
+`run(args) -> dict`; the dict is printed as one JSON object, and `"ok": false` in it makes the
+command exit 1.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the result; exit 1 when the benchmark says it failed (`"ok": false`)."""
     result = args._bench(args)
     print(json.dumps(result, indent=None if args.json else 2, sort_keys=False))
     sys.stdout.flush()
-    return 0
+    return 0 if result.get("ok", True) else 1

@@ -3,6 +3,9 @@
 Each line shows the neighbours' campaign and advertiser ids when the lists carry them, and
 `--exclude-campaigns` / `--exclude-advertisers` / `--exclude-ids` drop neighbours the way a
 serving caller's targeting rules would (the stored surplus still fills K where it can).
+The store is opened for reading only: a SQLite file that does not exist is an error naming
+its absolute path, never an empty new store. A key the store refuses to read (e.g. a record
+of another set at its digest) prints `found: false` with an `error`; the others print as usual.
 """
 
 from __future__ import annotations
@@ -38,7 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("query_ids", nargs="+", type=int, metavar="QUERY_ID")
     parser.add_argument(
         "--store",
-        help="store URL: sqlite:///path or aerospike://host:port/ns/set (default: config)",
+        help=(
+            "store URL (default: config): sqlite:///relative/path.db (from the working "
+            "directory), sqlite:////absolute/path.db (four slashes) or "
+            "aerospike://host:port/namespace/set; a missing SQLite file is an error, "
+            "never created"
+        ),
     )
     parser.add_argument("--config", help="TOML config file (store settings)")
     parser.add_argument("--k", type=int, help="neighbours per query (default: the stored K)")
@@ -69,7 +77,7 @@ def _metadata_of(
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config).store
-    store = open_store(args.store or cfg.url, cfg)
+    store = open_store(args.store or cfg.url, cfg, create=False)
     try:
         raw = store.lookup(as_query_ids(args.query_ids))
     finally:
@@ -104,5 +112,7 @@ def run(args: argparse.Namespace) -> int:
             ],
             **{name: values[i, :n].tolist() for name, values in columns.items()},
         }
+        if i in result.errors:
+            line["error"] = result.errors[i]
         print(json.dumps(line))
     return 0

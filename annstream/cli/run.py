@@ -27,7 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bootstrap-servers", help="Kafka bootstrap servers (kafka.bootstrap_servers)"
     )
-    parser.add_argument("--store", help="store URL: sqlite:///path or aerospike://host:port/ns/set")
+    parser.add_argument(
+        "--store",
+        help=(
+            "store URL: sqlite:///relative/path.db (from the working directory), "
+            "sqlite:////absolute/path.db (four slashes) or aerospike://host:port/namespace/set"
+        ),
+    )
     parser.add_argument("--snapshot-dir", help="where index snapshots live (snapshot.dir)")
     parser.add_argument("--group-id", help="consumer group of the replicas (kafka.group_id)")
 

@@ -1,7 +1,9 @@
 """The neighbour store: where refreshed neighbour lists are written and serving reads them.
 
-`open_store(url)` picks the backend from the URL: `sqlite:///path` (embedded, WAL mode;
-`sqlite:////abs/path` for an absolute path) or `aerospike://host:port[,host:port]/namespace/set`.
+`open_store(url)` picks the backend from the URL: `sqlite:///relative/path` (embedded, WAL
+mode, relative to the working directory; `sqlite:////abs/path` with four slashes for an
+absolute path) or `aerospike://host:port[,host:port]/namespace/set`. Readers pass
+`create=False`: a SQLite file that does not exist is then an error naming its absolute path.
 """
 
 from __future__ import annotations
@@ -57,8 +59,11 @@ def parse_aerospike_url(url: str) -> tuple[list[tuple[str, int]], str, str]:
     return hosts, path[0], path[1]
 
 
-def open_store(url: str, cfg: StoreConfig | None = None) -> NeighbourStore:
-    """A store for `url` (cfg.url when url is empty); ConfigError on an unknown form."""
+def open_store(url: str, cfg: StoreConfig | None = None, *, create: bool = True) -> NeighbourStore:
+    """A store for `url` (cfg.url when url is empty); ConfigError on an unknown form.
+
+    `create=False` for readers: never create a database (a missing SQLite file is an error).
+    """
     cfg = cfg or StoreConfig(url=url)
     url = url or cfg.url
     if cfg.on_head_exit not in HEAD_EXIT_POLICIES:
@@ -69,7 +74,7 @@ def open_store(url: str, cfg: StoreConfig | None = None) -> NeighbourStore:
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
         from annstream.store.sqlite import SqliteStore
 
-        return SqliteStore(url[len("sqlite:///") :], cfg)
+        return SqliteStore(url[len("sqlite:///") :], cfg, create=create)
     if url.startswith("aerospike://"):
         from annstream.store.aerospike import AerospikeStore
 

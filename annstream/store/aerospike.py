@@ -3,21 +3,23 @@
 Stale-write guard: every write carries the filter expression
 `not bin_exists("v") or int_bin("v") < <new version>` and replaces the whole record
 (CREATE_OR_REPLACE). A real server evaluates the filter atomically with the write under the
-record lock; a write that fails it answers FILTERED_OUT (27), reported as `stale`. The
-filter is true for an absent record, whether or not the server evaluates filters on writes
-that create a record.
+record lock; a write that fails it answers FILTERED_OUT (27), reported as `stale`. A real
+server does not apply the filter to a write that creates the record (absent records are
+always written), which the `not bin_exists` branch also says.
 
-Failures are handled record by record: rows that time out, are in doubt or hit a transient
-server error are retried (bounded, with exponential backoff); retrying is safe because a
-replay of a write that did land is filtered out as stale. A namespace that refuses TTLs
-(result 22, no nsup-period) raises StoreConfigError; an unreachable cluster raises
-StoreUnavailableError.
+One attempt per call, results judged record by record through codes.py: rows that time out,
+are in doubt or hit a transient error are `failed` (the caller retries them; a replay of a
+write that did land is filtered out as stale), rows refused for good (record too big,
+another set at the digest) are `permanent`. A namespace that refuses TTLs (result 22, no
+nsup-period) raises StoreConfigError; an unreachable cluster, or every row failing
+retryably (e.g. a namespace past stop-writes), raises StoreUnavailableError.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aerospike
@@ -28,7 +30,15 @@ from aerospike_helpers.operations import operations
 
 from annstream.config import StoreConfig
 from annstream.errors import StoreConfigError, StoreError, StoreUnavailableError
-from annstream.store.base import as_query_ids, check_ttl
+from annstream.store.base import TtlArg, as_query_ids, check_ttl, row_ttls
+from annstream.store.codes import (
+    FILTERED_OUT,
+    FORBIDDEN,
+    NOT_FOUND,
+    OK,
+    describe,
+    is_retryable,
+)
 from annstream.store.record import (
     BIN_VERSION,
     LookupResult,
@@ -43,10 +53,6 @@ __all__ = ["AerospikeStore", "stale_guard"]
 logger = logging.getLogger(__name__)
 
 AerospikeError: type[Exception] = aerospike.exception.AerospikeError  # type: ignore[attr-defined]
-OK, NOT_FOUND, FORBIDDEN, FILTERED_OUT = 0, 2, 22, 27
-# No response, timeouts, connection and client errors, server busy / overloaded / migrating:
-# worth a retry. -15 is what a record gets when its batch never reached a node.
-RETRYABLE = frozenset({-15, -12, -11, -10, -8, -7, -6, -1, 1, 7, 9, 11, 14, 18})
 _EXP_OR, _EXP_NOT, _EXP_BIN_EXISTS, _EXP_LT, _EXP_BIN, _EXP_VAL, _EXP_END = (
     17, 18, 83, 5, 81, 200, 150,
 )  # fmt: skip
@@ -127,171 +133,176 @@ class AerospikeStore:
                     raise StoreUnavailableError(
                         f"cannot connect to Aerospike at {self.url} after {attempt + 1} tries: "
                         f"{exc}",
-                        retry_after=max(self.cfg.retry_backoff_s, 1.0),
+                        retry_after=self._retry_after,
                     ) from exc
-                time.sleep(self._backoff(attempt))
+                time.sleep(self.cfg.retry_backoff_s * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _backoff(self, attempt: int) -> float:
-        return float(self.cfg.retry_backoff_s * 2**attempt)
+    @property
+    def _retry_after(self) -> float:
+        return max(self.cfg.retry_backoff_s, 1.0)
 
     def _key(self, query_id: int) -> tuple[str, str, int]:
         return (self.namespace, self.set_name, query_id)
 
-    def upsert(self, lists: NeighbourLists, ttl_s: int | None = None) -> UpsertResult:
-        ttl = check_ttl(self.cfg.ttl_s if ttl_s is None else ttl_s, "upsert")
+    def _forbidden(self, what: str, ttls: set[int]) -> StoreConfigError:
+        return StoreConfigError(
+            f"Aerospike namespace {self.namespace!r} refused {what} with TTL "
+            f"{', '.join(map(str, sorted(ttls)))} (result 22 FORBIDDEN): set nsup-period on "
+            "the namespace or ttl_s = 0"
+        )
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """One client call; a failure of the whole call becomes a StoreError by its code."""
+        try:
+            return fn(*args)
+        except AerospikeError as exc:
+            code = _code(exc)
+            message = f"Aerospike {what} on {self.url}: {describe(code)}: {exc}"
+            if is_retryable(code):
+                raise StoreUnavailableError(message, retry_after=self._retry_after) from exc
+            raise StoreError(message) from exc
+
+    @staticmethod
+    def _row_codes(batch: Any, n: int) -> list[tuple[int, bool]]:
+        """(result, in doubt) per requested key, rows the client never sent included."""
+        whole = int(batch.result)
+        unsent = whole if is_retryable(whole) else -1
+        if whole != OK and len(batch.batch_records) != n:
+            # client 19.x with no node left answers the batch with no rows at all
+            return [(unsent, False)] * n
+        return [
+            # ... or with rows never sent, left at result 0 without a digest
+            (unsent, False)
+            if int(rec.result) == OK and whole != OK and not _answered(rec)
+            else (int(rec.result), bool(getattr(rec, "in_doubt", False)))
+            for rec in batch.batch_records
+        ]
+
+    def upsert(self, lists: NeighbourLists, ttl_s: TtlArg = None) -> UpsertResult:
         n = len(lists)
-        stored, stale, failed = (np.zeros(n, dtype=bool) for _ in range(3))
+        ttls = row_ttls(ttl_s, self.cfg.ttl_s, n, "upsert").tolist()
+        stored, stale, failed, permanent = (np.zeros(n, dtype=bool) for _ in range(4))
         errors: dict[int, str] = {}
+        if n == 0:
+            return UpsertResult(stored, stale, failed, errors, permanent)
         qids, versions = lists.query_ids.tolist(), lists.versions.tolist()
         base_policy: dict[str, Any] = {
             "exists": aerospike.POLICY_EXISTS_CREATE_OR_REPLACE,
             "key": aerospike.POLICY_KEY_SEND,
-            "ttl": ttl,
         }
-        writes = [
-            Write(
-                self._key(qids[i]),
-                [operations.write(name, value) for name, value in bins.items()],
-                policy={**base_policy, "expressions": stale_guard(versions[i])},
-            )
-            for i, bins in enumerate(pack_records(lists))
-        ]
-        pending = list(range(n))
-        for attempt in range(self.cfg.retries + 1):
-            if attempt:
-                time.sleep(self._backoff(attempt - 1))
-            batch = BatchRecords([writes[i] for i in pending])
-            try:
-                self._client.batch_write(batch, {"total_timeout": self.cfg.timeout_ms})
-            except AerospikeError as exc:
-                # The whole batch failed (timeout, connection): every record is in doubt.
-                reason = f"batch_write failed: {exc}"
-                for i in pending:
-                    errors[i] = reason
-                if _code(exc) not in RETRYABLE:
-                    raise StoreError(f"Aerospike {self.url}: {reason}") from exc
-                logger.warning("Aerospike %s (attempt %d)", reason, attempt + 1)
-                continue
-            retry: list[int] = []
-            whole = int(batch.result)
-            for i, rec in zip(pending, batch.batch_records, strict=True):
-                code = int(rec.result)
-                if code == OK and whole != OK and not _answered(rec):
-                    # client 19.x with no node left: rows never sent keep result 0
-                    code = whole if whole in RETRYABLE else -1
-                if code == OK:
-                    stored[i] = True
-                elif code == FILTERED_OUT:
-                    stale[i] = True
-                elif code == FORBIDDEN:
-                    raise StoreConfigError(
-                        f"Aerospike namespace {self.namespace!r} refused a write with TTL {ttl} "
-                        "(result 22 FORBIDDEN): set nsup-period on the namespace or ttl_s = 0"
-                    )
-                elif code in RETRYABLE or rec.in_doubt:
-                    retry.append(i)
-                    errors[i] = f"result {code}{' (in doubt)' if rec.in_doubt else ''}"
-                else:
-                    failed[i] = True
-                    errors[i] = f"result {code}"
-            pending = retry
-            if not pending:
-                break
-        failed[pending] = True
-        if n and len(pending) == n:
-            raise StoreUnavailableError(
-                f"Aerospike {self.url}: no record written after {self.cfg.retries + 1} tries; "
-                f"last error: {errors[pending[0]]}",
-                retry_after=max(self.cfg.retry_backoff_s, 1.0),
-            )
-        return UpsertResult(
-            stored, stale, failed, {int(i): errors[int(i)] for i in np.flatnonzero(failed)}
+        batch = BatchRecords(
+            [
+                Write(
+                    self._key(qids[i]),
+                    [operations.write(name, value) for name, value in bins.items()],
+                    policy={**base_policy, "ttl": ttls[i], "expressions": stale_guard(versions[i])},
+                )
+                for i, bins in enumerate(pack_records(lists))
+            ]
         )
-
-    def _call(self, what: str, fn: Any, *args: Any) -> Any:
-        """One client call with bounded retries on transient errors."""
-        for attempt in range(self.cfg.retries + 1):
-            try:
-                return fn(*args)
-            except AerospikeError as exc:
-                if _code(exc) not in RETRYABLE:
-                    raise StoreError(f"Aerospike {what} on {self.url} failed: {exc}") from exc
-                if attempt == self.cfg.retries:
-                    raise StoreUnavailableError(
-                        f"Aerospike {what} on {self.url} failed {attempt + 1} times: {exc}",
-                        retry_after=max(self.cfg.retry_backoff_s, 1.0),
-                    ) from exc
-                time.sleep(self._backoff(attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
+        self._call(
+            "batch_write", self._client.batch_write, batch, {"total_timeout": self.cfg.timeout_ms}
+        )
+        forbidden: set[int] = set()
+        for i, (code, in_doubt) in enumerate(self._row_codes(batch, n)):
+            if code == OK:
+                stored[i] = True
+            elif code == FILTERED_OUT:
+                stale[i] = True
+            elif code == FORBIDDEN:
+                forbidden.add(ttls[i])
+            elif in_doubt or is_retryable(code):
+                failed[i] = True
+                errors[i] = describe(code, in_doubt=in_doubt)
+            else:
+                permanent[i] = True
+                errors[i] = describe(code)
+        if forbidden:
+            raise self._forbidden("a write", forbidden)
+        if failed.all():
+            raise StoreUnavailableError(
+                f"Aerospike {self.url}: none of {n} records written: {errors[0]}",
+                retry_after=self._retry_after,
+            )
+        return UpsertResult(stored, stale, failed, errors, permanent)
 
     def lookup(self, query_ids: npt.ArrayLike) -> LookupResult:
         qids = as_query_ids(query_ids)
         if qids.size == 0:
             return lookup_result(qids, [])
         keys = [self._key(q) for q in qids.tolist()]
-        for attempt in range(self.cfg.retries + 1):
-            batch = self._call("batch_read", self._client.batch_read, keys)
-            whole = int(batch.result)
-            if whole != OK and len(batch.batch_records) != len(keys):
-                # client 19.x with no node left answers the batch with no rows at all
-                codes = [whole if whole in RETRYABLE else -1] * len(keys)
-            else:
-                codes = [
-                    # ... or with rows never sent, left at result 0 without a digest
-                    (whole if whole in RETRYABLE else -1)
-                    if int(rec.result) == OK and whole != OK and not _answered(rec)
-                    else int(rec.result)
-                    for rec in batch.batch_records
-                ]
-            transient = sorted({c for c in codes if c in RETRYABLE})
-            if not transient:
-                break
-            if attempt == self.cfg.retries:
-                raise StoreUnavailableError(
-                    f"Aerospike batch_read on {self.url}: results {transient} after "
-                    f"{attempt + 1} tries",
-                    retry_after=max(self.cfg.retry_backoff_s, 1.0),
-                )
-            time.sleep(self._backoff(attempt))
-        other = sorted(set(codes) - {OK, NOT_FOUND})
-        if other:
-            raise StoreError(f"Aerospike batch_read on {self.url}: results {other}")
-        found = [
-            rec.record[2] if code == OK and rec.record is not None else None
-            for rec, code in zip(batch.batch_records, codes, strict=True)
-        ]
-        return lookup_result(qids, found)
-
-    def _check_batch(self, what: str, batch: Any, ttl: int | None = None) -> None:
-        codes = {int(rec.result) for rec in batch.batch_records} - {OK, NOT_FOUND}
-        if FORBIDDEN in codes:
-            raise StoreConfigError(
-                f"Aerospike namespace {self.namespace!r} refused {what} with TTL {ttl} "
-                "(result 22 FORBIDDEN): set nsup-period on the namespace or ttl_s = 0"
-            )
-        if codes & RETRYABLE:
+        batch = self._call("batch_read", self._client.batch_read, keys)
+        codes = self._row_codes(batch, len(keys))
+        transient = sorted({c for c, _ in codes if c not in (OK, NOT_FOUND) and is_retryable(c)})
+        if transient:
             raise StoreUnavailableError(
-                f"Aerospike {what} on {self.url}: results {sorted(codes)}",
-                retry_after=max(self.cfg.retry_backoff_s, 1.0),
+                f"Aerospike batch_read on {self.url}: {describe(transient[0])}",
+                retry_after=self._retry_after,
             )
-        if codes:
-            raise StoreError(f"Aerospike {what} on {self.url}: results {sorted(codes)}")
+        found: list[dict[str, Any] | None] = []
+        errors: dict[int, str] = {}
+        for i, (rec, (code, _)) in enumerate(zip(batch.batch_records, codes, strict=True)):
+            if code == OK and rec.record is not None:
+                found.append(rec.record[2])
+                continue
+            found.append(None)
+            if code not in (OK, NOT_FOUND):
+                errors[i] = describe(code)
+        if errors:
+            first = next(iter(errors))
+            logger.warning(
+                "Aerospike %s could not read %d of %d records, e.g. query %d: %s",
+                self.url,
+                len(errors),
+                len(keys),
+                int(qids[first]),
+                errors[first],
+            )
+        return lookup_result(qids, found, errors)
+
+    def _check_batch(
+        self, what: str, query_ids: list[int], batch: Any, ttl: int | None = None
+    ) -> None:
+        """Raise for what the caller must act on; log rows refused for good and go on."""
+        codes = self._row_codes(batch, len(query_ids))
+        bad = {c for c, _ in codes} - {OK, NOT_FOUND}
+        if FORBIDDEN in bad:
+            raise self._forbidden(what, {ttl if ttl is not None else 0})
+        transient = sorted(c for c in bad if is_retryable(c))
+        if transient:
+            raise StoreUnavailableError(
+                f"Aerospike {what} on {self.url}: {describe(transient[0])}",
+                retry_after=self._retry_after,
+            )
+        refused = [(q, c) for q, (c, _) in zip(query_ids, codes, strict=True) if c in bad]
+        if refused:
+            logger.warning(
+                "Aerospike %s on %s skipped %d records refused for good, e.g. query %d: %s",
+                what,
+                self.url,
+                len(refused),
+                refused[0][0],
+                describe(refused[0][1]),
+            )
 
     def remove(self, query_ids: npt.ArrayLike) -> None:
-        keys = [self._key(q) for q in as_query_ids(query_ids).tolist()]
-        if keys:
-            self._check_batch("remove", self._call("batch_remove", self._client.batch_remove, keys))
+        qids = as_query_ids(query_ids).tolist()
+        if qids:
+            keys = [self._key(q) for q in qids]
+            batch = self._call("batch_remove", self._client.batch_remove, keys)
+            self._check_batch("remove", qids, batch)
 
     def expire(self, query_ids: npt.ArrayLike, ttl_s: int) -> None:
         ttl = check_ttl(ttl_s, "expire")
-        keys = [self._key(q) for q in as_query_ids(query_ids).tolist()]
-        if not keys:
+        qids = as_query_ids(query_ids).tolist()
+        if not qids:
             return
+        keys = [self._key(q) for q in qids]
         batch = self._call(
             "batch_operate", self._client.batch_operate, keys, [operations.touch()], {}, {}, ttl
         )
-        self._check_batch("expire", batch, ttl)
+        self._check_batch("expire", qids, batch, ttl)
 
     def close(self) -> None:
         self._client.close()

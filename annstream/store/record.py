@@ -115,26 +115,63 @@ class NeighbourLists:
         )
 
 
+def _no_rows() -> BoolArray:
+    return np.zeros(0, dtype=bool)
+
+
 @dataclass(frozen=True)
 class UpsertResult:
-    """Per row of an upsert: stored now, skipped as stale (done), failed (retryable: retry, no
-    commit), or `permanent` (refused for good, e.g. record too big: report, never retry;
-    None = no such row)."""
+    """Per row of an upsert, exactly one of four outcomes.
+
+    - `stored`: written now.
+    - `stale`: not written because the store holds this version or a newer one (done).
+    - `failed`: not written for a reason that may pass (timeout, busy key, full server): the
+      caller retries the row and does not commit past it.
+    - `permanent`: refused for good (record too big, another set at the key's digest): not
+      stored and must not be retried; the caller reports it and moves on.
+
+    `errors` names the reason (with the store's result code) of every failed or permanent row.
+    """
 
     stored: BoolArray
     stale: BoolArray
     failed: BoolArray
     errors: dict[int, str] = field(default_factory=dict)
-    permanent: BoolArray | None = None
+    permanent: BoolArray = field(default_factory=_no_rows)
+
+    def __post_init__(self) -> None:
+        n = self.stored.shape
+        if self.permanent.size == 0 and n != (0,):
+            object.__setattr__(self, "permanent", np.zeros(n, dtype=bool))
+        masks = (self.stored, self.stale, self.failed, self.permanent)
+        if any(m.shape != n or m.dtype != np.bool_ for m in masks):
+            raise ValueError("UpsertResult masks must be bool arrays of one shape (n,)")
+        outcomes = np.sum(np.stack(masks), axis=0)
+        if n[0] and not (outcomes == 1).all():
+            rows = np.flatnonzero(outcomes != 1)[:5].tolist()
+            raise ValueError(
+                f"UpsertResult rows {rows} must be exactly one of stored, stale, "
+                "failed or permanent"
+            )
 
     @property
     def done(self) -> BoolArray:
+        """Rows the store holds at this version or newer: commit past them."""
         return self.stored | self.stale
+
+    @property
+    def settled(self) -> BoolArray:
+        """Rows that need no retry: done, or refused for good."""
+        return self.stored | self.stale | self.permanent
 
 
 @dataclass(frozen=True)
 class LookupResult:
-    """Batch lookup in the order asked; rows not found are padded (ids -1, scores -inf)."""
+    """Batch lookup in the order asked; rows not found are padded (ids -1, scores -inf).
+
+    A key the store refused to read (e.g. a record of another set at its digest) is not found
+    and `errors` names the reason for its row; the other rows are read as usual.
+    """
 
     query_ids: Int64Array
     found: BoolArray
@@ -145,9 +182,11 @@ class LookupResult:
     k: Int64Array
     campaign_ids: Int64Array | None
     advertiser_ids: Int64Array | None
+    errors: dict[int, str] = field(default_factory=dict)
 
     @property
     def missing(self) -> Int64Array:
+        """Queries with no readable list (not stored, expired, or a row in `errors`)."""
         return self.query_ids[~self.found]
 
 
@@ -240,14 +279,36 @@ def _stack(rows: list[bytes | None], n: int, width: int, dtype: np.dtype[Any], p
     return out
 
 
-def lookup_result(query_ids: Int64Array, found_bins: list[dict[str, Any] | None]) -> LookupResult:
-    """Assemble a LookupResult from each query's bins (None = not found), in query order."""
+def lookup_result(
+    query_ids: Int64Array,
+    found_bins: list[dict[str, Any] | None],
+    errors: dict[int, str] | None = None,
+) -> LookupResult:
+    """Assemble a LookupResult from each query's bins (None = not found), in query order.
+
+    A record this reader cannot decode (another format, missing bins) is not found and its
+    row gets an error; it does not fail the other rows.
+    """
+    errors = dict(errors or {})
+    found_bins = list(found_bins)
+    for i, b in enumerate(found_bins):
+        if b is None:
+            continue
+        if b.get(BIN_FORMAT) != RECORD_FORMAT:
+            errors[i] = (
+                f"neighbour record format {b.get(BIN_FORMAT)!r} is not {RECORD_FORMAT}: "
+                "upgrade the reader (or another writer uses this set)"
+            )
+        elif not all(isinstance(b.get(name), bytes) for name in (BIN_IDS, BIN_SCORES)) or not all(
+            isinstance(b.get(name), int) for name in (BIN_VERSION, BIN_AT, BIN_K)
+        ):
+            errors[i] = "neighbour record lacks bins of format 1 (see schemas/neighbour_record.md)"
+        else:
+            continue
+        found_bins[i] = None
     n = len(found_bins)
     found = np.array([b is not None for b in found_bins], dtype=bool)
     present = [b for b in found_bins if b is not None]
-    for b in present:
-        if b.get(BIN_FORMAT) != RECORD_FORMAT:
-            raise ValueError(f"neighbour record format {b.get(BIN_FORMAT)!r} is not supported")
     width = max((len(b[BIN_IDS]) // IDS_DTYPE.itemsize for b in present), default=0)
 
     def column(name: str) -> list[bytes | None]:
@@ -270,4 +331,5 @@ def lookup_result(query_ids: Int64Array, found_bins: list[dict[str, Any] | None]
         advertiser_ids=_stack(column(BIN_ADVERTISERS), n, width, IDS_DTYPE, -1)
         if has_adv
         else None,
+        errors=errors,
     )

@@ -4,6 +4,12 @@ Rows hold the same bins as the Aerospike record (schemas/neighbour_record.md) as
 The stale-write guard is the upsert's `WHERE excluded.version > version` clause, so it holds
 for any writer of the file, not only this process. Expired rows are invisible and are
 overwritten by any version, as an expired Aerospike record is gone.
+
+One attempt per call: a lock held past `timeout_ms`, an I/O error, a full disk (codes.py)
+raise StoreUnavailableError and roll the transaction back; a corrupt file raises StoreError;
+a row the database refuses (a constraint) is `permanent` and the other rows are written.
+Readers open the file with `create=False`: read-only, and an error naming the absolute path
+when it does not exist, so a mistyped URL never creates an empty store.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import numpy.typing as npt
 
 from annstream.config import StoreConfig
 from annstream.errors import StoreError, StoreUnavailableError
-from annstream.store.base import as_query_ids, check_ttl
+from annstream.store.base import TtlArg, as_query_ids, check_ttl, row_ttls
+from annstream.store.codes import sqlite_is_retryable
 from annstream.store.record import (
     BIN_ADVERTISERS,
     BIN_AT,
@@ -76,6 +83,9 @@ WHERE excluded.version > t.version OR {{expired}}
 """.format(expired="(t.expires_at_ms IS NOT NULL AND t.expires_at_ms <= :now)")
 
 _LIVE = "(expires_at_ms IS NULL OR expires_at_ms > ?)"
+# What one row can cause (a constraint, a value out of range): that row is refused for good.
+# Any other error is the whole file's: it fails the call (see codes.py).
+_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError)
 
 
 def _chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
@@ -88,7 +98,11 @@ def _marks(n: int) -> str:
 
 
 class SqliteStore:
-    """Neighbour lists in one SQLite table; safe to share between threads of one process."""
+    """Neighbour lists in one SQLite table; safe to share between threads of one process.
+
+    `create=False` (readers: `annstream lookup`, the serving reader) opens an existing file
+    read-only and never creates one.
+    """
 
     def __init__(
         self,
@@ -96,56 +110,90 @@ class SqliteStore:
         cfg: StoreConfig | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        create: bool = True,
     ) -> None:
         self.cfg = cfg or StoreConfig()
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
         self.clock = clock
+        self.readonly = not create
         self._lock = threading.Lock()
+        memory = str(self.path) == ":memory:"
+        if self.readonly and not memory and not self.path.is_file():
+            raise StoreError(
+                f"SQLite store {self.path.resolve()} does not exist (store URL {self.url}): "
+                "sqlite:///relative/path is relative to the working directory, "
+                "sqlite:////absolute/path has four slashes; `annstream run` creates the store"
+            )
         try:
-            if str(self.path) != ":memory:":
+            if create and not memory:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+            target = f"file:{self.path.resolve()}?mode=ro" if self.readonly else str(self.path)
             self._db = sqlite3.connect(
-                str(self.path),
+                target,
                 timeout=self.cfg.timeout_ms / 1000,
                 isolation_level=None,
                 check_same_thread=False,
+                uri=self.readonly,
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
+            if self.readonly:
+                self._check_table()
+            else:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise self._error(f"cannot open SQLite store {self.path.resolve()}", exc) from exc
+        except OSError as exc:
+            raise StoreError(f"cannot open SQLite store {self.path.resolve()}: {exc}") from exc
+
+    def _check_table(self) -> None:
+        row = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)
+        ).fetchone()
+        if row is None:
+            raise StoreError(
+                f"SQLite file {self.path.resolve()} is not an annstream store "
+                f"(no table {TABLE}): check the store URL"
+            )
+
+    def _error(self, what: str, exc: sqlite3.Error) -> StoreError:
+        """StoreUnavailableError for what may pass (locked, I/O, full), StoreError otherwise."""
+        message = f"{what}: {exc} ({getattr(exc, 'sqlite_errorname', type(exc).__name__)})"
+        if sqlite_is_retryable(exc):
+            return StoreUnavailableError(message, retry_after=max(self.cfg.retry_backoff_s, 0.1))
+        return StoreError(message)
+
+    def _writable(self, what: str) -> None:
+        if self.readonly:
+            raise StoreError(f"SQLite store {self.path} was opened read-only: cannot {what}")
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 
-    def _expires_at(self, ttl_s: int, now_ms: int) -> int | None:
-        return now_ms + ttl_s * 1000 if ttl_s > 0 else None
-
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE with bounded retries while another writer holds the lock."""
-        attempt = 0
-        while True:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as exc:
-                attempt += 1
-                if attempt > self.cfg.retries:
-                    raise StoreUnavailableError(
-                        f"SQLite store {self.path} stayed locked after {attempt} tries: {exc}",
-                        retry_after=max(self.cfg.retry_backoff_s, 0.1),
-                    ) from exc
-                time.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE waits up to timeout_ms for the lock).
+
+        Every sqlite3 error inside, COMMIT included, rolls back and becomes a StoreError.
+        """
+        self._writable(what)
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise self._error(f"SQLite store {self.path}: {what}: BEGIN", exc) from exc
         try:
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
             self._db.execute("COMMIT")
+        except BaseException as exc:
+            if self._db.in_transaction:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error as rollback_exc:
+                    logger.warning("SQLite store %s: ROLLBACK failed: %s", self.path, rollback_exc)
+            if isinstance(exc, sqlite3.Error):
+                raise self._error(f"SQLite store {self.path}: {what}", exc) from exc
+            raise
 
     def _versions(self, qids: Sequence[int], now_ms: int) -> dict[int, int]:
         versions: dict[int, int] = {}
@@ -158,14 +206,15 @@ class SqliteStore:
             versions.update(rows.fetchall())
         return versions
 
-    def upsert(self, lists: NeighbourLists, ttl_s: int | None = None) -> UpsertResult:
-        ttl = check_ttl(self.cfg.ttl_s if ttl_s is None else ttl_s, "upsert")
+    def upsert(self, lists: NeighbourLists, ttl_s: TtlArg = None) -> UpsertResult:
         n = len(lists)
-        stored, stale, failed = (np.zeros(n, dtype=bool) for _ in range(3))
+        ttls = row_ttls(ttl_s, self.cfg.ttl_s, n, "upsert")
+        stored, stale, failed, permanent = (np.zeros(n, dtype=bool) for _ in range(4))
         errors: dict[int, str] = {}
         if n == 0:
-            return UpsertResult(stored, stale, failed, errors)
+            return UpsertResult(stored, stale, failed, errors, permanent)
         now = self._now_ms()
+        expires = np.where(ttls > 0, now + ttls * 1000, -1).tolist()
         params: list[dict[str, Any]] = [
             {
                 "qid": b["qid"],
@@ -177,36 +226,38 @@ class SqliteStore:
                 "sc": b[BIN_SCORES],
                 "cmp": b.get(BIN_CAMPAIGNS),
                 "adv": b.get(BIN_ADVERTISERS),
-                "exp": self._expires_at(ttl, now),
+                "exp": None if exp < 0 else exp,
                 "now": now,
-                "keep_ttl": ttl == -2,
+                "keep_ttl": keep,
             }
-            for b in pack_records(lists)
+            for b, exp, keep in zip(
+                pack_records(lists), expires, (ttls == -2).tolist(), strict=True
+            )
         ]
         qids = lists.query_ids.tolist()
-        with self._lock, self._transaction() as db:
+        with self._lock, self._transaction("upsert") as db:
             before = self._versions(qids, now)
             try:
                 db.executemany(_UPSERT, params)
-            except sqlite3.Error as exc:
-                logger.warning("SQLite batch upsert failed (%s); writing row by row", exc)
+            except _ROW_ERRORS as exc:
+                logger.warning("SQLite batch upsert refused a row (%s); writing row by row", exc)
                 for row, p in enumerate(params):
                     try:
                         db.execute(_UPSERT, p)
-                    except sqlite3.Error as row_exc:
-                        failed[row] = True
-                        errors[row] = f"sqlite: {row_exc}"
+                    except _ROW_ERRORS as row_exc:
+                        permanent[row] = True
+                        errors[row] = f"sqlite (permanent): {row_exc}"
             after = self._versions(qids, now)
         versions = lists.versions.tolist()
         for row in range(n):
-            if failed[row]:
+            if permanent[row]:
                 continue
             prior, now_v = before.get(qids[row]), after.get(qids[row])
             if now_v == versions[row] and (prior is None or prior < versions[row]):
                 stored[row] = True
             else:
                 stale[row] = True
-        return UpsertResult(stored, stale, failed, errors)
+        return UpsertResult(stored, stale, failed, errors, permanent)
 
     def lookup(self, query_ids: npt.ArrayLike) -> LookupResult:
         qids = as_query_ids(query_ids)
@@ -228,13 +279,13 @@ class SqliteStore:
                             BIN_FORMAT: fmt, BIN_VERSION: v, BIN_AT: at, BIN_K: k, BIN_IDS: ids,
                             BIN_SCORES: sc, BIN_CAMPAIGNS: cmp, BIN_ADVERTISERS: adv,
                         }  # fmt: skip
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailableError(f"SQLite store {self.path}: {exc}") from exc
+            except sqlite3.Error as exc:
+                raise self._error(f"SQLite store {self.path}: lookup", exc) from exc
         return lookup_result(qids, [found.get(q) for q in keys])
 
     def remove(self, query_ids: npt.ArrayLike) -> None:
         keys = as_query_ids(query_ids).tolist()
-        with self._lock, self._transaction() as db:
+        with self._lock, self._transaction("remove") as db:
             for chunk in _chunks(keys):
                 db.execute(f"DELETE FROM {TABLE} WHERE query_id IN ({_marks(len(chunk))})", chunk)
 
@@ -244,17 +295,18 @@ class SqliteStore:
         now = self._now_ms()
         if ttl == -2:
             return
-        with self._lock, self._transaction() as db:
+        expires_at = now + ttl * 1000 if ttl > 0 else None
+        with self._lock, self._transaction("expire") as db:
             for chunk in _chunks(keys):
                 db.execute(
                     f"UPDATE {TABLE} SET expires_at_ms = ? "
                     f"WHERE query_id IN ({_marks(len(chunk))}) AND {_LIVE}",
-                    (self._expires_at(ttl, now), *chunk, now),
+                    (expires_at, *chunk, now),
                 )
 
     def purge_expired(self) -> int:
         """Delete expired rows (what nsup does on Aerospike); returns how many."""
-        with self._lock, self._transaction() as db:
+        with self._lock, self._transaction("purge expired rows") as db:
             cur = db.execute(
                 f"DELETE FROM {TABLE} WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?",
                 (self._now_ms(),),

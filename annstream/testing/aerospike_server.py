@@ -5,10 +5,23 @@ single-record get / put / remove / exists / touch, batch read / write / remove /
 TTL (void times), generations, the record-exists and generation write policies, and filter
 expressions built from comparisons, and/or/not, integer bins and bin types. Anything else is
 refused with result 16 (unsupported) so a test fails loudly instead of passing on a
-convenience a real server does not offer. `refuse_ttl=True` answers writes carrying a TTL
-with result 22 (forbidden), like a namespace without `nsup-period`.
+convenience a real server does not offer.
 
-Run by hand: `python -m annstream.testing.aerospike_server --port 3000 [--refuse-ttl]`.
+It answers like a real CE 8.1 server (see ../shared/notes/aerospike.md and the server source,
+as/src/transaction/write.c) where the store's error handling depends on it, in the real
+server's order of checks:
+- a write to a namespace past stop-writes answers 8 (`Namespace.stop_writes`; deletes and
+  reads go on);
+- the set name is stored with the record: a read, write or delete naming another set at the
+  same digest answers 4 (a write without a set to a record in a set, too);
+- a filter expression is not applied to a write that creates the record (an absent or expired
+  record); on an existing record a failing filter answers 27 and changes nothing;
+- a TTL above 315,360,000 s (10 years) answers 4; a namespace without nsup-period
+  (`Namespace.refuse_ttl`) answers a write carrying a TTL with 22;
+- a record over the namespace's `max-record-size` (1 MiB by default) answers 13; its size is
+  the real server's flat-record size to within a few dozen bytes.
+
+Run by hand: `python -m annstream.testing.aerospike_server --port 3000 [--refuse-ttl NS]`.
 """
 
 from __future__ import annotations
@@ -17,7 +30,9 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import logging
+import os
 import struct
 import threading
 import time
@@ -26,7 +41,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AerospikeTestServer", "Fault", "main"]
+__all__ = [
+    "ENV_REAL_SERVER",
+    "MAX_RECORD_SIZE",
+    "MAX_TTL",
+    "AerospikeTestServer",
+    "Fault",
+    "Namespace",
+    "external_server",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +72,30 @@ OP_READ, OP_WRITE, OP_TOUCH = 1, 2, 11
 PARTICLE_NIL, PARTICLE_INT = 0, 1
 
 OK, NOT_FOUND, GENERATION_ERROR, PARAMETER_ERROR, KEY_EXISTS = 0, 2, 3, 4, 5
+SERVER_FULL, RECORD_TOO_BIG = 8, 13
 UNSUPPORTED, NAMESPACE_NOT_FOUND, FORBIDDEN, FILTERED_OUT = 16, 20, 22, 27
 
 BATCH_REPEAT, BATCH_INFO, BATCH_GEN, BATCH_TTL, BATCH_INFO4 = 0x01, 0x02, 0x04, 0x08, 0x10
 
 TTL_NEVER, TTL_DONT_UPDATE = 0xFFFF_FFFF, 0xFFFF_FFFE
+MAX_TTL = 315_360_000  # 10 years (MAX_ALLOWED_TTL in the server)
+MAX_RECORD_SIZE = 1 << 20  # CE 8.1 default max-record-size
+
+
+ENV_REAL_SERVER = "ANNSTREAM_TEST_AEROSPIKE"
+
+
+def external_server(env: dict[str, str] | None = None) -> tuple[str, int, str] | None:
+    """(host, port, namespace) of a real server to test against, from
+    `ANNSTREAM_TEST_AEROSPIKE=host:port[/namespace]` (namespace `test` by default)."""
+    value = (os.environ if env is None else env).get(ENV_REAL_SERVER, "").strip()
+    if not value:
+        return None
+    address, _, namespace = value.partition("/")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{ENV_REAL_SERVER}={value!r}: expected host:port[/namespace]")
+    return host, int(port), namespace or "test"
 
 
 class Unsupported(Exception):
@@ -66,6 +109,29 @@ class Record:
     void_time: int = 0  # seconds since the citrusleaf epoch; 0 = never expires
     set_name: str = ""
     user_key: bytes | None = None
+
+
+@dataclass
+class Namespace:
+    """One namespace and the conditions a test may set on it, each answered like a real one."""
+
+    name: str
+    refuse_ttl: bool = False  # no nsup-period: a write carrying a TTL answers 22
+    stop_writes: bool = False  # past stop-writes (memory full): every write answers 8
+    max_record_size: int = MAX_RECORD_SIZE  # larger records answer 13
+    default_ttl: int = 0
+
+
+def record_size(bins: dict[str, tuple[int, bytes]], set_name: str, key: bytes | None) -> int:
+    """Bytes of a record in the server's flat format (as_flat_record_size + end mark).
+
+    Header with digest, generation and times, void time, set name, stored key, bin count,
+    then per bin its name and particle (type, size, data; 8 bytes for an int).
+    """
+    size = 40 + 4 + (1 + len(set_name) if set_name else 0) + (5 + len(key) if key else 0) + 1
+    for name, (ptype, value) in bins.items():
+        size += 1 + len(name.encode()) + (1 + 8 if ptype == PARTICLE_INT else 1 + 4 + len(value))
+    return size + 4
 
 
 @dataclass
@@ -256,18 +322,18 @@ class AerospikeTestServer:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
-        namespaces: Iterable[str] = ("test",),
-        refuse_ttl: bool = False,
-        default_ttl: int = 0,
+        namespaces: Iterable[str | Namespace] = ("test",),
         clock: Callable[[], float] = time.time,
         node_name: str = "BB9A0E5C1D2F3A4",
         build: str = "8.1.0.0",
     ) -> None:
         self.host = host
         self.port = port
-        self.namespaces = tuple(namespaces)
-        self.refuse_ttl = refuse_ttl
-        self.default_ttl = default_ttl
+        self.namespaces: dict[str, Namespace] = {}
+        for ns in namespaces:
+            spec = ns if isinstance(ns, Namespace) else Namespace(ns)
+            self.namespaces[spec.name] = spec
+        self._initial = {name: dataclasses.replace(ns) for name, ns in self.namespaces.items()}
         self.clock = clock
         self.node_name = node_name
         self.build = build
@@ -334,8 +400,15 @@ class AerospikeTestServer:
             self._faults.append(fault)
 
     def clear_faults(self) -> None:
+        """Drop injected faults and reset every namespace's conditions to a healthy one."""
         with self._lock:
             self._faults.clear()
+            for name, ns in self.namespaces.items():
+                vars(ns).update(vars(self._initial[name]))
+
+    def namespace(self, name: str = "test") -> Namespace:
+        """The settings of one namespace, e.g. `server.namespace("test").stop_writes = True`."""
+        return self.namespaces[name]
 
     def record_count(self, namespace: str = "test") -> int:
         with self._lock:
@@ -481,7 +554,7 @@ class AerospikeTestServer:
     def _execute(
         self, msg: Msg, ns: str, digest: bytes, exp: bytes | None
     ) -> tuple[int, Record | None, list[tuple[str, int, bytes]]]:
-        if ns not in self._data:
+        if ns not in self.namespaces:
             return NAMESPACE_NOT_FOUND, None, []
         if len(digest) != 20:
             return PARAMETER_ERROR, None, []
@@ -491,7 +564,7 @@ class AerospikeTestServer:
                 raise _Drop
             return fault.result, None, []
         try:
-            outcome = self._apply(msg, ns, digest, exp)
+            outcome = self._apply(msg, self.namespaces[ns], digest, exp)
         except Unsupported as exc:
             logger.warning("aerospike test server refused a request: %s", exc)
             return UNSUPPORTED, None, []
@@ -502,22 +575,32 @@ class AerospikeTestServer:
         return outcome
 
     def _apply(
-        self, msg: Msg, ns: str, digest: bytes, exp: bytes | None
+        self, msg: Msg, ns: Namespace, digest: bytes, exp: bytes | None
     ) -> tuple[int, Record | None, list[tuple[str, int, bytes]]]:
-        records = self._data[ns]
+        records = self._data[ns.name]
         now = self._now()
         record = records.get(digest)
-        if record is not None and self._expired(record, now):
-            del records[digest]
-            record = None
-        if exp is not None and not evaluate_filter(exp, record.bins if record else {}):
-            return FILTERED_OUT, record, []
-        if msg.info2 & (INFO2_WRITE | INFO2_DELETE):
-            return self._write(msg, records, digest, record, now)
-        if not msg.info1 & INFO1_READ:
-            raise Unsupported(f"message with info1={msg.info1:#x} info2={msg.info2:#x}")
+        msg_set = msg.fields.get(FIELD_SET, b"").decode()
+        delete = bool(msg.info2 & INFO2_DELETE)
+        if msg.info2 & INFO2_WRITE and not delete:
+            return self._write(msg, ns, records, digest, record, msg_set, exp, now)
         if record is None:
             return NOT_FOUND, None, []
+        # reads and deletes: a set name, when sent, must match (checked before expiry)
+        if msg_set and msg_set != record.set_name:
+            return PARAMETER_ERROR, record, []
+        if self._expired(record, now):
+            del records[digest]
+            return NOT_FOUND, None, []
+        if exp is not None and not evaluate_filter(exp, record.bins):
+            return FILTERED_OUT, record, []
+        if delete:
+            if msg.ops:
+                raise Unsupported("delete with ops")
+            del records[digest]
+            return OK, None, []
+        if not msg.info1 & INFO1_READ:
+            raise Unsupported(f"message with info1={msg.info1:#x} info2={msg.info2:#x}")
         if msg.info1 & INFO1_NOBINDATA:
             return OK, record, []
         if msg.info1 & INFO1_GET_ALL:
@@ -531,19 +614,22 @@ class AerospikeTestServer:
         return OK, record, bins
 
     def _write(
-        self, msg: Msg, records: dict[bytes, Record], digest: bytes, record: Record | None, now: int
+        self,
+        msg: Msg,
+        ns: Namespace,
+        records: dict[bytes, Record],
+        digest: bytes,
+        record: Record | None,
+        msg_set: str,
+        exp: bytes | None,
+        now: int,
     ) -> tuple[int, Record | None, list[tuple[str, int, bytes]]]:
-        if msg.info2 & INFO2_GEN and (record.generation if record else 0) != msg.generation:
-            return GENERATION_ERROR, record, []
-        if msg.info2 & INFO2_GEN_GT and (record.generation if record else 0) >= msg.generation:
-            return GENERATION_ERROR, record, []
-        if msg.info2 & INFO2_DELETE:
-            if msg.ops:
-                raise Unsupported("delete with ops")
-            if record is None:
-                return NOT_FOUND, None, []
-            del records[digest]
-            return OK, None, []
+        """A write in the real server's order of checks (write_master in write.c)."""
+        if ns.stop_writes:
+            return SERVER_FULL, None, []
+        if record is not None and self._expired(record, now):
+            del records[digest]  # an expired record is written as a fresh create
+            record = None
         if msg.info2 & INFO2_CREATE_ONLY and record is not None:
             return KEY_EXISTS, record, []
         if msg.info3 & (INFO3_UPDATE_ONLY | INFO3_REPLACE_ONLY) and record is None:
@@ -551,8 +637,23 @@ class AerospikeTestServer:
         touch_only = all(op == OP_TOUCH for op, *_ in msg.ops)
         if touch_only and record is None:
             return NOT_FOUND, None, []
-        ttl = self.default_ttl if msg.record_ttl == 0 else msg.record_ttl
-        if ttl not in (0, TTL_NEVER, TTL_DONT_UPDATE) and self.refuse_ttl:
+        if msg.info2 & INFO2_GEN and (record.generation if record else 0) != msg.generation:
+            return GENERATION_ERROR, record, []
+        if msg.info2 & INFO2_GEN_GT and (record.generation if record else 0) >= msg.generation:
+            return GENERATION_ERROR, record, []
+        if record is not None and msg_set != record.set_name:
+            return PARAMETER_ERROR, record, []
+        # the filter applies to existing records only: a write that creates one ignores it
+        if record is not None and exp is not None and not evaluate_filter(exp, record.bins):
+            return FILTERED_OUT, record, []
+        ttl = msg.record_ttl
+        if ttl == TTL_DONT_UPDATE and record is None:
+            ttl = 0
+        if ttl > MAX_TTL and ttl not in (TTL_NEVER, TTL_DONT_UPDATE):
+            logger.warning("aerospike test server: invalid ttl %d", ttl)
+            return PARAMETER_ERROR, record, []
+        ttl = ns.default_ttl if ttl == 0 else ttl
+        if ttl not in (0, TTL_NEVER, TTL_DONT_UPDATE) and ns.refuse_ttl:
             return FORBIDDEN, record, []
         replace = msg.info3 & (INFO3_CREATE_OR_REPLACE | INFO3_REPLACE_ONLY)
         bins = {} if record is None or replace else dict(record.bins)
@@ -574,13 +675,16 @@ class AerospikeTestServer:
         if not bins:
             records.pop(digest, None)
             return OK, None, reply
+        set_name = record.set_name if record is not None else msg_set
+        user_key = msg.fields.get(FIELD_KEY, record.user_key if record else None)
+        if record_size(bins, set_name, user_key) > ns.max_record_size:
+            return RECORD_TOO_BIG, record, []
         if ttl == TTL_DONT_UPDATE:
             void = record.void_time if record else 0
         else:
             void = 0 if ttl in (0, TTL_NEVER) else now + ttl
         generation = 1 if record is None else record.generation % 0xFFFF + 1
-        new = Record(bins, generation, void, msg.fields.get(FIELD_SET, b"").decode())
-        new.user_key = msg.fields.get(FIELD_KEY, record.user_key if record else None)
+        new = Record(bins, generation, void, set_name, user_key)
         records[digest] = new
         return OK, new, reply
 
@@ -590,11 +694,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--namespace", action="append", default=None)
-    parser.add_argument("--refuse-ttl", action="store_true", help="answer TTL writes with 22")
+    parser.add_argument(
+        "--refuse-ttl",
+        action="append",
+        default=[],
+        metavar="NAMESPACE",
+        help="this namespace answers writes carrying a TTL with 22 (no nsup-period)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    names = args.namespace or ["test"]
     server = AerospikeTestServer(
-        args.host, args.port, namespaces=args.namespace or ["test"], refuse_ttl=args.refuse_ttl
+        args.host,
+        args.port,
+        namespaces=[Namespace(n, refuse_ttl=n in args.refuse_ttl) for n in names],
     )
     server.start()
     print(f"aerospike test server on {server.url_host}", flush=True)

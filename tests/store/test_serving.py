@@ -83,3 +83,18 @@ def test_cli_lookup_prints_one_json_line_per_query(
 def test_cli_lookup_rejects_a_bad_url(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["lookup", "1", "--store", "mysql://x"]) == 2
     assert "accepted forms" in capsys.readouterr().err
+
+
+def test_cli_lookup_prints_the_others_when_one_key_is_refused(
+    backend: Backend, lists_factory: Factory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lists = lists_factory([5, 6], version=3)
+    backend.store.upsert(lists)
+    backend.refuse(np.array([7]))
+    assert main(["lookup", "5", "7", "6", "--store", backend.store.url]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["found"] for line in lines] == [True, False, True]
+    assert lines[2]["ids"] == lists.ids[1, :3].tolist()
+    if backend.reads_refused:
+        assert "result 4 " in lines[1]["error"]
+    assert "error" not in lines[0] and "error" not in lines[2]
