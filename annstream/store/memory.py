@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from annstream.config import StoreConfig
 from annstream.errors import StoreUnavailableError
-from annstream.store.base import as_query_ids, check_ttl
+from annstream.store.base import TtlArg, as_query_ids, check_ttl, row_ttls
 from annstream.store.record import (
     BIN_VERSION,
     LookupResult,
@@ -57,6 +57,7 @@ class InMemoryStore:
         self._records: dict[int, _Record] = {}
         self._lock = threading.Lock()
         self._down: str | None = None
+        self._full = False
         self._failing: dict[int, tuple[bool, str]] = {}
 
     # ---- faults ------------------------------------------------------------------------
@@ -73,9 +74,14 @@ class InMemoryStore:
         """Every call raises StoreUnavailableError until `heal()`."""
         self._down = reason
 
+    def fill(self) -> None:
+        """Writes raise StoreUnavailableError (a full store) until `heal()`; reads go on."""
+        self._full = True
+
     def heal(self) -> None:
         with self._lock:
             self._down = None
+            self._full = False
             self._failing.clear()
 
     def wipe(self) -> None:
@@ -106,26 +112,30 @@ class InMemoryStore:
         record = self._records.get(query_id)
         return None if record is None or self._expired(record, now_ms) else record
 
-    def upsert(self, lists: NeighbourLists, ttl_s: int | None = None) -> UpsertResult:
-        ttl = check_ttl(self.cfg.ttl_s if ttl_s is None else ttl_s, "upsert")
+    def upsert(self, lists: NeighbourLists, ttl_s: TtlArg = None) -> UpsertResult:
         n = len(lists)
+        ttls = row_ttls(ttl_s, self.cfg.ttl_s, n, "upsert").tolist()
         stored, stale, failed, permanent = (np.zeros(n, dtype=bool) for _ in range(4))
         errors: dict[int, str] = {}
         now = self._now_ms()
         qids, versions = lists.query_ids.tolist(), lists.versions.tolist()
         with self._lock:
             self._enter("upsert")
+            if self._full:
+                raise StoreUnavailableError(f"store {self.url} is full", retry_after=0.1)
             for row, bins in enumerate(pack_records(lists)):
                 q = qids[row]
                 fault = self._failing.get(q)
                 if fault is not None:
                     (permanent if fault[0] else failed)[row] = True
-                    errors[row] = f"memory: {fault[1]}"
+                    kind = "permanent" if fault[0] else "retryable"
+                    errors[row] = f"memory: {fault[1]} ({kind})"
                     continue
                 prior = self._live(q, now)
                 if prior is not None and int(prior.bins[BIN_VERSION]) >= versions[row]:
                     stale[row] = True
                     continue
+                ttl = ttls[row]
                 if ttl == -2:
                     expires = None if prior is None else prior.expires_at_ms
                 else:

@@ -238,7 +238,22 @@ def _aerospike_backend(
 
 def _memory_backend(cfg: StoreConfig, clock: FakeClock) -> Backend:
     store = InMemoryStore(cfg, clock=clock)
-    return Backend("memory", store, clock, store.fail, store.heal, None)
+    backend: Backend
+
+    def refuse(query_ids: np.ndarray) -> None:
+        store.fail(query_ids, permanent=True, reason="refused")
+        backend.heal_steps.append(store.heal)
+
+    def fail(query_ids: np.ndarray) -> None:
+        store.fail(query_ids, reason="busy")
+        backend.heal_steps.append(store.heal)
+
+    def fill() -> None:
+        store.fill()
+        backend.heal_steps.append(store.heal)
+
+    backend = Backend("memory", store, clock, refuse, fail, fill, None, reads_refused=False)
+    return backend
 
 
 @pytest.fixture(params=["sqlite", "aerospike", "memory"])
