@@ -54,9 +54,10 @@ UNKNOWN = -1
 
 
 class ListWriter(Protocol):
-    """One pass over the store per call (annstream.sink.NeighbourSink)."""
+    """One pass over the store per call (annstream.sink.NeighbourSink); `ttl_s` one TTL per
+    row (None: the store's configured TTL)."""
 
-    def write(self, lists: NeighbourLists) -> UpsertResult: ...
+    def write(self, lists: NeighbourLists, ttl_s: Int64Array | None = None) -> UpsertResult: ...
 
     def head_exits(self, query_ids: Int64Array) -> None: ...
 
@@ -133,13 +134,25 @@ class QueryPartitions:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """What one computed micro-batch must make durable."""
+    """What one computed micro-batch must make durable. `ttl_s`: each list's TTL as of
+    `added_s` (wall clock; positive TTLs count down until the row is written), or None."""
 
     lists: NeighbourLists
     exited: Int64Array
     changelog: dict[int, State]
     offsets: dict[int, int]
     event_time_ms: Int64Array
+    ttl_s: Int64Array | None = None
+    added_s: float = 0.0
+
+    def ttls(self, rows: npt.NDArray[np.intp], now_s: float) -> Int64Array | None:
+        """The TTL of `rows` if written at `now_s`: positive TTLs less the time waited."""
+        if self.ttl_s is None:
+            return None
+        ttl = self.ttl_s[rows].copy()
+        aging = ttl > 0
+        ttl[aging] = np.maximum(1, ttl[aging] - int(max(0.0, now_s - self.added_s)))
+        return ttl
 
 
 @dataclass
@@ -221,6 +234,7 @@ class Checkpoint:
         backoff_max_s: float = 10.0,
         flush_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if backoff_s <= 0 or backoff_max_s < backoff_s:
             raise ValueError(
@@ -235,6 +249,7 @@ class Checkpoint:
         self.flush_timeout_s = flush_timeout_s
         self.partitions = QueryPartitions()
         self._clock = clock
+        self._wall_clock = wall_clock
         self._pending: _Pending | None = None
         self._uncommitted: dict[int, int] = {}
         self._delay = 0.0
@@ -284,9 +299,11 @@ class Checkpoint:
         head_state: State | None = None,
         offsets: Mapping[int, int] | None = None,
         event_time_ms: npt.ArrayLike = (),
+        ttl_s: npt.ArrayLike | None = None,
     ) -> None:
-        """Take a computed micro-batch: its lists, the queries that left the head set, the
-        head-state rows it changed and the next engagement offset per partition it covers."""
+        """Take a computed micro-batch: its lists (with a TTL per row, or None for the store's
+        own), the queries that left the head set, the head-state rows it changed and the next
+        engagement offset per partition it covers."""
         if self._pending is not None:
             raise RuntimeError("a micro-batch is already pending: flush() it before adding one")
         offsets = {int(p): int(o) for p, o in (offsets or {}).items()}
@@ -299,7 +316,11 @@ class Checkpoint:
             changelog=self._split(head_state, offsets),
             offsets=offsets,
             event_time_ms=_ids(event_time_ms),
+            ttl_s=None if ttl_s is None else _ids(ttl_s),
+            added_s=self._wall_clock(),
         )
+        if batch.ttl_s is not None and len(batch.ttl_s) != len(lists):
+            raise ValueError(f"ttl_s has {len(batch.ttl_s)} rows, the lists {len(lists)}")
         self._pending = _Pending(
             batch=batch,
             row_partition=self.partitions.of(lists.query_ids),
@@ -345,7 +366,7 @@ class Checkpoint:
             lists = p.batch.lists.take(rows)
             report.store_asked = True
             try:
-                result = self.writer.write(lists)
+                result = self.writer.write(lists, p.batch.ttls(rows, self._wall_clock()))
             except StoreUnavailableError as exc:
                 report.store_error = str(exc)
                 return exc.retry_after

@@ -61,12 +61,16 @@ class NeighbourSink:
         self.cfg = cfg
         self.stats = SinkStats()
 
-    def write(self, lists: NeighbourLists) -> UpsertResult:
-        """One upsert of every list; per row stored / stale / failed / permanent.
+    def write(
+        self, lists: NeighbourLists, ttl_s: npt.NDArray[np.int64] | None = None
+    ) -> UpsertResult:
+        """One upsert of every list (`ttl_s`: one TTL per row, None: store.ttl_s); per row
+        stored / stale / failed / permanent.
 
         Raises StoreUnavailableError when the store could not be asked at all."""
         try:
-            result = self.store.upsert(lists, ttl_s=self.cfg.ttl_s or None)
+            live = self.cfg.ttl_s or None
+            result = self.store.upsert(lists, ttl_s=live if ttl_s is None else ttl_s)
         except Exception:
             self.stats.unavailable += 1
             raise

@@ -230,7 +230,9 @@ class RefresherService:
 
     def _start_refreshing(self) -> None:
         assert self.index is not None
-        self.refresher = Refresher(self.index, self.cfg.refresh)
+        store = self.cfg.store
+        retired_ttl = store.exit_ttl_s if store.on_head_exit == "expire" else None
+        self.refresher = Refresher(self.index, self.cfg.refresh, retired_ttl_s=retired_ttl)
         self.engagements = self._join_group(self)
         self.checkpoint.committer = self.engagements
         logger.info(
@@ -390,7 +392,16 @@ class RefresherService:
         result = self.refresher.apply(
             AdChanges(up_ids, up_vecs, del_ids), changes, self.tracker.vectors, version
         )
-        lists = self._lists(result.query_ids, result.ids, result.scores, version)
+        retired = result.retired
+        lists = self._lists(
+            np.concatenate([result.query_ids, retired.query_ids]),
+            np.concatenate([result.ids, retired.ids]),
+            np.concatenate([result.scores, retired.scores]),
+            version,
+        )
+        ttl = np.concatenate(
+            [np.full(len(result.query_ids), self.cfg.store.ttl_s, np.int64), retired.ttl_s]
+        )
         touched = np.union1d(np.unique(eng.query_ids), np.union1d(changes.entered, changes.exited))
         state = self.tracker.state(touched) if len(touched) or eng_offsets else None
         self.verifier.forget(np.union1d(changes.exited, changes.dropped))
@@ -400,6 +411,7 @@ class RefresherService:
             head_state=state,
             offsets=eng_offsets,
             event_time_ms=ads.event_time_ms,
+            ttl_s=ttl if len(retired) else None,
         )
         self.snapshot_policy.record(len(ads))
         self.stats.micro_batches += 1

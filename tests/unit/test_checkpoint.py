@@ -388,3 +388,25 @@ def test_query_partitions_forget_evicted_queries_amortised() -> None:
     assert len(small) == 50  # under the threshold nothing is scanned
     assert qp.of([5, 7, 123_456]).tolist() == [2, 1, -1]
     assert sorted(qp.forget([1]).tolist()) == [q for q in range(100) if q % 3 == 1]
+
+
+def test_checkpoint_positive_ttls_count_down_while_the_write_waits() -> None:
+    """Retired lists are rewritten with their remaining exit TTL: a write delayed by a store
+    outage must not extend it."""
+    rig = Rig()
+    wall = Clock()
+    rig.store.clock = wall
+    rig.cp = Checkpoint(rig.sink, rig.changelog, rig.committer, clock=rig.clock, wall_clock=wall)
+    qids = rig.queries(0)[:3]
+    rig.store.go_down()
+    rig.cp.add(rig.lists(qids), ttl_s=np.array([100, -1, 0]))
+    rig.cp.flush()
+    wall.now += 30
+    rig.store.heal()
+    assert rig.cp.flush().completed
+    wall.now += 69
+    assert rig.store.lookup(qids).found.all()
+    wall.now += 2
+    assert rig.store.lookup(qids).found.tolist() == [False, True, True]
+    with pytest.raises(ValueError, match="ttl_s has 1 rows"):
+        rig.cp.add(rig.lists(qids), ttl_s=np.array([5]))
