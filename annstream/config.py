@@ -192,7 +192,9 @@ class StoreConfig:
     `sqlite:////absolute/path.db` (four slashes) is absolute. `ttl_s` and `exit_ttl_s`: -2 keep
     the stored TTL, -1 never expire, 0 namespace default, up to 315,360,000 s (10 years,
     Aerospike's limit). `retries` / `retry_backoff_s` bound the connection attempts at
-    start-up and the caller's retries of failed writes; a store call itself tries once.
+    start-up; a store call itself tries once. Writes that fail stay pending in the service and
+    are retried after a backoff starting at `retry_backoff_s` and doubling up to
+    `retry_backoff_max_s`, while it keeps polling with consumption paused.
     """
 
     url: str = "sqlite:///var/annstream.db"
@@ -201,6 +203,7 @@ class StoreConfig:
     exit_ttl_s: int = 86_400
     retries: int = 3
     retry_backoff_s: float = 0.2
+    retry_backoff_max_s: float = 10.0
     timeout_ms: int = 1_000
     user: str = ""
     password: str = ""
@@ -226,8 +229,11 @@ class ServiceConfig:
     lists are compared with an exact search; a recall@K under `recall_warn_below` is logged.
     The default suits the default index (IVF1024, nprobe 32: recall@100 ~0.82 on GloVe); set it
     from `annstream tune --k K --target T` together with nprobe.
-    `/healthz` turns 503 when no loop step was seen for `health_stale_s`. A micro-batch waits
-    at most `flush_timeout_s` for its head-state changelog, then is retried like a store outage.
+    `/healthz` turns 503 when no loop step was seen for `health_stale_s`, or when the store has
+    not accepted writes for `store_unhealthy_after_s`. A micro-batch waits at most
+    `flush_timeout_s` for its head-state changelog, then is retried like a store outage.
+    Every `verify_every_s` (0 = never) the stored lists of `verify_sample` head queries (round
+    robin over all of them) are read back; missing or older ones are rewritten.
     """
 
     metrics_port: int = 0
@@ -240,6 +246,9 @@ class ServiceConfig:
     recall_sample: int = 100
     recall_warn_below: float = 0.75
     health_stale_s: float = 60.0
+    store_unhealthy_after_s: float = 30.0
+    verify_every_s: float = 10.0
+    verify_sample: int = 1_000
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,9 @@ class ServiceMetrics:
         self._started = clock()
         self._last_step: float | None = None
         self._last_snapshot: float | None = None
-        self._store_ok = True
+        self._store_down_since: float | None = None
+        self._store_error = ""
+        self._checkpoint: dict[str, Any] = {"waiting_for": None}
         self._recall = math.nan
         self._recall_k = 0
         self._recall_at: float | None = None
@@ -207,6 +209,23 @@ class ServiceMetrics:
         self.store_errors = Counter(
             "annstream_store_errors", "Micro-batch writes the store refused or missed", registry=r
         )
+        self.store_refused = Counter(
+            "annstream_store_refused",
+            "Neighbour lists the store refused for good (not retried), by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.store_rewrites = Counter(
+            "annstream_store_rewrites",
+            "Stored lists found missing or older than stored (wiped store), rewritten",
+            registry=r,
+        )
+        self.store_accepting = Gauge(
+            "annstream_store_accepting_writes",
+            "1 while the store accepts writes, 0 while writes fail and are retried",
+            registry=r,
+        )
+        self.store_accepting.set(1)
         self.dead_letters = Counter(
             "annstream_dead_letters", "Messages sent to the dead-letter topic", registry=r
         )
@@ -255,17 +274,49 @@ class ServiceMetrics:
         v = np.asarray(freshness_s, dtype="float64").reshape(-1)
         self.freshness.observe(v)
         self._count(self.records_written, "records_written", records)
+        self.observe_store_ok()
         with self._lock:
-            self._store_ok = True
             tail = v[-_WINDOW:]
             idx = (self._fresh_next + np.arange(tail.size)) % _WINDOW
             self._fresh[idx] = tail
             self._fresh_next = int((self._fresh_next + tail.size) % _WINDOW)
 
-    def observe_store_error(self, n: int = 1) -> None:
+    def observe_store_error(self, error: str = "", n: int = 1) -> None:
+        """A store call failed (retried later): the store is not accepting writes."""
         self._count(self.store_errors, "store_errors", n)
+        self.store_accepting.set(0)
         with self._lock:
-            self._store_ok = False
+            if self._store_down_since is None:
+                self._store_down_since = self._clock()
+            self._store_error = error or self._store_error or "unknown error"
+
+    def observe_store_ok(self) -> None:
+        """A store call succeeded: the store accepts writes again."""
+        self.store_accepting.set(1)
+        with self._lock:
+            self._store_down_since = None
+
+    def observe_refused(self, reasons: Mapping[str, int]) -> None:
+        """Neighbour lists refused for good, counted per reason label."""
+        for reason, n in reasons.items():
+            self.store_refused.labels(reason).inc(n)
+
+    def observe_rewrites(self, n: int) -> None:
+        if n:
+            self.store_rewrites.inc(n)
+
+    def observe_checkpoint(
+        self, waiting_for: str, failing_for_s: float | None, retry_in_s: float, error: str
+    ) -> None:
+        """Where the pending micro-batch is in store -> changelog -> commit ('' = none)."""
+        since = None if failing_for_s is None else self._clock() - failing_for_s
+        with self._lock:
+            self._checkpoint = {
+                "waiting_for": waiting_for or None,
+                "failing_since": since,
+                "retry_in_s": round(retry_in_s, 3) if waiting_for else None,
+                "last_error": error if waiting_for else None,
+            }
 
     def observe_dead_letters(self, n: int) -> None:
         self._count(self.dead_letters, "dead_letters", n)
@@ -317,18 +368,43 @@ class ServiceMetrics:
         """The Prometheus text exposition of the registry."""
         return generate_latest(self.registry)
 
-    def health(self, stale_after_s: float = 60.0) -> dict[str, Any]:
-        """Healthy while the loop stepped within `stale_after_s` and the store accepts writes."""
-        now = self._clock()
-        age = None if self._last_step is None else now - self._last_step
-        stepping = age is not None and age <= stale_after_s
+    def _store_state(self, now: float) -> dict[str, Any]:
         with self._lock:
-            store_ok = self._store_ok
+            since, error = self._store_down_since, self._store_error
         return {
-            "healthy": bool(stepping and store_ok),
-            "last_step_age_s": age,
-            "store_ok": store_ok,
+            "accepting_writes": since is None,
+            "down_since": since,
+            "down_s": None if since is None else round(now - since, 3),
+            "last_error": error or None,
         }
+
+    def liveness(self, stale_after_s: float = 60.0) -> dict[str, Any]:
+        """Alive while the loop stepped within `stale_after_s` (a liveness probe: restarting
+        a process whose store is down would not help, so the store is not part of it)."""
+        age = None if self._last_step is None else self._clock() - self._last_step
+        alive = age is not None and age <= stale_after_s
+        reason = None if alive else f"no loop step for {age if age is None else round(age, 1)}s"
+        return {"healthy": alive, "reason": reason, "last_step_age_s": age}
+
+    def health(
+        self, stale_after_s: float = 60.0, store_unhealthy_after_s: float = 30.0
+    ) -> dict[str, Any]:
+        """Healthy while the loop steps and the store has not refused writes for longer than
+        `store_unhealthy_after_s` (a readiness probe and the alert)."""
+        doc = self.liveness(stale_after_s)
+        store = self._store_state(self._clock())
+        reasons = [doc["reason"]] if doc["reason"] else []
+        if store["down_s"] is not None and store["down_s"] > store_unhealthy_after_s:
+            reasons.append(
+                f"store not accepting writes for {store['down_s']:.0f}s: {store['last_error']}"
+            )
+        doc.update(
+            healthy=not reasons,
+            reason="; ".join(reasons) or None,
+            store_ok=store["accepting_writes"],
+            store=store,
+        )
+        return doc
 
     def status(self) -> dict[str, Any]:
         """The /status document: lag, freshness, recall, index, head queries, micro-batches."""
@@ -350,7 +426,9 @@ class ServiceMetrics:
         p50, p99 = np.percentile(fresh, [50, 99]).tolist() if fresh.size else [None, None]
         doc["freshness_s"] = {"p50": p50, "p99": p99, "window": int(fresh.size)}
         doc["snapshot_age_s"] = _finite(self._snapshot_age())
+        doc["store"] = self._store_state(self._clock())
         with self._lock:
+            doc["checkpoint"] = dict(self._checkpoint)
             doc["counters"] = dict(self._totals)
         return doc
 
@@ -373,7 +451,9 @@ def _json_bytes(doc: Mapping[str, Any]) -> bytes:
 
 
 class MetricsServer:
-    """GET /metrics, /healthz (200 healthy, 503 not) and /status from a daemon thread.
+    """GET /metrics, /healthz (readiness: 200 healthy, 503 with a reason), /livez (liveness)
+    and /status from a daemon thread. Every route reads what the owner thread last observed
+    and never waits for it, so they answer while the loop is stuck on a store or a broker.
 
     `port` 0 picks a free port (read `.port` after construction); `stop()` closes the socket.
     """
@@ -385,15 +465,18 @@ class MetricsServer:
         health: Callable[[], Mapping[str, Any]] | None = None,
         status: Callable[[], Mapping[str, Any]] | None = None,
         host: str = "127.0.0.1",
+        live: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"metrics port must be in 0..65535, got {port}")
         self.metrics = metrics
         self.health = health or metrics.health
+        self.live = live or metrics.liveness
         self.status = status or metrics.status
         routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
             "/metrics": self._metrics,
             "/healthz": self._healthz,
+            "/livez": self._livez,
             "/status": self._status,
         }
 
@@ -434,6 +517,10 @@ class MetricsServer:
 
     def _healthz(self) -> tuple[int, str, bytes]:
         doc = self.health()
+        return (200 if doc.get("healthy") else 503), "application/json", _json_bytes(doc)
+
+    def _livez(self) -> tuple[int, str, bytes]:
+        doc = self.live()
         return (200 if doc.get("healthy") else 503), "application/json", _json_bytes(doc)
 
     def _status(self) -> tuple[int, str, bytes]:

@@ -1,8 +1,10 @@
 """The engagement consumer: a consumer-group member, so each replica owns a shard of queries.
 
 The topic is keyed by query id, so a partition is a shard of head queries. Offsets are
-committed only by `commit()`, which the service calls after the store has the results the
-events led to. Rebalances are forwarded to the owner through `PartitionListener`.
+committed only by `commit()`, which the service's Checkpoint calls once the store and the
+head-state changelog hold what the events led to. Rebalances are forwarded to the owner
+through `PartitionListener`; on a revoke the owner is told while the partitions are still
+assigned, so it can flush and commit what is durable first.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, T
 
 from annstream.codec import EngagementCodec
 from annstream.config import KafkaConfig
+from annstream.errors import BrokerError
 from annstream.events import EngagementBatch
 from annstream.kafka import DeadLetterPublisher, make_consumer, message_error
 
@@ -32,7 +35,9 @@ class PartitionListener(Protocol):
         committed one (e.g. the head-state changelog already includes later events)."""
         ...
 
-    def partitions_revoked(self, partitions: list[int], lost: bool) -> None: ...
+    def partitions_revoked(self, partitions: list[int], lost: bool) -> None:
+        """Called before the partitions are given up (`lost`: already taken, commit nothing)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,6 @@ class EngagementStream:
         self.max_event_skew_s = cfg.max_event_skew_s
         self.consumer = consumer or make_consumer(cfg, group_id=cfg.group_id)
         self.assigned: set[int] = set()
-        self._uncommitted: dict[int, int] = {}
         self.paused = False
         self.consumer.subscribe(
             [self.topic],
@@ -84,20 +88,17 @@ class EngagementStream:
             consumer.pause([TopicPartition(self.topic, p) for p in got])
         self.assigned.update(got)
 
-    def _forget(self, gone: list[int]) -> None:
-        self.assigned.difference_update(gone)
-        for p in gone:
-            self._uncommitted.pop(p, None)
-
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = sorted(p.partition for p in partitions)
-        self._forget(gone)
         logger.info("engagement partitions revoked: %s", gone)
-        self.listener.partitions_revoked(gone, lost=False)
+        try:
+            self.listener.partitions_revoked(gone, lost=False)
+        finally:
+            self.assigned.difference_update(gone)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = sorted(p.partition for p in partitions)
-        self._forget(gone)
+        self.assigned.difference_update(gone)
         logger.warning("engagement partitions lost: %s (nothing committed for them)", gone)
         self.listener.partitions_revoked(gone, lost=True)
 
@@ -140,30 +141,24 @@ class EngagementStream:
             offsets[int(m.partition() or 0)] = int(m.offset() or 0) + 1
         return EngagementPoll(batch, partitions, offsets, len(rejected), len(good))
 
-    def commit(self, offsets: dict[int, int]) -> bool:
-        """Synchronously commit `offsets` (partition -> next offset) of still-owned partitions.
-
-        A failed commit (broker unreachable, membership lost while it was stopped) is logged
-        and retried with the next one, never raised: the stored results and the head-state
-        changelog already cover these events, so only a redelivery is at stake.
-        """
-        for p, o in offsets.items():
-            self._uncommitted[p] = max(o, self._uncommitted.get(p, o))
+    def commit(self, offsets: dict[int, int]) -> None:
+        """Synchronously commit `offsets` (partition -> next offset) of the partitions still
+        assigned (others belong to another member now: skipped). BrokerError when the commit
+        failed (broker unreachable, membership lost while the process was stopped)."""
         owned = [
             TopicPartition(self.topic, p, o)
-            for p, o in sorted(self._uncommitted.items())
+            for p, o in sorted(offsets.items())
             if p in self.assigned
         ]
         if not owned:
-            return True
+            return
         try:
-            self.consumer.commit(offsets=owned, asynchronous=False)
+            done = self.consumer.commit(offsets=owned, asynchronous=False)
         except KafkaException as exc:
-            logger.warning("engagement offset commit failed, retried with the next one: %s", exc)
-            return False
-        for tp in owned:
-            del self._uncommitted[tp.partition]
-        return True
+            raise BrokerError(f"engagement offset commit of {self.topic} failed: {exc}") from exc
+        failed = [f"{tp.partition}: {tp.error}" for tp in done or [] if tp.error is not None]
+        if failed:
+            raise BrokerError(f"engagement offset commit of {self.topic} failed for {failed}")
 
     def committed(self, partitions: Sequence[int]) -> dict[int, int]:
         tps = self.consumer.committed([TopicPartition(self.topic, p) for p in partitions], 10)
@@ -173,6 +168,18 @@ class EngagementStream:
         """Stop fetching from every owned partition, and from those gained until `resume()`."""
         self.paused = True
         self.consumer.pause([TopicPartition(self.topic, p) for p in sorted(self.assigned)])
+
+    def keep_alive(self, timeout_s: float) -> None:
+        """Serve heartbeats and rebalance callbacks while paused; a message that still comes
+        (fetched before the pause) is not processed: its partition is rewound to it."""
+        first: dict[int, int] = {}
+        for m in self.consumer.consume(10, timeout_s):
+            if m.error() is None and m.partition() is not None:
+                first.setdefault(int(m.partition() or 0), int(m.offset() or 0))
+        for p, offset in first.items():
+            if p in self.assigned:
+                logger.warning("engagement partition %d delivered while paused: rewound", p)
+                self.consumer.seek(TopicPartition(self.topic, p, offset))
 
     def resume(self) -> None:
         self.paused = False

@@ -2,10 +2,16 @@
 index, the head-query tracker, the incremental refresher and the store sink.
 
 One thread owns the index and runs micro-batches: poll ads and engagements, then every T ms or
-B events apply them, recompute the affected head queries, store the changed neighbour lists,
-append the head-state changelog, and only then commit the engagement offsets. Ad offsets live
-in index snapshots. A failed store write keeps the micro-batch pending, pauses consumption and
-retries; nothing past unstored results is committed.
+B events apply them, recompute the affected head queries and hand the changed neighbour lists
+to the Checkpoint (annstream/checkpoint.py), which makes them durable in order per engagement
+partition: store, head-state changelog, engagement offset commit. Ad offsets live in index
+snapshots, written only when no micro-batch is pending. While a micro-batch is not durable
+(store or broker down), consumption is paused, the loop keeps polling and retries after a
+backoff; nothing past unstored results is committed. A verifier reads stored lists back and
+rewrites those the store lost.
+
+`RefresherService.from_config(cfg)` does the I/O (topics, store, snapshot, metrics server);
+the constructor takes the collaborators, so tests can hand in their own (e.g. a store).
 """
 
 from __future__ import annotations
@@ -14,18 +20,22 @@ import logging
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+from confluent_kafka import Producer
 
 from annstream.ad_metadata import AdMetadata
 from annstream.broker import create_topics
+from annstream.checkpoint import Checkpoint, FlushReport
 from annstream.codec import AdCodec, EngagementCodec
-from annstream.config import Config
+from annstream.config import Config, KafkaConfig
 from annstream.drift import BackgroundRetrainer, DriftMonitor
-from annstream.errors import BrokerError, StoreUnavailableError
+from annstream.errors import StoreError
 from annstream.events import AdBatch, EngagementBatch
 from annstream.heads import HeadQueryTracker
 from annstream.index import LiveIvfIndex
@@ -34,18 +44,22 @@ from annstream.metrics import MetricsServer, ServiceMetrics, consumer_lag
 from annstream.recall import RecallMonitor
 from annstream.refresher import AdChanges, MicroBatcher, Refresher
 from annstream.schemas import open_registry
-from annstream.sink import NeighbourSink
+from annstream.sink import NeighbourSink, refusal_reason
 from annstream.snapshot import SnapshotPolicy, load_latest_snapshot, write_snapshot
 from annstream.store import open_store
 from annstream.store.base import NeighbourStore
 from annstream.store.record import NeighbourLists
+from annstream.verifier import StoreVerifier
 from consumers.ads import AdStream, net_changes, net_rows
-from consumers.engagements import EngagementStream
+from consumers.engagements import EngagementStream, PartitionListener
 from consumers.head_state import TOPIC_CONFIG, HeadStateLog
 
 __all__ = ["RefresherService", "ServiceStats", "snapshot_dir"]
 
 logger = logging.getLogger(__name__)
+
+JoinGroup = Callable[[PartitionListener], EngagementStream]
+"""Creates the engagement consumer (joins the group) once the service can take partitions."""
 
 
 @dataclass
@@ -59,6 +73,8 @@ class ServiceStats:
     records_written: int = 0
     head_queries: int = 0
     store_failures: int = 0
+    refused: int = 0
+    rewrites: int = 0
     snapshots: int = 0
     last_batch_s: float = 0.0
     freshness_ms: list[float] = field(default_factory=list)
@@ -71,119 +87,165 @@ class ServiceStats:
         return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
 
 
-@dataclass
-class _Pending:
-    """A computed micro-batch whose store write or commit has not succeeded yet."""
-
-    lists: NeighbourLists
-    exited: np.ndarray
-    touched: np.ndarray
-    engagement_offsets: dict[int, int]
-    ad_event_time_ms: np.ndarray
-    sink_done: bool = False
-    head_state_queued: bool = False
-
-
 def snapshot_dir(template: str) -> str:
     """`snapshot.dir` with `{hostname}` expanded, so replicas sharing a volume do not collide."""
     return template.replace("{hostname}", socket.gethostname())
 
 
+def _ensure_head_state_topic(k: KafkaConfig) -> None:
+    """The changelog topic, with as many partitions as the engagement topic."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(
+        {"bootstrap.servers": k.bootstrap_servers, "log_level": 3, **client_logging(), **k.client}
+    )
+    meta = admin.list_topics(k.engagement_topic, timeout=10).topics[k.engagement_topic]
+    create_topics(
+        k.bootstrap_servers,
+        [k.head_state_topic],
+        partitions=max(1, len(meta.partitions)),
+        client=k.client,
+        config=TOPIC_CONFIG,
+    )
+
+
 class RefresherService:
     """The long-running refresher; `run()` until `stop` is set or `until(self)` is true."""
 
-    def __init__(self, cfg: Config, store: NeighbourStore | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        store: NeighbourStore,
+        ads: AdStream,
+        join_group: JoinGroup,
+        head_log: HeadStateLog,
+        producer: Producer,
+        index: LiveIvfIndex | None = None,
+        version: int = 0,
+        ad_meta: AdMetadata | None = None,
+        metrics: ServiceMetrics | None = None,
+        metrics_server: MetricsServer | None = None,
+    ) -> None:
         self.cfg = cfg
         self.stats = ServiceStats()
-        k = cfg.kafka
-        create_topics(
-            k.bootstrap_servers,
-            [k.ad_topic, k.engagement_topic, k.dead_letter_topic],
-            client=k.client,
-        )
-        self._ensure_head_state_topic()
-        registry = open_registry(k.schema_registry_url, k.schema_registry_file)
-        self.producer = make_producer(k)
-        self.dead_letters = DeadLetterPublisher(self.producer, k.dead_letter_topic)
-        self.store = store or open_store(cfg.store.url, cfg.store)
-        self.sink = NeighbourSink(self.store, cfg.store)
-        self.head_log = HeadStateLog(k, self.producer, self._partition_state)
-        self.tracker = HeadQueryTracker(cfg.heads, cfg.index.dim, k.max_event_skew_s)
-        self._query_partition: dict[int, int] = {}
-        limit = k.max_message_bytes
-        self._ad_codec = AdCodec(registry, cfg.index.dim, cfg.index.metric, limit)
-        self._engagement_codec = EngagementCodec(registry, cfg.index.dim, cfg.index.metric, limit)
-
+        self.store = store
+        self.ads = ads
+        self.head_log = head_log
+        self.producer = producer
+        self.index = index
+        self.ad_meta = ad_meta or AdMetadata()
+        self.metrics = metrics or ServiceMetrics()
+        self.metrics_server = metrics_server
         self.snapshot_dir = snapshot_dir(cfg.snapshot.dir)
-        snap = load_latest_snapshot(self.snapshot_dir, cfg.index)
-        self.index: LiveIvfIndex | None = snap.index if snap else None
-        offsets = {p: o for (t, p), o in snap.offsets.items() if t == k.ad_topic} if snap else {}
-        self._version = int(snap.meta.get("version", 0)) if snap else 0
-        self.ad_meta = AdMetadata.from_state(snap.arrays) if snap and snap.arrays else AdMetadata()
-        if snap is not None and not snap.arrays and snap.index.ntotal:
-            logger.warning(
-                "snapshot %s has no ad metadata: campaign ids unknown until re-upserted", snap.path
-            )
-        self.ads = AdStream(k, self._ad_codec, self.dead_letters, offsets)
+        self._join_group = join_group
+        self._version = version
+        self.sink = NeighbourSink(store, cfg.store)
+        self.checkpoint = Checkpoint(
+            self.sink,
+            head_log,
+            backoff_s=cfg.store.retry_backoff_s,
+            backoff_max_s=cfg.store.retry_backoff_max_s,
+            flush_timeout_s=cfg.service.flush_timeout_s,
+        )
+        self.tracker = HeadQueryTracker(cfg.heads, cfg.index.dim, cfg.kafka.max_event_skew_s)
         self.engagements: EngagementStream | None = None
         self.refresher: Refresher | None = None
         self._training: list[AdBatch] = []
         self._ad_buf: list[AdBatch] = []
         self._eng_buf: list[tuple[EngagementBatch, np.ndarray]] = []
         self._eng_offsets: dict[int, int] = {}
-        self._pending: _Pending | None = None
-        self._retry_at = 0.0
         self._rebalanced = False
+        self._closed = False
         self.batcher = MicroBatcher(cfg.refresh)
         self.snapshot_policy = SnapshotPolicy(cfg.snapshot)
         self.drift = DriftMonitor(cfg.drift, cfg.index.dim)
         self.retrainer = BackgroundRetrainer()
-        self.metrics = ServiceMetrics()
         self.recall_monitor = RecallMonitor.from_config(cfg.service, k=cfg.refresh.k)
-        self.metrics_server: MetricsServer | None = None
-        if cfg.service.metrics_port > 0:
-            self.metrics_server = MetricsServer(
-                cfg.service.metrics_port,
-                self.metrics,
-                health=lambda: self.metrics.health(cfg.service.health_stale_s),
-                status=self.metrics.status,
-                host=cfg.service.metrics_host,
-            ).start()
-        if self.index is None and cfg.index.training_file:
-            vectors = np.load(cfg.index.training_file)
-            self.index = LiveIvfIndex.train(cfg.index, np.ascontiguousarray(vectors, "float32"))
+        self.verifier = StoreVerifier(cfg.service.verify_every_s, cfg.service.verify_sample)
         if self.index is not None:
             self._start_refreshing()
 
-    # ---- start-up ----------------------------------------------------------------------
-
-    def _ensure_head_state_topic(self) -> None:
-        from confluent_kafka.admin import AdminClient
-
-        k = self.cfg.kafka
-        admin = AdminClient(
-            {
-                "bootstrap.servers": k.bootstrap_servers,
-                "log_level": 3,
-                **client_logging(),
-                **k.client,
-            }
-        )
-        meta = admin.list_topics(k.engagement_topic, timeout=10).topics[k.engagement_topic]
+    @classmethod
+    def from_config(cls, cfg: Config, store: NeighbourStore | None = None) -> RefresherService:
+        """Create the topics, open the store (unless given), load the newest snapshot (or
+        train from `index.training_file`), start the metrics server: a service ready to run."""
+        k = cfg.kafka
         create_topics(
             k.bootstrap_servers,
-            [k.head_state_topic],
-            partitions=max(1, len(meta.partitions)),
+            [k.ad_topic, k.engagement_topic, k.dead_letter_topic],
             client=k.client,
             config=TOPIC_CONFIG,
         )
+        _ensure_head_state_topic(k)
+        registry = open_registry(k)
+        producer = make_producer(k)
+        dead_letters = DeadLetterPublisher(producer, k.dead_letter_topic)
+        store = store or open_store(cfg.store.url, cfg.store)
+        limit = k.max_message_bytes
+        ad_codec = AdCodec(registry, cfg.index.dim, cfg.index.metric, limit)
+        engagement_codec = EngagementCodec(registry, cfg.index.dim, cfg.index.metric, limit)
+
+        snap = load_latest_snapshot(snapshot_dir(cfg.snapshot.dir), cfg.index)
+        index = snap.index if snap else None
+        offsets = {p: o for (t, p), o in snap.offsets.items() if t == k.ad_topic} if snap else {}
+        version = int(snap.meta.get("version", 0)) if snap else 0
+        ad_meta = AdMetadata.from_state(snap.arrays) if snap and snap.arrays else AdMetadata()
+        if snap is not None and not snap.arrays and snap.index.ntotal:
+            logger.warning(
+                "snapshot %s has no ad metadata: campaign ids unknown until re-upserted", snap.path
+            )
+        if index is None and cfg.index.training_file:
+            vectors = np.load(cfg.index.training_file)
+            index = LiveIvfIndex.train(cfg.index, np.ascontiguousarray(vectors, "float32"))
+
+        metrics = ServiceMetrics()
+        server = None
+        svc = cfg.service
+        if svc.metrics_port > 0:
+            server = MetricsServer(
+                svc.metrics_port,
+                metrics,
+                health=lambda: metrics.health(svc.health_stale_s, svc.store_unhealthy_after_s),
+                live=lambda: metrics.liveness(svc.health_stale_s),
+                status=metrics.status,
+                host=svc.metrics_host,
+            ).start()
+
+        def join_group(listener: PartitionListener) -> EngagementStream:
+            return EngagementStream(k, engagement_codec, dead_letters, listener=listener)
+
+        def partition_state(partition: int) -> dict[str, np.ndarray]:
+            return service.partition_state(partition)
+
+        service = cls(
+            cfg,
+            store=store,
+            ads=AdStream(k, ad_codec, dead_letters, offsets),
+            join_group=join_group,
+            head_log=HeadStateLog(k, producer, partition_state),
+            producer=producer,
+            index=index,
+            version=version,
+            ad_meta=ad_meta,
+            metrics=metrics,
+            metrics_server=server,
+        )
+        return service
+
+    def partition_state(self, partition: int) -> dict[str, np.ndarray]:
+        """Every tracked row of `partition`: what its head-state snapshot holds."""
+        return self.tracker.state(self.checkpoint.partitions.queries(partition))
+
+    # ---- start-up ----------------------------------------------------------------------
 
     def _start_refreshing(self) -> None:
         assert self.index is not None
-        self.refresher = Refresher(self.index, self.cfg.refresh)
-        self.engagements = EngagementStream(
-            self.cfg.kafka, self._engagement_codec, self.dead_letters, listener=self
-        )
+        store = self.cfg.store
+        retired_ttl = store.exit_ttl_s if store.on_head_exit == "expire" else None
+        self.refresher = Refresher(self.index, self.cfg.refresh, retired_ttl_s=retired_ttl)
+        self.engagements = self._join_group(self)
+        self.checkpoint.committer = self.engagements
         logger.info(
             "refreshing: index of %d ads (version %d), joining group %s",
             self.index.ntotal,
@@ -215,39 +277,44 @@ class RefresherService:
             states, applied = self.head_log.restore(p)
             for state in states:
                 self.tracker.load_state(state)
-                self._query_partition.update(dict.fromkeys(state["query_ids"].tolist(), p))
+                self.checkpoint.partitions.assign(state["query_ids"], p)
             if applied >= 0:
                 start[p] = applied
         self._rebalanced = True
         return start
 
     def partitions_revoked(self, partitions: list[int], lost: bool) -> None:
-        """Forget the head queries of partitions now owned elsewhere; uncommitted events of
-        them are dropped from the buffer and will be re-read by the new owner."""
-        gone = set(partitions)
+        """Partitions now owned elsewhere: what is durable of them is committed (unless lost),
+        the rest dropped; their head queries and buffered events are forgotten and will be
+        re-read by the new owner."""
+        gone = list(set(partitions))
         self._eng_buf = [
-            (b.take(~np.isin(p, list(gone))), p[~np.isin(p, list(gone))]) for b, p in self._eng_buf
+            (b.take(~np.isin(p, gone)), p[~np.isin(p, gone)]) for b, p in self._eng_buf
         ]
         for p in gone:
             self._eng_offsets.pop(p, None)
-        queries = [q for q, p in self._query_partition.items() if p in gone]
-        for q in queries:
-            del self._query_partition[q]
-        if queries:
-            self.tracker.drop(np.asarray(queries, dtype="int64"))
+        queries, report = self.checkpoint.revoke(gone, lost)
+        self._observe(report)
+        if len(queries):
+            self.tracker.drop(queries)
         self._rebalanced = True
 
     # ---- the loop ----------------------------------------------------------------------
 
     def step(self, timeout_s: float = 0.05) -> None:
-        """One poll of both topics, and a micro-batch when one is due."""
+        """One poll of both topics, and a micro-batch when one is due; while a micro-batch is
+        not durable, only keep the consumer alive and retry when its backoff has passed."""
         self.metrics.heartbeat()
-        if self._pending is not None:
-            if time.monotonic() >= self._retry_at:
-                self._finish_pending()
-            else:
-                self._keep_alive(timeout_s)
+        cp = self.checkpoint
+        if cp.due():
+            self._flush()
+        if cp.pending:
+            self._keep_alive(min(timeout_s, max(cp.retry_in(), 0.001)))
             return
+        if self.refresher is not None and self.verifier.due():
+            self._verify()
+            if cp.pending:
+                return
         polled = self.ads.poll(self.cfg.refresh.batch_events, timeout_s)
         self.stats.ad_events += polled.messages
         self.stats.dead_letters += polled.rejected
@@ -279,9 +346,9 @@ class RefresherService:
             self.batcher.reset()
 
     def _keep_alive(self, timeout_s: float) -> None:
+        """Serve heartbeats and rebalances while consumption is paused."""
         if self.engagements is not None:
-            self.engagements.pause()
-            self.engagements.consumer.consume(1, timeout_s)
+            self.engagements.keep_alive(timeout_s)
         else:
             time.sleep(timeout_s)
 
@@ -289,8 +356,25 @@ class RefresherService:
         self._version = max(self._version + 1, int(time.time() * 1000))
         return self._version
 
+    def _lists(
+        self, query_ids: npt.NDArray[np.int64], ids: np.ndarray, scores: np.ndarray, version: int
+    ) -> NeighbourLists:
+        assert self.refresher is not None
+        n = len(query_ids)
+        advertisers, campaigns = self.ad_meta.lookup(ids)
+        return NeighbourLists(
+            query_ids=query_ids,
+            ids=ids,
+            scores=scores,
+            versions=np.full(n, version, dtype="int64"),
+            computed_at_ms=np.full(n, int(time.time() * 1000), dtype="int64"),
+            k=self.refresher.k,
+            campaign_ids=campaigns,
+            advertiser_ids=advertisers,
+        )
+
     def micro_batch(self) -> None:
-        """Apply what was polled, recompute affected head queries, store, commit."""
+        """Apply what was polled, recompute affected head queries, hand them to the Checkpoint."""
         assert self.index is not None and self.refresher is not None
         t0 = time.perf_counter()
         self._rebalanced = False
@@ -306,8 +390,8 @@ class RefresherService:
             self.tracker.observe(
                 eng.query_ids, eng.weights, eng.event_time_ms, eng.vectors, eng.has_vector
             )
-            self._query_partition.update(zip(eng.query_ids.tolist(), parts.tolist(), strict=True))
-            self._prune_query_partitions()
+            self.checkpoint.partitions.observe(eng.query_ids, parts)
+            self.checkpoint.partitions.prune(self.tracker.tracked_ids())
         changes = self.tracker.changes()
         up_rows, del_rows = net_rows(ads)
         up_ids, del_ids = ads.ad_ids[up_rows], ads.ad_ids[del_rows]
@@ -318,101 +402,104 @@ class RefresherService:
         result = self.refresher.apply(
             AdChanges(up_ids, up_vecs, del_ids), changes, self.tracker.vectors, version
         )
-        n = len(result.query_ids)
-        advertisers, campaigns = self.ad_meta.lookup(result.ids)
-        lists = NeighbourLists(
-            query_ids=result.query_ids,
-            ids=result.ids,
-            scores=result.scores,
-            versions=np.full(n, version, dtype="int64"),
-            computed_at_ms=np.full(n, int(time.time() * 1000), dtype="int64"),
-            k=self.refresher.k,
-            campaign_ids=campaigns,
-            advertiser_ids=advertisers,
+        retired = result.retired
+        lists = self._lists(
+            np.concatenate([result.query_ids, retired.query_ids]),
+            np.concatenate([result.ids, retired.ids]),
+            np.concatenate([result.scores, retired.scores]),
+            version,
+        )
+        ttl = np.concatenate(
+            [np.full(len(result.query_ids), self.cfg.store.ttl_s, np.int64), retired.ttl_s]
         )
         touched = np.union1d(np.unique(eng.query_ids), np.union1d(changes.entered, changes.exited))
-        self._pending = _Pending(lists, changes.exited, touched, eng_offsets, ads.event_time_ms)
+        state = self.tracker.state(touched) if len(touched) or eng_offsets else None
+        self.verifier.forget(np.union1d(changes.exited, changes.dropped))
+        self.checkpoint.add(
+            lists,
+            exited=changes.exited,
+            head_state=state,
+            offsets=eng_offsets,
+            event_time_ms=ads.event_time_ms,
+            ttl_s=ttl if len(retired) else None,
+        )
         self.snapshot_policy.record(len(ads))
         self.stats.micro_batches += 1
         self.stats.head_queries = len(self.refresher)
-        self._finish_pending()
+        self._flush()
         self.stats.last_batch_s = time.perf_counter() - t0
         self.drift.observe(up_vecs)
         self._observe_batch(len(up_ids), len(del_ids))
         if self.drift.after_batch(self.index) is not None:
             self._maybe_retrain()
 
-    def _finish_pending(self) -> None:
-        p = self._pending
-        assert p is not None
-        if not p.sink_done:
-            try:
-                self.sink.write(p.lists)
-                self.sink.head_exits(p.exited)
-            except StoreUnavailableError as exc:
-                self.stats.store_failures += 1
-                self.metrics.observe_store_error()
-                self._retry_at = time.monotonic() + exc.retry_after
-                logger.warning("store unavailable, pausing for %.1fs: %s", exc.retry_after, exc)
-                if self.engagements is not None:
-                    self.engagements.pause()
-                return
-            p.sink_done = True
+    def _flush(self) -> FlushReport:
+        report = self.checkpoint.flush()
+        self._observe(report)
+        if report.completed:
+            self._after_durable()
+        return report
+
+    def _observe(self, report: FlushReport) -> None:
+        """Metrics, stats and the verifier's record of what one flush achieved."""
+        cp = self.checkpoint
+        if report.store_error is not None:
+            self.stats.store_failures += 1
+            self.metrics.observe_store_error(report.store_error)
+        elif report.store_asked:
+            self.metrics.observe_store_ok()
+        if len(report.stored_ids):
+            self.verifier.stored(report.stored_ids, report.stored_versions)
+        if report.refused:
+            self.stats.refused += len(report.refused)
+            self.metrics.observe_refused(Counter(map(refusal_reason, report.refused.values())))
+            self.verifier.forget(np.fromiter(report.refused, np.int64, len(report.refused)))
+        stored = report.stored_batch
+        if stored is not None:
             stored_at = time.time() * 1000
-            self.stats.records_written += len(p.lists)
-            self.metrics.observe_stored((stored_at - p.ad_event_time_ms) / 1000.0, len(p.lists))
-            if len(p.ad_event_time_ms):
-                self.stats.freshness_ms.extend((stored_at - p.ad_event_time_ms).tolist())
+            age_ms = stored_at - stored.event_time_ms
+            self.stats.records_written += len(stored.lists)
+            self.metrics.observe_stored(age_ms / 1000.0, len(stored.lists))
+            if len(age_ms):
+                self.stats.freshness_ms.extend(age_ms.tolist())
                 del self.stats.freshness_ms[:-100_000]
-        try:
-            if not p.head_state_queued:
-                p.head_state_queued = True
-                self._append_head_state(p)
-            self.head_log.flush(self.cfg.service.flush_timeout_s)
-        except BrokerError as exc:
-            self._retry_at = time.monotonic() + 1.0
-            logger.warning("head-state changelog not flushed, pausing: %s", exc)
-            if self.engagements is not None:
-                self.engagements.pause()
-            return
-        if self.engagements is not None:
-            self.engagements.commit(p.engagement_offsets)
-            self.engagements.resume()
-        self._pending = None
+        failing = None if cp.failing_since is None else time.monotonic() - cp.failing_since
+        self.metrics.observe_checkpoint(cp.waiting_for(), failing, cp.retry_in(), cp.last_error)
+
+    def _after_durable(self) -> None:
+        """A micro-batch is durable: sample recall, snapshot when due."""
         if self.refresher is not None and self.index is not None:
-            recall = self.recall_monitor.after_batch(
-                self.store, self.index, self.refresher.head_ids(), self.tracker.vectors
-            )
+            try:
+                recall = self.recall_monitor.after_batch(
+                    self.store, self.index, self.refresher.head_ids(), self.tracker.vectors
+                )
+            except StoreError as exc:
+                self.metrics.observe_store_error(f"recall sample: {exc}")
+                logger.warning("recall sample skipped, the store cannot be read: %s", exc)
+                recall = None
             if recall is not None:
                 self.metrics.observe_recall(recall, self.recall_monitor.k)
         if self.snapshot_policy.due():
             self.snapshot()
 
-    def _append_head_state(self, p: _Pending) -> None:
-        if not len(p.touched) and not p.engagement_offsets:
+    def _verify(self) -> None:
+        """Read back a slice of the stored lists; rewrite those the store lost."""
+        assert self.refresher is not None
+        try:
+            lost = self.verifier.check(self.store, self.refresher.head_ids())
+        except StoreError as exc:
+            self.stats.store_failures += 1
+            self.metrics.observe_store_error(f"verify: {exc}")
+            logger.warning("store verification skipped, the store cannot be read: %s", exc)
             return
-        state = self.tracker.state(p.touched)
-        owner = np.fromiter(
-            (self._query_partition.get(q, -1) for q in state["query_ids"].tolist()),
-            "int64",
-            len(state["query_ids"]),
-        )
-        for partition in sorted(set(owner.tolist()) | set(p.engagement_offsets)):
-            if partition < 0:
-                continue
-            rows = owner == partition
-            self.head_log.append(
-                partition,
-                {k: v[rows] for k, v in state.items()},
-                p.engagement_offsets.get(partition, -1),
-            )
-
-    def _partition_state(self, partition: int) -> dict[str, np.ndarray]:
-        """Every tracked row of `partition`: what its head-state snapshot holds."""
-        n = len(self._query_partition)
-        queries = np.fromiter(self._query_partition.keys(), "int64", n)
-        owners = np.fromiter(self._query_partition.values(), "int64", n)
-        return self.tracker.state(queries[owners == partition])
+        self.metrics.observe_store_ok()
+        if not len(lost):
+            return
+        self.stats.rewrites += len(lost)
+        self.metrics.observe_rewrites(len(lost))
+        scores, ids = self.refresher.topk(lost)
+        self.checkpoint.add(self._lists(lost, ids, scores, self._next_version()))
+        self._flush()
 
     def snapshot(self) -> None:
         if self.index is None:
@@ -444,56 +531,53 @@ class RefresherService:
         return self.stats
 
     def drain(self, max_wait_s: float = 30.0) -> None:
-        """Finish the current micro-batch and any pending store write (bounded)."""
+        """Finish the current micro-batch and make it durable (bounded); what is still not
+        durable at the deadline is not committed."""
         deadline = time.monotonic() + max_wait_s
         if self.index is None and self._training:
             self._train_from_buffer(force=True)
+        cp = self.checkpoint
         if (
             self.index is not None
-            and self._pending is None
+            and not cp.pending
             and (self._ad_buf or self._eng_buf or self._eng_offsets)
         ):
             self.micro_batch()
-        while self._pending is not None and time.monotonic() < deadline:
-            time.sleep(min(0.2, max(0.0, self._retry_at - time.monotonic())))
-            self._finish_pending()
+        while (cp.pending or cp.uncommitted) and time.monotonic() < deadline:
+            time.sleep(min(cp.retry_in(), max(0.0, deadline - time.monotonic())))
+            self._flush()
 
     def shutdown(self) -> None:
-        """Finish the micro-batch, flush, snapshot, commit, close."""
+        """Finish the micro-batch, store, flush, commit, snapshot, close (once)."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.drain(self.cfg.service.shutdown_timeout_s)
-            if self._pending is None:
+            if not self.checkpoint.pending:
                 self.snapshot()
+            else:
+                logger.error(
+                    "stopping with a micro-batch not durable (waiting for %s: %s): its "
+                    "offsets stay uncommitted and are re-read at the next start",
+                    self.checkpoint.waiting_for(),
+                    self.checkpoint.last_error,
+                )
         finally:
             if self.metrics_server is not None:
                 self.metrics_server.stop()
             if self.index is not None and self.retrainer.running:
                 self.retrainer.cancel(self.index)
-            self.dead_letters.flush()
+            if self.engagements is not None:
+                self.engagements.close()  # a last revoke: commits only what is durable
             left = self.producer.flush(10)
             if left:
                 logger.error("%d dead-letter or head-state records not delivered at shutdown", left)
                 self.producer.purge()
-            if self.engagements is not None:
-                self.engagements.close()
             self.head_log.close()
             self.ads.close()
             self.producer.close()
             self.store.close()
-
-    def _prune_query_partitions(self) -> None:
-        """Forget the partition of queries the tracker evicted (amortised: only when the map
-        has grown to twice the tracked set), so memory stays bounded by heads.max_tracked."""
-        n = len(self._query_partition)
-        tracked = self.tracker.tracked_ids()
-        if n <= 2 * len(tracked) + 1024:
-            return
-        queries = np.fromiter(self._query_partition.keys(), "int64", n)
-        partitions = np.fromiter(self._query_partition.values(), "int64", n)
-        keep = np.isin(queries, tracked)
-        self._query_partition = dict(
-            zip(queries[keep].tolist(), partitions[keep].tolist(), strict=True)
-        )
 
     @property
     def refresher_pending(self) -> bool:
@@ -535,8 +619,9 @@ class RefresherService:
 
     @property
     def idle(self) -> bool:
-        """Nothing buffered and nothing waiting for the store."""
-        return self._pending is None and not (
+        """Nothing buffered and nothing waiting for the store, the changelog or a commit."""
+        cp = self.checkpoint
+        return not (cp.pending or cp.uncommitted) and not (
             self._ad_buf or self._eng_buf or self._eng_offsets or self._training
         )
 

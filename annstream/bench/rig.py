@@ -272,7 +272,7 @@ class ServiceRig:
                 opts.ads, seed=opts.seed, pool=self.pool, dim=self.dim, queries=opts.queries
             ),
         )
-        self.service = RefresherService(self.cfg)
+        self.service = RefresherService.from_config(self.cfg)
         self._started = self.service
         self.step_until(
             lambda s: (

@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
                 queries=args.queries,
             ),
         )
-        service = RefresherService(cfg)
+        service = RefresherService.from_config(cfg)
         feeder = _feeder(args, cfg, pool)
         progress = _progress(service, feeder, args.ads, args.json)
         stream_start = [0.0]

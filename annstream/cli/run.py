@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    service = RefresherService(cfg)
+    service = RefresherService.from_config(cfg)
     stats = service.run(stop)
     logger.info(
         "stopped: %d ad events, %d engagement events, %d records written, %d dead letters",

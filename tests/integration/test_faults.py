@@ -65,7 +65,7 @@ def _service(
         kafka={"client": {"session.timeout.ms": "6000"}, **kw.pop("kafka", {})},
         **kw,
     )
-    return RefresherService(to_config(settings)), group
+    return RefresherService.from_config(to_config(settings)), group
 
 
 def _everything_done(service: RefresherService, feed: Feed, bootstrap: str, group: str) -> bool:
@@ -166,7 +166,7 @@ def test_store_down_for_seconds_commits_nothing_then_recovers_without_restart(
                     # nothing the outage kept from the store is ever committed
                     assert committed_offsets(bootstrap, topics.engagements, group) == stored
                     next_check = time.monotonic() + 1.0
-            assert service.stats.store_failures >= 1 and service._pending is not None
+            assert service.stats.store_failures >= 1 and service.checkpoint.pending
             assert committed_offsets(bootstrap, topics.engagements, group) == stored
 
             server.start()  # same port, same records

@@ -80,7 +80,7 @@ def test_end_to_end_store_holds_the_exact_top_k_of_every_head_query(
         bootstrap, topics, training_file, f"sqlite:///{db}", tmp_path / "snap", group
     )
     feed = Feed(bootstrap, topics)
-    service = RefresherService(to_config(settings))
+    service = RefresherService.from_config(to_config(settings))
     try:
         half = len(work.steps) // 2
         for b in work.steps[:half]:
@@ -220,7 +220,7 @@ def test_two_replicas_shard_head_queries_and_the_survivor_takes_over(
             group,
             kafka={"client": {"session.timeout.ms": "3000"}},
         )
-        return RefresherService(to_config(settings))
+        return RefresherService.from_config(to_config(settings))
 
     feed = Feed(bootstrap, topics)
     n = len(work.steps)
@@ -257,7 +257,7 @@ def test_two_replicas_shard_head_queries_and_the_survivor_takes_over(
             assert not len(np.intersect1d(_owned_heads(a), _owned_heads(b)))
             for s in both:
                 owned = s.engagements.assigned if s.engagements else set()
-                parts = {s._query_partition[q] for q in _owned_heads(s).tolist()}
+                parts = set(s.checkpoint.partitions.of(_owned_heads(s)).tolist())
                 assert parts <= owned, (parts, owned)
 
         step_until(both, sharded, "the partitions split between the two replicas")
@@ -330,7 +330,7 @@ def test_store_outage_pauses_consumption_and_commits_nothing_past_unstored_resul
             store={"timeout_ms": 500},
         )
         feed = Feed(bootstrap, topics)
-        service = RefresherService(to_config(settings))
+        service = RefresherService.from_config(to_config(settings))
         try:
             for b in work.steps[:first]:
                 feed.send(b)
@@ -365,7 +365,7 @@ def test_store_outage_pauses_consumption_and_commits_nothing_past_unstored_resul
             while service.stats.store_failures < 3:
                 service.step()
                 # one pending micro-batch, nothing buffered behind it, no more consumption
-                assert service._pending is not None and not service._eng_buf
+                assert service.checkpoint.pending and not service._eng_buf
                 assert not service._ad_buf
                 assert service.stats.engagement_events == consumed
                 assert service.stats.ad_events == seen_ads

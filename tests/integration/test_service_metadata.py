@@ -104,7 +104,7 @@ def test_stored_lists_carry_campaign_ids_and_they_survive_a_restart(
             "every event consumed",
         )
 
-    service = RefresherService(to_config(settings))
+    service = RefresherService.from_config(to_config(settings))
     try:
         feed_all(before, service)
         want = _expected(before)
@@ -119,7 +119,7 @@ def test_stored_lists_carry_campaign_ids_and_they_survive_a_restart(
         service.shutdown()
     assert service.stats.snapshots == 1
 
-    restarted = RefresherService(to_config(settings))
+    restarted = RefresherService.from_config(to_config(settings))
     try:
         assert len(restarted.ad_meta) == len(want)
         feed_all(after, restarted)

@@ -61,7 +61,7 @@ def test_service_metrics_move_and_recall_matches_exact(
     )
     cfg = to_config(settings)
     feed = Feed(bootstrap, topics)
-    service = RefresherService(cfg)
+    service = RefresherService.from_config(cfg)
     try:
         assert service.metrics_server is not None
         url = service.metrics_server.url

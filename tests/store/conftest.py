@@ -22,6 +22,7 @@ import pytest
 
 from annstream.config import StoreConfig
 from annstream.store import NeighbourLists, NeighbourStore, open_store
+from annstream.store.memory import InMemoryStore
 from annstream.store.sqlite import SqliteStore
 from annstream.testing.aerospike_server import (
     ENV_REAL_SERVER,
@@ -235,7 +236,27 @@ def _aerospike_backend(
     return backend
 
 
-@pytest.fixture(params=["sqlite", "aerospike"])
+def _memory_backend(cfg: StoreConfig, clock: FakeClock) -> Backend:
+    store = InMemoryStore(cfg, clock=clock)
+    backend: Backend
+
+    def refuse(query_ids: np.ndarray) -> None:
+        store.fail(query_ids, permanent=True, reason="refused")
+        backend.heal_steps.append(store.heal)
+
+    def fail(query_ids: np.ndarray) -> None:
+        store.fail(query_ids, reason="busy")
+        backend.heal_steps.append(store.heal)
+
+    def fill() -> None:
+        store.fill()
+        backend.heal_steps.append(store.heal)
+
+    backend = Backend("memory", store, clock, refuse, fail, fill, None, reads_refused=False)
+    return backend
+
+
+@pytest.fixture(params=["sqlite", "aerospike", "memory"])
 def backend(
     request: pytest.FixtureRequest,
     tmp_path: Path,
@@ -245,6 +266,8 @@ def backend(
     target: AerospikeTarget | None = None
     if request.param == "sqlite":
         b = _sqlite_backend(tmp_path / "store.db", store_cfg, clock)
+    elif request.param == "memory":
+        b = _memory_backend(store_cfg, clock)
     else:
         target = request.getfixturevalue("aerospike_target")
         client = request.getfixturevalue("aerospike_client")

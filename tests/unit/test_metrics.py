@@ -113,7 +113,8 @@ def test_metrics_registries_are_independent() -> None:
 @pytest.fixture
 def server(observed: tuple[ServiceMetrics, Clock]) -> Iterator[tuple[MetricsServer, Clock]]:
     m, clock = observed
-    with MetricsServer(0, m, health=lambda: m.health(stale_after_s=30)) as srv:
+    health = lambda: m.health(stale_after_s=30, store_unhealthy_after_s=20)  # noqa: E731
+    with MetricsServer(0, m, health=health) as srv:
         yield srv, clock
 
 
@@ -136,11 +137,24 @@ def test_server_healthz_turns_503_when_stale_or_store_fails(
     code, _, body = _get(f"{srv.url}/healthz")
     assert code == 503 and json.loads(body)["last_step_age_s"] == 31
     srv.metrics.heartbeat()
-    srv.metrics.observe_store_error()
+    assert _get(f"{srv.url}/livez")[0] == 200
+    srv.metrics.observe_store_error("Aerospike 127.0.0.1:3000: connection refused")
     code, _, body = _get(f"{srv.url}/healthz")
-    assert code == 503 and json.loads(body)["store_ok"] is False
+    doc = json.loads(body)
+    assert code == 200 and doc["store_ok"] is False  # down, within the grace period
+    assert doc["store"]["accepting_writes"] is False and "refused" in doc["store"]["last_error"]
+    clock.now += 29
+    srv.metrics.heartbeat()
+    code, _, body = _get(f"{srv.url}/healthz")
+    doc = json.loads(body)
+    assert code == 503 and doc["reason"].startswith("store not accepting writes for 29s")
+    assert "connection refused" in doc["reason"]
+    assert _get(f"{srv.url}/livez")[0] == 200  # a restart would not bring the store back
+    status = json.loads(_get(f"{srv.url}/status")[2])
+    assert status["store"]["down_s"] == 29 and status["store"]["accepting_writes"] is False
     srv.metrics.observe_stored([], records=0)
-    assert _get(f"{srv.url}/healthz")[0] == 200
+    code, _, body = _get(f"{srv.url}/healthz")
+    assert code == 200 and json.loads(body)["store"]["accepting_writes"] is True
 
 
 def test_server_status_document(server: tuple[MetricsServer, Clock]) -> None:
