@@ -92,7 +92,7 @@ def test_huge_and_far_future_messages_on_both_topics_are_dead_lettered_and_the_r
         tmp_path / "snap",
         group,
     )
-    service = RefresherService(to_config(settings))
+    service = RefresherService.from_config(to_config(settings))
     assert service.cfg.kafka.max_message_bytes == 1_000_000
     feed = Feed(bootstrap, topics)
     large = make_producer(KafkaConfig(bootstrap_servers=bootstrap, max_message_bytes=6_000_000))
@@ -119,7 +119,8 @@ def test_huge_and_far_future_messages_on_both_topics_are_dead_lettered_and_the_r
         feed.flush()
         step_until([service], done, "every event consumed, stored and committed", guard_s=180)
         assert service.stats.dead_letters == len(bad)
-        assert service.dead_letters.failed == 0 and service.dead_letters.references == 4
+        letters_out = service.ads.dead_letters
+        assert letters_out.failed == 0 and letters_out.references == 4
         assert problems(service.store, work, build_oracle(training, work.live)) == []
         assert service.index is not None
         np.testing.assert_array_equal(service.index.ids(), sorted(work.live))

@@ -196,7 +196,12 @@ def test_config_secrets_read_are_masked_in_any_later_message(tmp_path: Path) -> 
         ("heads", "exit_score", 9.0, "heads.exit_score = 9.0: must be <= heads.enter_score (5)"),
         ("heads", "half_life_s", 0, "heads.half_life_s = 0.0: must be > 0"),
         ("store", "on_head_exit", "drop", "store.on_head_exit = 'drop': use one of expire, delete"),
-        ("store", "ttl_s", 400_000_000, "store.ttl_s = 400000000 is out of range: use -2 (keep), -1 (never)"),
+        (
+            "store",
+            "ttl_s",
+            400_000_000,
+            "store.ttl_s = 400000000 is out of range: use -2 (keep), -1 (never)",
+        ),
         (
             "store",
             "url",
