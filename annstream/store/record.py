@@ -7,8 +7,9 @@ bytes bins, so a reader decodes them with one `frombuffer` and no per-element pa
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -24,12 +25,17 @@ __all__ = [
     "BIN_SCORES",
     "BIN_VERSION",
     "RECORD_FORMAT",
+    "CORE_BINS",
     "LookupResult",
     "NeighbourLists",
+    "StoredList",
     "UpsertResult",
+    "absent_list",
     "lookup_result",
+    "lookup_result_of",
     "pack_record",
     "pack_records",
+    "stored_list",
     "unpack_record",
 ]
 
@@ -43,6 +49,8 @@ BIN_IDS = "ids"
 BIN_SCORES = "sc"
 BIN_CAMPAIGNS = "cmp"
 BIN_ADVERTISERS = "adv"
+# What serving needs without a predicate: everything but the campaign / advertiser ids.
+CORE_BINS = (BIN_FORMAT, BIN_VERSION, BIN_AT, BIN_K, BIN_IDS, BIN_SCORES)
 
 IDS_DTYPE = np.dtype("<i8")
 SCORES_DTYPE = np.dtype("<f4")
@@ -263,18 +271,196 @@ def unpack_record(bins: dict[str, Any]) -> UnpackedRecord:
     )
 
 
-def _stack(rows: list[bytes | None], n: int, width: int, dtype: np.dtype[Any], pad: Any) -> Any:
-    out = np.full((n, width), pad, dtype=dtype.newbyteorder("="))
-    present = [i for i, raw in enumerate(rows) if raw]
+def _frozen(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    array.flags.writeable = False
+    return array
+
+
+_NO_IDS: Int64Array = _frozen(np.empty(0, dtype=np.int64))
+_NO_SCORES: Float32Array = _frozen(np.empty(0, dtype=np.float32))
+_CORE = operator.itemgetter(*CORE_BINS)
+_NATIVE_IDS = IDS_DTYPE.newbyteorder("=")
+_NATIVE_SCORES = SCORES_DTYPE.newbyteorder("=")
+
+
+class StoredList(NamedTuple):
+    """One query's record as read by the single-key path: no columnar assembly.
+
+    `ids` / `scores` (and the metadata) are read-only views of the record's bytes, all `m`
+    entries, padding (-1 / -inf) included. A key the store refused to read is not found and
+    `error` says why.
+    """
+
+    query_id: int
+    found: bool
+    ids: Int64Array
+    scores: Float32Array
+    version: int = 0
+    computed_at_ms: int = 0
+    k: int = 0
+    campaign_ids: Int64Array | None = None
+    advertiser_ids: Int64Array | None = None
+    error: str | None = None
+
+
+def absent_list(query_id: int, error: str | None = None) -> StoredList:
+    """The StoredList of a key with no readable record."""
+    return StoredList(query_id, False, _NO_IDS, _NO_SCORES, error=error)
+
+
+def _row_error(bins: dict[str, Any], metadata: bool = True) -> str | None:
+    """Why a record cannot be decoded as format 1, or None when it can."""
+    fmt = bins.get(BIN_FORMAT)
+    if fmt != RECORD_FORMAT:
+        return (
+            f"neighbour record format {fmt!r} is not {RECORD_FORMAT}: "
+            "upgrade the reader (or another writer uses this set)"
+        )
+    ids, scores = bins.get(BIN_IDS), bins.get(BIN_SCORES)
+    if (
+        not isinstance(ids, bytes)
+        or not isinstance(scores, bytes)
+        or not all(isinstance(bins.get(name), int) for name in (BIN_VERSION, BIN_AT, BIN_K))
+    ):
+        return "neighbour record lacks bins of format 1 (see schemas/neighbour_record.md)"
+    m = len(ids) // IDS_DTYPE.itemsize
+    if len(ids) % IDS_DTYPE.itemsize or len(scores) != m * SCORES_DTYPE.itemsize:
+        return f"neighbour record has {len(ids)} bytes of ids but {len(scores)} of scores"
+    for name in (BIN_CAMPAIGNS, BIN_ADVERTISERS) if metadata else ():
+        value = bins.get(name)
+        if value is not None and (not isinstance(value, bytes) or len(value) != len(ids)):
+            return f"neighbour record bin {name!r} does not hold one int64 per neighbour"
+    return None
+
+
+def stored_list(query_id: int, bins: dict[str, Any], *, metadata: bool = True) -> StoredList:
+    """Decode one record's bins, validated as lookup_result does; `metadata=False` skips the
+    campaign / advertiser ids."""
+    try:
+        fmt, version, at, k, ids, scores = _CORE(bins)
+    except KeyError:
+        return absent_list(query_id, _row_error(bins, metadata))
+    camp = adv = None
+    if metadata:
+        camp, adv = bins.get(BIN_CAMPAIGNS), bins.get(BIN_ADVERTISERS)
+    if (
+        fmt != RECORD_FORMAT
+        or type(ids) is not bytes
+        or type(scores) is not bytes
+        or len(ids) != 2 * len(scores)
+        or len(scores) & 3
+        or type(version) is not int
+        or type(at) is not int
+        or type(k) is not int
+        or (camp is not None and (type(camp) is not bytes or len(camp) != len(ids)))
+        or (adv is not None and (type(adv) is not bytes or len(adv) != len(ids)))
+    ) and (error := _row_error(bins, metadata)) is not None:
+        return absent_list(query_id, error)
+    return StoredList(
+        query_id,
+        True,
+        np.frombuffer(ids, _NATIVE_IDS),
+        np.frombuffer(scores, _NATIVE_SCORES),
+        version,
+        at,
+        k,
+        None if camp is None else np.frombuffer(camp, _NATIVE_IDS),
+        None if adv is None else np.frombuffer(adv, _NATIVE_IDS),
+    )
+
+
+def lookup_result_of(one: StoredList) -> LookupResult:
+    """The one-row LookupResult of a StoredList (a batch lookup of one key)."""
+    errors = {} if one.error is None else {0: one.error}
+
+    def row(values: npt.NDArray[Any] | None) -> npt.NDArray[Any] | None:
+        return None if values is None else values.reshape(1, -1).copy()
+
+    ids, scores = row(one.ids), row(one.scores)
+    assert ids is not None and scores is not None
+    return LookupResult(
+        query_ids=np.array([one.query_id], dtype=np.int64),
+        found=np.array([one.found]),
+        ids=ids,
+        scores=scores,
+        versions=np.array([one.version], dtype=np.int64),
+        computed_at_ms=np.array([one.computed_at_ms], dtype=np.int64),
+        k=np.array([one.k], dtype=np.int64),
+        campaign_ids=row(one.campaign_ids),
+        advertiser_ids=row(one.advertiser_ids),
+        errors=errors,
+    )
+
+
+_Columns = tuple[
+    tuple[Any, ...],  # formats
+    tuple[int, ...],  # versions
+    tuple[int, ...],  # computed_at_ms
+    tuple[int, ...],  # k
+    tuple[bytes, ...],  # ids
+    tuple[bytes, ...],  # scores
+    list[bytes | None] | None,  # campaign ids (None: not asked for)
+    list[bytes | None] | None,  # advertiser ids
+]
+
+
+def _columns(present: list[dict[str, Any]], metadata: bool) -> _Columns:
+    """The bins of decodable records, column by column."""
     if not present:
-        return out
+        return (), (), (), (), (), (), [] if metadata else None, [] if metadata else None
+    fmts, versions, ats, ks, ids, scores = zip(*map(_CORE, present), strict=True)
+    if not metadata:
+        return fmts, versions, ats, ks, ids, scores, None, None
+    camps = [b.get(BIN_CAMPAIGNS) for b in present]
+    advs = [b.get(BIN_ADVERTISERS) for b in present]
+    return fmts, versions, ats, ks, ids, scores, camps, advs
+
+
+def _uniform(columns: _Columns) -> bool:
+    """Every record is format 1 with well-typed bins of one width (the common case)."""
+    fmts, versions, ats, ks, ids, scores, camps, advs = columns
+    if not ids:
+        return True
+    size = len(ids[0])
+    if not (
+        fmts.count(RECORD_FORMAT) == len(fmts)
+        and set(map(type, versions + ats + ks)) == {int}
+        and set(map(type, ids + scores)) == {bytes}
+        and set(map(len, ids)) == {size}
+        and set(map(len, scores)) == {size // 2}
+        and not size % IDS_DTYPE.itemsize
+    ):
+        return False
+    for blobs in (camps or (), advs or ()):
+        values = [v for v in blobs if v is not None]
+        if values and (set(map(type, values)) != {bytes} or set(map(len, values)) != {size}):
+            return False
+    return True
+
+
+def _matrix(
+    blobs: tuple[bytes, ...] | list[bytes | None],
+    rows: list[int],
+    n: int,
+    width: int,
+    dtype: np.dtype[Any],
+    pad: Any,
+    full: bool = False,
+) -> npt.NDArray[Any]:
+    """[n, width] of the rows' arrays, others padded; one join when every row is full width
+    (`full`: the caller knows they are)."""
     row_size = width * dtype.itemsize
-    if all(len(rows[i] or b"") == row_size for i in present):
-        joined = b"".join(rows[i] or b"" for i in present)
-        out[present] = np.frombuffer(joined, dtype=dtype).reshape(len(present), width)
+    if rows and width and (full or all(b is not None and len(b) == row_size for b in blobs)):
+        joined = bytearray().join(blobs)  # type: ignore[arg-type]  # one copy, writable
+        data = np.frombuffer(joined, dtype=dtype).reshape(len(rows), width)
+        if len(rows) == n:
+            return data
+        out = np.full((n, width), pad, dtype=dtype)
+        out[rows] = data
         return out
-    for i in present:
-        values = np.frombuffer(rows[i] or b"", dtype=dtype)
+    out = np.full((n, width), pad, dtype=dtype)
+    for i, raw in zip(rows, blobs, strict=True):
+        values = np.frombuffer(raw or b"", dtype=dtype)
         out[i, : values.size] = values
     return out
 
@@ -283,53 +469,56 @@ def lookup_result(
     query_ids: Int64Array,
     found_bins: list[dict[str, Any] | None],
     errors: dict[int, str] | None = None,
+    *,
+    metadata: bool = True,
 ) -> LookupResult:
     """Assemble a LookupResult from each query's bins (None = not found), in query order.
 
     A record this reader cannot decode (another format, missing bins) is not found and its
-    row gets an error; it does not fail the other rows.
+    row gets an error; it does not fail the other rows. `metadata=False` leaves the campaign
+    and advertiser ids out (None) without decoding them.
     """
     errors = dict(errors or {})
-    found_bins = list(found_bins)
-    for i, b in enumerate(found_bins):
-        if b is None:
-            continue
-        if b.get(BIN_FORMAT) != RECORD_FORMAT:
-            errors[i] = (
-                f"neighbour record format {b.get(BIN_FORMAT)!r} is not {RECORD_FORMAT}: "
-                "upgrade the reader (or another writer uses this set)"
-            )
-        elif not all(isinstance(b.get(name), bytes) for name in (BIN_IDS, BIN_SCORES)) or not all(
-            isinstance(b.get(name), int) for name in (BIN_VERSION, BIN_AT, BIN_K)
-        ):
-            errors[i] = "neighbour record lacks bins of format 1 (see schemas/neighbour_record.md)"
-        else:
-            continue
-        found_bins[i] = None
+    rows = [i for i, b in enumerate(found_bins) if b is not None]
+    present: list[dict[str, Any]] = [found_bins[i] for i in rows]  # type: ignore[misc]
+    try:
+        columns = _columns(present, metadata)
+        uniform = _uniform(columns)
+    except KeyError:
+        uniform = False
+    if not uniform:
+        checked = [(i, b, _row_error(b, metadata)) for i, b in zip(rows, present, strict=True)]
+        errors.update({i: e for i, _, e in checked if e is not None})
+        rows = [i for i, _, e in checked if e is None]
+        present = [b for _, b, e in checked if e is None]
+        columns = _columns(present, metadata)
+    _, versions, ats, ks, ids, scores, camps, advs = columns
     n = len(found_bins)
-    found = np.array([b is not None for b in found_bins], dtype=bool)
-    present = [b for b in found_bins if b is not None]
-    width = max((len(b[BIN_IDS]) // IDS_DTYPE.itemsize for b in present), default=0)
+    found = np.zeros(n, dtype=bool)
+    found[rows] = True
+    width = max(map(len, ids), default=0) // IDS_DTYPE.itemsize
 
-    def column(name: str) -> list[bytes | None]:
-        return [None if b is None else b.get(name) for b in found_bins]
+    def scalar(values: tuple[int, ...]) -> Int64Array:
+        if len(rows) == n:
+            return np.array(values, dtype=np.int64)
+        out = np.zeros(n, dtype=np.int64)
+        out[rows] = values
+        return out
 
-    def scalar(name: str) -> Int64Array:
-        return np.array([0 if b is None else int(b[name]) for b in found_bins], dtype=np.int64)
+    def metadata_column(blobs: list[bytes | None] | None) -> Int64Array | None:
+        if blobs is None or blobs.count(None) == len(blobs):
+            return None
+        return _matrix(blobs, rows, n, width, _NATIVE_IDS, -1)
 
-    has_camp = any(b.get(BIN_CAMPAIGNS) is not None for b in present)
-    has_adv = any(b.get(BIN_ADVERTISERS) is not None for b in present)
     return LookupResult(
         query_ids=np.asarray(query_ids, dtype=np.int64),
         found=found,
-        ids=_stack(column(BIN_IDS), n, width, IDS_DTYPE, -1),
-        scores=_stack(column(BIN_SCORES), n, width, SCORES_DTYPE, -np.inf),
-        versions=scalar(BIN_VERSION),
-        computed_at_ms=scalar(BIN_AT),
-        k=scalar(BIN_K),
-        campaign_ids=_stack(column(BIN_CAMPAIGNS), n, width, IDS_DTYPE, -1) if has_camp else None,
-        advertiser_ids=_stack(column(BIN_ADVERTISERS), n, width, IDS_DTYPE, -1)
-        if has_adv
-        else None,
+        ids=_matrix(ids, rows, n, width, _NATIVE_IDS, -1, uniform),
+        scores=_matrix(scores, rows, n, width, _NATIVE_SCORES, -np.inf, uniform),
+        versions=scalar(versions),
+        computed_at_ms=scalar(ats),
+        k=scalar(ks),
+        campaign_ids=metadata_column(camps),
+        advertiser_ids=metadata_column(advs),
         errors=errors,
     )
