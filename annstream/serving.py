@@ -288,15 +288,19 @@ def _select_all(raw: LookupResult, k: int | None) -> ServingResult | None:
     width = int(raw.k.max(initial=0)) if k is None else k
     if width > m or (k is None and (raw.k[raw.found] != width).any()):
         return None
-    valid = raw.ids >= 0
-    if m > 1 and (valid[:, 1:] & ~valid[:, :-1]).any():
-        return None
+    if m == 0 or raw.ids.min() >= 0:  # every list found and full: the common case
+        counts = np.full(n, min(width, m), dtype=np.int64)
+    else:
+        valid = raw.ids >= 0
+        if (valid[:, 1:] & ~valid[:, :-1]).any():
+            return None
+        counts = np.minimum(np.count_nonzero(valid, axis=1), width).astype(np.int64)
     return ServingResult(
         query_ids=raw.query_ids,
         found=raw.found,
         ids=raw.ids[:, :width],
         scores=raw.scores[:, :width],
-        counts=np.minimum(np.count_nonzero(valid, axis=1), width).astype(np.int64),
+        counts=counts,
         filtered=np.zeros(n, dtype=np.int64),
         versions=raw.versions,
         computed_at_ms=raw.computed_at_ms,

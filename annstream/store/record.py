@@ -392,77 +392,93 @@ def lookup_result_of(one: StoredList) -> LookupResult:
     )
 
 
-_Columns = tuple[
-    tuple[Any, ...],  # formats
-    tuple[int, ...],  # versions
-    tuple[int, ...],  # computed_at_ms
-    tuple[int, ...],  # k
-    tuple[bytes, ...],  # ids
-    tuple[bytes, ...],  # scores
-    list[bytes | None] | None,  # campaign ids (None: not asked for)
-    list[bytes | None] | None,  # advertiser ids
-]
+_FORMAT, _VERSION, _AT, _K, _IDS, _SCORES = map(operator.itemgetter, CORE_BINS)
 
 
-def _columns(present: list[dict[str, Any]], metadata: bool) -> _Columns:
-    """The bins of decodable records, column by column."""
-    if not present:
-        return (), (), (), (), (), (), [] if metadata else None, [] if metadata else None
-    fmts, versions, ats, ks, ids, scores = zip(*map(_CORE, present), strict=True)
-    if not metadata:
-        return fmts, versions, ats, ks, ids, scores, None, None
-    camps = [b.get(BIN_CAMPAIGNS) for b in present]
-    advs = [b.get(BIN_ADVERTISERS) for b in present]
-    return fmts, versions, ats, ks, ids, scores, camps, advs
+@dataclass(frozen=True)
+class _Rows:
+    """The decoded columns of the records found, in row order."""
+
+    versions: Int64Array
+    computed_at_ms: Int64Array
+    k: Int64Array
+    ids: Int64Array  # [found, width]
+    scores: Float32Array
+    campaign_ids: Int64Array | None
+    advertiser_ids: Int64Array | None
 
 
-def _uniform(columns: _Columns) -> bool:
-    """Every record is format 1 with well-typed bins of one width (the common case)."""
-    fmts, versions, ats, ks, ids, scores, camps, advs = columns
-    if not ids:
-        return True
-    size = len(ids[0])
-    if not (
-        fmts.count(RECORD_FORMAT) == len(fmts)
-        and set(map(type, versions + ats + ks)) == {int}
-        and set(map(type, ids + scores)) == {bytes}
-        and set(map(len, ids)) == {size}
-        and set(map(len, scores)) == {size // 2}
-        and not size % IDS_DTYPE.itemsize
-    ):
-        return False
-    for blobs in (camps or (), advs or ()):
-        values = [v for v in blobs if v is not None]
-        if values and (set(map(type, values)) != {bytes} or set(map(len, values)) != {size}):
-            return False
-    return True
+def _joined(blobs: list[Any], size: int, dtype: np.dtype[Any]) -> npt.NDArray[Any] | None:
+    """[len(blobs), size / itemsize] from blobs that are all bytes of `size`, else None."""
+    try:
+        if set(map(len, blobs)) != {size}:
+            return None
+        joined = bytearray().join(blobs)  # one copy, and the array is writable
+    except TypeError:  # a value that is not bytes (None included)
+        return None
+    return np.frombuffer(joined, dtype=dtype).reshape(len(blobs), size // dtype.itemsize)
 
 
-def _matrix(
-    blobs: tuple[bytes, ...] | list[bytes | None],
-    rows: list[int],
-    n: int,
-    width: int,
-    dtype: np.dtype[Any],
-    pad: Any,
-    full: bool = False,
-) -> npt.NDArray[Any]:
-    """[n, width] of the rows' arrays, others padded; one join when every row is full width
-    (`full`: the caller knows they are)."""
-    row_size = width * dtype.itemsize
-    if rows and width and (full or all(b is not None and len(b) == row_size for b in blobs)):
-        joined = bytearray().join(blobs)  # type: ignore[arg-type]  # one copy, writable
-        data = np.frombuffer(joined, dtype=dtype).reshape(len(rows), width)
-        if len(rows) == n:
-            return data
-        out = np.full((n, width), pad, dtype=dtype)
-        out[rows] = data
+def _uniform_rows(present: list[dict[str, Any]], metadata: bool) -> _Rows | None:
+    """The columns when every record is format 1 with well-typed bins of one width (the
+    common case: a handful of C-level passes, no per-record Python), else None."""
+    try:
+        fmts = list(map(_FORMAT, present))
+        scalars = [np.array(list(map(get, present))) for get in (_VERSION, _AT, _K)]
+        ids, scores = list(map(_IDS, present)), list(map(_SCORES, present))
+    except (KeyError, ValueError, OverflowError):
+        return None
+    if fmts.count(RECORD_FORMAT) != len(fmts) or any(a.dtype != np.int64 for a in scalars):
+        return None
+    size = len(ids[0]) if isinstance(ids[0], bytes) else -1
+    if size < 0 or size % IDS_DTYPE.itemsize:
+        return None
+    ids_matrix = _joined(ids, size, _NATIVE_IDS)
+    scores_matrix = _joined(scores, size // 2, _NATIVE_SCORES)
+    if ids_matrix is None or scores_matrix is None:
+        return None
+    columns: list[Int64Array | None] = []
+    for name in (BIN_CAMPAIGNS, BIN_ADVERTISERS) if metadata else ():
+        blobs = [b.get(name) for b in present]
+        if blobs.count(None) == len(blobs):
+            columns.append(None)
+        elif (column := _joined(blobs, size, _NATIVE_IDS)) is not None:
+            columns.append(column)
+        else:
+            return None  # some rows lack it, or it is malformed: the row-by-row path
+    camps, advs = columns if metadata else (None, None)
+    versions, at, k = scalars
+    return _Rows(versions, at, k, ids_matrix, scores_matrix, camps, advs)
+
+
+def _checked_rows(present: list[dict[str, Any]], metadata: bool) -> _Rows:
+    """The columns of records already validated one by one (widths may differ: padded)."""
+    width = max((len(b[BIN_IDS]) // IDS_DTYPE.itemsize for b in present), default=0)
+
+    def matrix(name: str, dtype: np.dtype[Any], pad: Any) -> npt.NDArray[Any]:
+        out = np.full((len(present), width), pad, dtype=dtype)
+        for row, b in enumerate(present):
+            values = np.frombuffer(b.get(name) or b"", dtype=dtype)
+            out[row, : values.size] = values
         return out
-    out = np.full((n, width), pad, dtype=dtype)
-    for i, raw in zip(rows, blobs, strict=True):
-        values = np.frombuffer(raw or b"", dtype=dtype)
-        out[i, : values.size] = values
-    return out
+
+    def metadata_matrix(name: str) -> Int64Array | None:
+        if not metadata or all(b.get(name) is None for b in present):
+            return None
+        return matrix(name, _NATIVE_IDS, -1)
+
+    def scalar(name: str) -> Int64Array:
+        return np.array([b[name] for b in present], dtype=np.int64)
+
+    return _Rows(
+        scalar(BIN_VERSION),
+        scalar(BIN_AT),
+        scalar(BIN_K),
+        matrix(BIN_IDS, _NATIVE_IDS, -1),
+        matrix(BIN_SCORES, _NATIVE_SCORES, -np.inf),
+        metadata_matrix(BIN_CAMPAIGNS),
+        metadata_matrix(BIN_ADVERTISERS),
+    )
 
 
 def lookup_result(
@@ -479,46 +495,43 @@ def lookup_result(
     and advertiser ids out (None) without decoding them.
     """
     errors = dict(errors or {})
-    rows = [i for i, b in enumerate(found_bins) if b is not None]
-    present: list[dict[str, Any]] = [found_bins[i] for i in rows]  # type: ignore[misc]
-    try:
-        columns = _columns(present, metadata)
-        uniform = _uniform(columns)
-    except KeyError:
-        uniform = False
-    if not uniform:
-        checked = [(i, b, _row_error(b, metadata)) for i, b in zip(rows, present, strict=True)]
+    n = len(found_bins)
+    if found_bins.count(None):
+        rows: list[int] | slice = [i for i, b in enumerate(found_bins) if b is not None]
+        present: list[dict[str, Any]] = [b for b in found_bins if b is not None]
+    else:
+        rows, present = slice(None), found_bins  # type: ignore[assignment]
+    decoded = _uniform_rows(present, metadata) if present else None
+    if decoded is None:
+        indices = range(n) if isinstance(rows, slice) else rows
+        checked = [(i, b, _row_error(b, metadata)) for i, b in zip(indices, present, strict=True)]
         errors.update({i: e for i, _, e in checked if e is not None})
         rows = [i for i, _, e in checked if e is None]
         present = [b for _, b, e in checked if e is None]
-        columns = _columns(present, metadata)
-    _, versions, ats, ks, ids, scores, camps, advs = columns
-    n = len(found_bins)
-    found = np.zeros(n, dtype=bool)
+        decoded = _checked_rows(present, metadata)
+    everything = isinstance(rows, slice) or len(rows) == n
+    found = np.ones(n, dtype=bool) if everything else np.zeros(n, dtype=bool)
     found[rows] = True
-    width = max(map(len, ids), default=0) // IDS_DTYPE.itemsize
 
-    def scalar(values: tuple[int, ...]) -> Int64Array:
-        if len(rows) == n:
-            return np.array(values, dtype=np.int64)
-        out = np.zeros(n, dtype=np.int64)
+    def column(values: npt.NDArray[Any], pad: Any) -> npt.NDArray[Any]:
+        if everything:
+            return values
+        out = np.full((n, *values.shape[1:]), pad, dtype=values.dtype)
         out[rows] = values
         return out
 
-    def metadata_column(blobs: list[bytes | None] | None) -> Int64Array | None:
-        if blobs is None or blobs.count(None) == len(blobs):
-            return None
-        return _matrix(blobs, rows, n, width, _NATIVE_IDS, -1)
+    def metadata_column(values: Int64Array | None) -> Int64Array | None:
+        return None if values is None else column(values, -1)
 
     return LookupResult(
         query_ids=np.asarray(query_ids, dtype=np.int64),
         found=found,
-        ids=_matrix(ids, rows, n, width, _NATIVE_IDS, -1, uniform),
-        scores=_matrix(scores, rows, n, width, _NATIVE_SCORES, -np.inf, uniform),
-        versions=scalar(versions),
-        computed_at_ms=scalar(ats),
-        k=scalar(ks),
-        campaign_ids=metadata_column(camps),
-        advertiser_ids=metadata_column(advs),
+        ids=column(decoded.ids, -1),
+        scores=column(decoded.scores, -np.inf),
+        versions=column(decoded.versions, 0),
+        computed_at_ms=column(decoded.computed_at_ms, 0),
+        k=column(decoded.k, 0),
+        campaign_ids=metadata_column(decoded.campaign_ids),
+        advertiser_ids=metadata_column(decoded.advertiser_ids),
         errors=errors,
     )
