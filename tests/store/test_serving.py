@@ -336,3 +336,24 @@ def test_async_reader_answers_like_the_reader(backend: Backend, lists_factory: F
         assert one.ids.tolist() == want.ids.tolist() and one.filtered == want.filtered
     assert not singles[3].found
     np.testing.assert_array_equal(batch.ids, reader.lookup(np.array([3, 1])).ids)
+
+
+def test_a_batch_where_only_some_lists_carry_campaign_ids(
+    backend: Backend, lists_factory: Factory
+) -> None:
+    with_ids = lists_factory([1], version=1, with_campaigns=True)
+    without = lists_factory([2], version=1, seed=3)
+    backend.store.upsert(with_ids)
+    backend.store.upsert(without)
+    got = backend.store.lookup(np.array([2, 1, 3]))
+    assert got.found.tolist() == [True, True, False] and not got.errors
+    assert with_ids.campaign_ids is not None and got.campaign_ids is not None
+    assert got.campaign_ids[1].tolist() == with_ids.campaign_ids[0].tolist()
+    assert (got.campaign_ids[[0, 2]] == -1).all()
+    np.testing.assert_array_equal(got.ids[0], without.ids[0])
+    predicate = exclude(campaigns=[int(with_ids.campaign_ids[0, 0])])
+    served = NeighbourReader(backend.store).lookup(np.array([2, 1]), predicate=predicate)
+    assert served.filtered.tolist() == [
+        0,
+        int((with_ids.campaign_ids[0] == with_ids.campaign_ids[0, 0]).sum()),
+    ]
