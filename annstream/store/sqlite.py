@@ -157,6 +157,7 @@ class SqliteStore:
         self._shared_reads = memory  # another connection would see another database
         self._local = threading.local()
         self._readers: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
+        self._readers_lock = threading.Lock()
         self._closed = False
         if self.readonly and not memory and not self.path.is_file():
             raise StoreError(
@@ -314,7 +315,7 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise self._error(f"cannot open SQLite store {self.path.resolve()}", exc) from exc
         own = _ThreadConnection(db)
-        with self._lock:
+        with self._readers_lock:  # not the writer's lock: a read never waits for a write
             if self._closed:
                 db.close()
                 raise StoreError(f"SQLite store {self.path} is closed")
@@ -390,7 +391,7 @@ class SqliteStore:
             return int(cur.rowcount)
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._readers_lock:
             self._closed = True
             self._db.close()
             for own in list(self._readers):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,6 +24,7 @@ from annstream.serving import (
     exclude,
 )
 from annstream.store import NeighbourLists
+from annstream.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
     from tests.store.conftest import Backend
@@ -357,3 +360,23 @@ def test_a_batch_where_only_some_lists_carry_campaign_ids(
         0,
         int((with_ids.campaign_ids[0] == with_ids.campaign_ids[0, 0]).sum()),
     ]
+
+
+def test_sqlite_serving_threads_do_not_wait_for_the_writer(
+    tmp_path: Path, lists_factory: Factory
+) -> None:
+    store = SqliteStore(tmp_path / "store.db")
+    lists = lists_factory([1, 2], version=1)
+    store.upsert(lists)
+    reader = NeighbourReader(store)
+    got: list[Neighbours] = []
+    with store._lock:  # a write in progress on the store's own connection
+        worker = threading.Thread(target=lambda: got.append(reader.lookup_one(2)))
+        worker.start()
+        worker.join(5)
+        assert not worker.is_alive(), "a serving thread waited for the writer's lock"
+    assert got[0].ids.tolist() == _expected(lists, 1, 3)
+    del worker
+    gc.collect()
+    assert not list(store._readers), "a finished thread's read connection stayed open"
+    store.close()
