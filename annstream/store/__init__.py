@@ -17,6 +17,7 @@ from annstream.store.base import HEAD_EXIT_POLICIES, NeighbourStore
 from annstream.store.record import (
     LookupResult,
     NeighbourLists,
+    StoredList,
     UpsertResult,
     pack_record,
     pack_records,
@@ -28,6 +29,7 @@ __all__ = [
     "LookupResult",
     "NeighbourLists",
     "NeighbourStore",
+    "StoredList",
     "UpsertResult",
     "apply_head_exit",
     "open_store",

@@ -41,11 +41,16 @@ from annstream.store.codes import (
 )
 from annstream.store.record import (
     BIN_VERSION,
+    CORE_BINS,
     LookupResult,
     NeighbourLists,
+    StoredList,
     UpsertResult,
+    absent_list,
     lookup_result,
+    lookup_result_of,
     pack_records,
+    stored_list,
 )
 
 __all__ = ["AerospikeStore", "stale_guard"]
@@ -57,6 +62,7 @@ _EXP_OR, _EXP_NOT, _EXP_BIN_EXISTS, _EXP_LT, _EXP_BIN, _EXP_VAL, _EXP_END = (
     17, 18, 83, 5, 81, 200, 150,
 )  # fmt: skip
 _INT = 2
+_CORE_BINS = list(CORE_BINS)
 
 
 def stale_guard(version: int) -> list[tuple[Any, ...]]:
@@ -227,13 +233,48 @@ class AerospikeStore:
             )
         return UpsertResult(stored, stale, failed, errors, permanent)
 
-    def lookup(self, query_ids: npt.ArrayLike) -> LookupResult:
+    def lookup_one(self, query_id: int, *, metadata: bool = True) -> StoredList:
+        """One key with the client's `get` (a batch of one costs about twice as much)."""
+        qid = int(query_id)
+        try:
+            bins = self._client.get((self.namespace, self.set_name, qid))[2]
+        except AerospikeError as exc:
+            code = _code(exc)
+            if code == NOT_FOUND:
+                return absent_list(qid)
+            message = f"Aerospike get on {self.url}: {describe(code)}: {exc}"
+            if is_retryable(code):
+                raise StoreUnavailableError(message, retry_after=self._retry_after) from exc
+            if code < 0:  # the client refused the call itself, as a batch would fail
+                raise StoreError(message) from exc
+            logger.warning("Aerospike %s could not read query %d: %s", self.url, qid, message)
+            return absent_list(qid, describe(code))
+        return stored_list(qid, bins, metadata=metadata)
+
+    def lookup(self, query_ids: npt.ArrayLike, *, metadata: bool = True) -> LookupResult:
         qids = as_query_ids(query_ids)
-        if qids.size == 0:
+        n = qids.size
+        if n == 0:
             return lookup_result(qids, [])
-        keys = [self._key(q) for q in qids.tolist()]
-        batch = self._call("batch_read", self._client.batch_read, keys)
-        codes = self._row_codes(batch, len(keys))
+        if n == 1:
+            return lookup_result_of(self.lookup_one(int(qids[0]), metadata=metadata))
+        ns, set_name = self.namespace, self.set_name
+        keys = [(ns, set_name, q) for q in qids.tolist()]
+        bins = None if metadata else _CORE_BINS
+        batch = self._call("batch_read", self._client.batch_read, keys, bins)
+        records = batch.batch_records
+        if int(batch.result) == OK and len(records) == n:
+            codes = [r.result for r in records]
+            if codes.count(OK) + codes.count(NOT_FOUND) == n:  # the common case: no row errors
+                found = [
+                    r.record[2] if c == OK else None for r, c in zip(records, codes, strict=True)
+                ]
+                return lookup_result(qids, found, metadata=metadata)
+        return self._lookup_rows(qids, batch, metadata)
+
+    def _lookup_rows(self, qids: npt.NDArray[np.int64], batch: Any, metadata: bool) -> LookupResult:
+        """A batch lookup with rows in error: raise for transient ones, report the others."""
+        codes = self._row_codes(batch, qids.size)
         transient = sorted({c for c, _ in codes if c not in (OK, NOT_FOUND) and is_retryable(c)})
         if transient:
             raise StoreUnavailableError(
@@ -255,11 +296,11 @@ class AerospikeStore:
                 "Aerospike %s could not read %d of %d records, e.g. query %d: %s",
                 self.url,
                 len(errors),
-                len(keys),
+                qids.size,
                 int(qids[first]),
                 errors[first],
             )
-        return lookup_result(qids, found, errors)
+        return lookup_result(qids, found, errors, metadata=metadata)
 
     def _check_batch(
         self, what: str, query_ids: list[int], batch: Any, ttl: int | None = None

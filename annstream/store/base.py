@@ -16,7 +16,10 @@ Semantics shared by all stores (the contract suite in tests/store/ checks them):
   retryably, a locked or full file); retry the whole call after `retry_after`.
   `StoreConfigError`: the store refuses a setting (a TTL on a namespace without nsup-period).
 - `lookup` reads what it can: a key the store refuses to read is reported in
-  `LookupResult.errors` and the other keys are read.
+  `LookupResult.errors` and the other keys are read. `lookup_one` is the single-key path
+  (serving's hot path: no columnar assembly), the error in `StoredList.error`. Both skip the
+  campaign / advertiser ids with `metadata=False` (a caller that filters by none). Lookups
+  are safe from many threads of one process at once.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from annstream.config import MAX_TTL_S
-from annstream.store.record import LookupResult, NeighbourLists, UpsertResult
+from annstream.store.record import LookupResult, NeighbourLists, StoredList, UpsertResult
 
 __all__ = [
     "HEAD_EXIT_POLICIES",
@@ -51,7 +54,9 @@ class NeighbourStore(Protocol):
 
     def upsert(self, lists: NeighbourLists, ttl_s: TtlArg = None) -> UpsertResult: ...
 
-    def lookup(self, query_ids: npt.ArrayLike) -> LookupResult: ...
+    def lookup(self, query_ids: npt.ArrayLike, *, metadata: bool = True) -> LookupResult: ...
+
+    def lookup_one(self, query_id: int, *, metadata: bool = True) -> StoredList: ...
 
     def remove(self, query_ids: npt.ArrayLike) -> None: ...
 

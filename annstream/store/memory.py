@@ -9,6 +9,7 @@ tests of what sits above a store need no server.
 
 from __future__ import annotations
 
+import operator
 import threading
 import time
 from collections import Counter
@@ -26,9 +27,12 @@ from annstream.store.record import (
     BIN_VERSION,
     LookupResult,
     NeighbourLists,
+    StoredList,
     UpsertResult,
+    absent_list,
     lookup_result,
     pack_records,
+    stored_list,
 )
 
 __all__ = ["InMemoryStore"]
@@ -144,13 +148,24 @@ class InMemoryStore:
                 stored[row] = True
         return UpsertResult(stored, stale, failed, errors, permanent)
 
-    def lookup(self, query_ids: npt.ArrayLike) -> LookupResult:
+    def lookup(self, query_ids: npt.ArrayLike, *, metadata: bool = True) -> LookupResult:
         qids = as_query_ids(query_ids)
         now = self._now_ms()
         with self._lock:
             self._enter("lookup")
             found = [self._live(q, now) for q in qids.tolist()]
-        return lookup_result(qids, [None if r is None else dict(r.bins) for r in found])
+        bins = [None if r is None else dict(r.bins) for r in found]
+        return lookup_result(qids, bins, metadata=metadata)
+
+    def lookup_one(self, query_id: int, *, metadata: bool = True) -> StoredList:
+        qid = operator.index(query_id)
+        now = self._now_ms()
+        with self._lock:
+            self._enter("lookup")
+            record = self._live(qid, now)
+        if record is None:
+            return absent_list(qid)
+        return stored_list(qid, dict(record.bins), metadata=metadata)
 
     def remove(self, query_ids: npt.ArrayLike) -> None:
         keys = as_query_ids(query_ids).tolist()

@@ -7,8 +7,9 @@ bytes bins, so a reader decodes them with one `frombuffer` and no per-element pa
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -24,12 +25,17 @@ __all__ = [
     "BIN_SCORES",
     "BIN_VERSION",
     "RECORD_FORMAT",
+    "CORE_BINS",
     "LookupResult",
     "NeighbourLists",
+    "StoredList",
     "UpsertResult",
+    "absent_list",
     "lookup_result",
+    "lookup_result_of",
     "pack_record",
     "pack_records",
+    "stored_list",
     "unpack_record",
 ]
 
@@ -43,6 +49,8 @@ BIN_IDS = "ids"
 BIN_SCORES = "sc"
 BIN_CAMPAIGNS = "cmp"
 BIN_ADVERTISERS = "adv"
+# What serving needs without a predicate: everything but the campaign / advertiser ids.
+CORE_BINS = (BIN_FORMAT, BIN_VERSION, BIN_AT, BIN_K, BIN_IDS, BIN_SCORES)
 
 IDS_DTYPE = np.dtype("<i8")
 SCORES_DTYPE = np.dtype("<f4")
@@ -263,73 +271,267 @@ def unpack_record(bins: dict[str, Any]) -> UnpackedRecord:
     )
 
 
-def _stack(rows: list[bytes | None], n: int, width: int, dtype: np.dtype[Any], pad: Any) -> Any:
-    out = np.full((n, width), pad, dtype=dtype.newbyteorder("="))
-    present = [i for i, raw in enumerate(rows) if raw]
-    if not present:
+def _frozen(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    array.flags.writeable = False
+    return array
+
+
+_NO_IDS: Int64Array = _frozen(np.empty(0, dtype=np.int64))
+_NO_SCORES: Float32Array = _frozen(np.empty(0, dtype=np.float32))
+_CORE = operator.itemgetter(*CORE_BINS)
+_NATIVE_IDS = IDS_DTYPE.newbyteorder("=")
+_NATIVE_SCORES = SCORES_DTYPE.newbyteorder("=")
+
+
+class StoredList(NamedTuple):
+    """One query's record as read by the single-key path: no columnar assembly.
+
+    `ids` / `scores` (and the metadata) are read-only views of the record's bytes, all `m`
+    entries, padding (-1 / -inf) included. A key the store refused to read is not found and
+    `error` says why.
+    """
+
+    query_id: int
+    found: bool
+    ids: Int64Array
+    scores: Float32Array
+    version: int = 0
+    computed_at_ms: int = 0
+    k: int = 0
+    campaign_ids: Int64Array | None = None
+    advertiser_ids: Int64Array | None = None
+    error: str | None = None
+
+
+def absent_list(query_id: int, error: str | None = None) -> StoredList:
+    """The StoredList of a key with no readable record."""
+    return StoredList(query_id, False, _NO_IDS, _NO_SCORES, error=error)
+
+
+def _row_error(bins: dict[str, Any], metadata: bool = True) -> str | None:
+    """Why a record cannot be decoded as format 1, or None when it can."""
+    fmt = bins.get(BIN_FORMAT)
+    if fmt != RECORD_FORMAT:
+        return (
+            f"neighbour record format {fmt!r} is not {RECORD_FORMAT}: "
+            "upgrade the reader (or another writer uses this set)"
+        )
+    ids, scores = bins.get(BIN_IDS), bins.get(BIN_SCORES)
+    if (
+        not isinstance(ids, bytes)
+        or not isinstance(scores, bytes)
+        or not all(isinstance(bins.get(name), int) for name in (BIN_VERSION, BIN_AT, BIN_K))
+    ):
+        return "neighbour record lacks bins of format 1 (see schemas/neighbour_record.md)"
+    m = len(ids) // IDS_DTYPE.itemsize
+    if len(ids) % IDS_DTYPE.itemsize or len(scores) != m * SCORES_DTYPE.itemsize:
+        return f"neighbour record has {len(ids)} bytes of ids but {len(scores)} of scores"
+    for name in (BIN_CAMPAIGNS, BIN_ADVERTISERS) if metadata else ():
+        value = bins.get(name)
+        if value is not None and (not isinstance(value, bytes) or len(value) != len(ids)):
+            return f"neighbour record bin {name!r} does not hold one int64 per neighbour"
+    return None
+
+
+def stored_list(query_id: int, bins: dict[str, Any], *, metadata: bool = True) -> StoredList:
+    """Decode one record's bins, validated as lookup_result does; `metadata=False` skips the
+    campaign / advertiser ids."""
+    try:
+        fmt, version, at, k, ids, scores = _CORE(bins)
+    except KeyError:
+        return absent_list(query_id, _row_error(bins, metadata))
+    camp = adv = None
+    if metadata:
+        camp, adv = bins.get(BIN_CAMPAIGNS), bins.get(BIN_ADVERTISERS)
+    if (
+        fmt != RECORD_FORMAT
+        or type(ids) is not bytes
+        or type(scores) is not bytes
+        or len(ids) != 2 * len(scores)
+        or len(scores) & 3
+        or type(version) is not int
+        or type(at) is not int
+        or type(k) is not int
+        or (camp is not None and (type(camp) is not bytes or len(camp) != len(ids)))
+        or (adv is not None and (type(adv) is not bytes or len(adv) != len(ids)))
+    ) and (error := _row_error(bins, metadata)) is not None:
+        return absent_list(query_id, error)
+    return StoredList(
+        query_id,
+        True,
+        np.frombuffer(ids, _NATIVE_IDS),
+        np.frombuffer(scores, _NATIVE_SCORES),
+        version,
+        at,
+        k,
+        None if camp is None else np.frombuffer(camp, _NATIVE_IDS),
+        None if adv is None else np.frombuffer(adv, _NATIVE_IDS),
+    )
+
+
+def lookup_result_of(one: StoredList) -> LookupResult:
+    """The one-row LookupResult of a StoredList (a batch lookup of one key)."""
+    errors = {} if one.error is None else {0: one.error}
+
+    def row(values: npt.NDArray[Any] | None) -> npt.NDArray[Any] | None:
+        return None if values is None else values.reshape(1, -1).copy()
+
+    ids, scores = row(one.ids), row(one.scores)
+    assert ids is not None and scores is not None
+    return LookupResult(
+        query_ids=np.array([one.query_id], dtype=np.int64),
+        found=np.array([one.found]),
+        ids=ids,
+        scores=scores,
+        versions=np.array([one.version], dtype=np.int64),
+        computed_at_ms=np.array([one.computed_at_ms], dtype=np.int64),
+        k=np.array([one.k], dtype=np.int64),
+        campaign_ids=row(one.campaign_ids),
+        advertiser_ids=row(one.advertiser_ids),
+        errors=errors,
+    )
+
+
+_FORMAT, _VERSION, _AT, _K, _IDS, _SCORES = map(operator.itemgetter, CORE_BINS)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The decoded columns of the records found, in row order."""
+
+    versions: Int64Array
+    computed_at_ms: Int64Array
+    k: Int64Array
+    ids: Int64Array  # [found, width]
+    scores: Float32Array
+    campaign_ids: Int64Array | None
+    advertiser_ids: Int64Array | None
+
+
+def _joined(blobs: list[Any], size: int, dtype: np.dtype[Any]) -> npt.NDArray[Any] | None:
+    """[len(blobs), size / itemsize] from blobs that are all bytes of `size`, else None."""
+    try:
+        if set(map(len, blobs)) != {size}:
+            return None
+        joined = bytearray().join(blobs)  # one copy, and the array is writable
+    except TypeError:  # a value that is not bytes (None included)
+        return None
+    return np.frombuffer(joined, dtype=dtype).reshape(len(blobs), size // dtype.itemsize)
+
+
+def _uniform_rows(present: list[dict[str, Any]], metadata: bool) -> _Rows | None:
+    """The columns when every record is format 1 with well-typed bins of one width (the
+    common case: a handful of C-level passes, no per-record Python), else None."""
+    try:
+        fmts = list(map(_FORMAT, present))
+        scalars = [np.array(list(map(get, present))) for get in (_VERSION, _AT, _K)]
+        ids, scores = list(map(_IDS, present)), list(map(_SCORES, present))
+    except (KeyError, ValueError, OverflowError):
+        return None
+    if fmts.count(RECORD_FORMAT) != len(fmts) or any(a.dtype != np.int64 for a in scalars):
+        return None
+    size = len(ids[0]) if isinstance(ids[0], bytes) else -1
+    if size < 0 or size % IDS_DTYPE.itemsize:
+        return None
+    ids_matrix = _joined(ids, size, _NATIVE_IDS)
+    scores_matrix = _joined(scores, size // 2, _NATIVE_SCORES)
+    if ids_matrix is None or scores_matrix is None:
+        return None
+    columns: list[Int64Array | None] = []
+    for name in (BIN_CAMPAIGNS, BIN_ADVERTISERS) if metadata else ():
+        blobs = [b.get(name) for b in present]
+        if blobs.count(None) == len(blobs):
+            columns.append(None)
+        elif (column := _joined(blobs, size, _NATIVE_IDS)) is not None:
+            columns.append(column)
+        else:
+            return None  # some rows lack it, or it is malformed: the row-by-row path
+    camps, advs = columns if metadata else (None, None)
+    versions, at, k = scalars
+    return _Rows(versions, at, k, ids_matrix, scores_matrix, camps, advs)
+
+
+def _checked_rows(present: list[dict[str, Any]], metadata: bool) -> _Rows:
+    """The columns of records already validated one by one (widths may differ: padded)."""
+    width = max((len(b[BIN_IDS]) // IDS_DTYPE.itemsize for b in present), default=0)
+
+    def matrix(name: str, dtype: np.dtype[Any], pad: Any) -> npt.NDArray[Any]:
+        out = np.full((len(present), width), pad, dtype=dtype)
+        for row, b in enumerate(present):
+            values = np.frombuffer(b.get(name) or b"", dtype=dtype)
+            out[row, : values.size] = values
         return out
-    row_size = width * dtype.itemsize
-    if all(len(rows[i] or b"") == row_size for i in present):
-        joined = b"".join(rows[i] or b"" for i in present)
-        out[present] = np.frombuffer(joined, dtype=dtype).reshape(len(present), width)
-        return out
-    for i in present:
-        values = np.frombuffer(rows[i] or b"", dtype=dtype)
-        out[i, : values.size] = values
-    return out
+
+    def metadata_matrix(name: str) -> Int64Array | None:
+        if not metadata or all(b.get(name) is None for b in present):
+            return None
+        return matrix(name, _NATIVE_IDS, -1)
+
+    def scalar(name: str) -> Int64Array:
+        return np.array([b[name] for b in present], dtype=np.int64)
+
+    return _Rows(
+        scalar(BIN_VERSION),
+        scalar(BIN_AT),
+        scalar(BIN_K),
+        matrix(BIN_IDS, _NATIVE_IDS, -1),
+        matrix(BIN_SCORES, _NATIVE_SCORES, -np.inf),
+        metadata_matrix(BIN_CAMPAIGNS),
+        metadata_matrix(BIN_ADVERTISERS),
+    )
 
 
 def lookup_result(
     query_ids: Int64Array,
     found_bins: list[dict[str, Any] | None],
     errors: dict[int, str] | None = None,
+    *,
+    metadata: bool = True,
 ) -> LookupResult:
     """Assemble a LookupResult from each query's bins (None = not found), in query order.
 
     A record this reader cannot decode (another format, missing bins) is not found and its
-    row gets an error; it does not fail the other rows.
+    row gets an error; it does not fail the other rows. `metadata=False` leaves the campaign
+    and advertiser ids out (None) without decoding them.
     """
     errors = dict(errors or {})
-    found_bins = list(found_bins)
-    for i, b in enumerate(found_bins):
-        if b is None:
-            continue
-        if b.get(BIN_FORMAT) != RECORD_FORMAT:
-            errors[i] = (
-                f"neighbour record format {b.get(BIN_FORMAT)!r} is not {RECORD_FORMAT}: "
-                "upgrade the reader (or another writer uses this set)"
-            )
-        elif not all(isinstance(b.get(name), bytes) for name in (BIN_IDS, BIN_SCORES)) or not all(
-            isinstance(b.get(name), int) for name in (BIN_VERSION, BIN_AT, BIN_K)
-        ):
-            errors[i] = "neighbour record lacks bins of format 1 (see schemas/neighbour_record.md)"
-        else:
-            continue
-        found_bins[i] = None
     n = len(found_bins)
-    found = np.array([b is not None for b in found_bins], dtype=bool)
-    present = [b for b in found_bins if b is not None]
-    width = max((len(b[BIN_IDS]) // IDS_DTYPE.itemsize for b in present), default=0)
+    if found_bins.count(None):
+        rows: list[int] | slice = [i for i, b in enumerate(found_bins) if b is not None]
+        present: list[dict[str, Any]] = [b for b in found_bins if b is not None]
+    else:
+        rows, present = slice(None), found_bins  # type: ignore[assignment]
+    decoded = _uniform_rows(present, metadata) if present else None
+    if decoded is None:
+        indices = range(n) if isinstance(rows, slice) else rows
+        checked = [(i, b, _row_error(b, metadata)) for i, b in zip(indices, present, strict=True)]
+        errors.update({i: e for i, _, e in checked if e is not None})
+        rows = [i for i, _, e in checked if e is None]
+        present = [b for _, b, e in checked if e is None]
+        decoded = _checked_rows(present, metadata)
+    everything = isinstance(rows, slice) or len(rows) == n
+    found = np.ones(n, dtype=bool) if everything else np.zeros(n, dtype=bool)
+    found[rows] = True
 
-    def column(name: str) -> list[bytes | None]:
-        return [None if b is None else b.get(name) for b in found_bins]
+    def column(values: npt.NDArray[Any], pad: Any) -> npt.NDArray[Any]:
+        if everything:
+            return values
+        out = np.full((n, *values.shape[1:]), pad, dtype=values.dtype)
+        out[rows] = values
+        return out
 
-    def scalar(name: str) -> Int64Array:
-        return np.array([0 if b is None else int(b[name]) for b in found_bins], dtype=np.int64)
+    def metadata_column(values: Int64Array | None) -> Int64Array | None:
+        return None if values is None else column(values, -1)
 
-    has_camp = any(b.get(BIN_CAMPAIGNS) is not None for b in present)
-    has_adv = any(b.get(BIN_ADVERTISERS) is not None for b in present)
     return LookupResult(
         query_ids=np.asarray(query_ids, dtype=np.int64),
         found=found,
-        ids=_stack(column(BIN_IDS), n, width, IDS_DTYPE, -1),
-        scores=_stack(column(BIN_SCORES), n, width, SCORES_DTYPE, -np.inf),
-        versions=scalar(BIN_VERSION),
-        computed_at_ms=scalar(BIN_AT),
-        k=scalar(BIN_K),
-        campaign_ids=_stack(column(BIN_CAMPAIGNS), n, width, IDS_DTYPE, -1) if has_camp else None,
-        advertiser_ids=_stack(column(BIN_ADVERTISERS), n, width, IDS_DTYPE, -1)
-        if has_adv
-        else None,
+        ids=column(decoded.ids, -1),
+        scores=column(decoded.scores, -np.inf),
+        versions=column(decoded.versions, 0),
+        computed_at_ms=column(decoded.computed_at_ms, 0),
+        k=column(decoded.k, 0),
+        campaign_ids=metadata_column(decoded.campaign_ids),
+        advertiser_ids=metadata_column(decoded.advertiser_ids),
         errors=errors,
     )

@@ -18,6 +18,7 @@ import logging
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,11 +40,16 @@ from annstream.store.record import (
     BIN_K,
     BIN_SCORES,
     BIN_VERSION,
+    CORE_BINS,
     LookupResult,
     NeighbourLists,
+    StoredList,
     UpsertResult,
+    absent_list,
     lookup_result,
+    lookup_result_of,
     pack_records,
+    stored_list,
 )
 
 __all__ = ["SqliteStore"]
@@ -83,6 +89,17 @@ WHERE excluded.version > t.version OR {{expired}}
 """.format(expired="(t.expires_at_ms IS NOT NULL AND t.expires_at_ms <= :now)")
 
 _LIVE = "(expires_at_ms IS NULL OR expires_at_ms > ?)"
+# Columns in the order of the bins (record.CORE_BINS, then campaign / advertiser ids): the
+# campaign and advertiser ids are read only when the caller filters by them.
+_COLUMNS = {
+    False: "fmt, version, computed_at_ms, k, ids, scores",
+    True: "fmt, version, computed_at_ms, k, ids, scores, campaign_ids, advertiser_ids",
+}
+_ALL_BINS = (*CORE_BINS, BIN_CAMPAIGNS, BIN_ADVERTISERS)
+_LOOKUP_ONE = {
+    metadata: f"SELECT {columns} FROM {TABLE} WHERE query_id = ? AND {_LIVE}"
+    for metadata, columns in _COLUMNS.items()
+}
 # What one row can cause (a constraint, a value out of range): that row is refused for good.
 # Any other error is the whole file's: it fails the call (see codes.py).
 _ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError)
@@ -97,8 +114,25 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
+class _ThreadConnection:
+    """A thread's read connection, closed when the thread ends (its thread-local goes)."""
+
+    __slots__ = ("__weakref__", "db")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __del__(self) -> None:
+        self.db.close()
+
+
 class SqliteStore:
     """Neighbour lists in one SQLite table; safe to share between threads of one process.
+
+    Writes and the opening thread's lookups go through one connection under a lock; lookups
+    from other threads use a read-only connection of their own (opened on first use, closed
+    with the thread or the store), so serving threads read in parallel (sqlite3 releases the
+    GIL while it reads). An in-memory database has one connection for everything.
 
     `create=False` (readers: `annstream lookup`, the serving reader) opens an existing file
     read-only and never creates one.
@@ -119,6 +153,12 @@ class SqliteStore:
         self.readonly = not create
         self._lock = threading.Lock()
         memory = str(self.path) == ":memory:"
+        self._owner = threading.get_ident()
+        self._shared_reads = memory  # another connection would see another database
+        self._local = threading.local()
+        self._readers: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
+        self._readers_lock = threading.Lock()
+        self._closed = False
         if self.readonly and not memory and not self.path.is_file():
             raise StoreError(
                 f"SQLite store {self.path.resolve()} does not exist (store URL {self.url}): "
@@ -259,29 +299,66 @@ class SqliteStore:
                 stale[row] = True
         return UpsertResult(stored, stale, failed, errors, permanent)
 
-    def lookup(self, query_ids: npt.ArrayLike) -> LookupResult:
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's own read-only connection, opened on first use."""
+        own: _ThreadConnection | None = getattr(self._local, "own", None)
+        if own is not None:
+            return own.db
+        try:
+            db = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro",
+                timeout=self.cfg.timeout_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+                uri=True,
+            )
+        except sqlite3.Error as exc:
+            raise self._error(f"cannot open SQLite store {self.path.resolve()}", exc) from exc
+        own = _ThreadConnection(db)
+        with self._readers_lock:  # not the writer's lock: a read never waits for a write
+            if self._closed:
+                db.close()
+                raise StoreError(f"SQLite store {self.path} is closed")
+            self._readers.add(own)
+        self._local.own = own
+        return db
+
+    def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """The rows of one query. The thread that opened the store reads through the store's
+        connection (under its lock); other threads through their own, in parallel."""
+        try:
+            if self._shared_reads or threading.get_ident() == self._owner:
+                with self._lock:
+                    return self._db.execute(sql, params).fetchall()
+            return self._reader().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise self._error(f"SQLite store {self.path}: lookup", exc) from exc
+
+    def lookup_one(self, query_id: int, *, metadata: bool = True) -> StoredList:
+        qid = int(query_id)
+        names = _ALL_BINS if metadata else CORE_BINS
+        rows = self._read(_LOOKUP_ONE[metadata], (qid, self._now_ms()))
+        if not rows:
+            return absent_list(qid)
+        return stored_list(qid, dict(zip(names, rows[0], strict=True)), metadata=metadata)
+
+    def lookup(self, query_ids: npt.ArrayLike, *, metadata: bool = True) -> LookupResult:
         qids = as_query_ids(query_ids)
+        if qids.size == 1:
+            return lookup_result_of(self.lookup_one(int(qids[0]), metadata=metadata))
         keys = qids.tolist()
         now = self._now_ms()
+        names = _ALL_BINS if metadata else CORE_BINS
+        columns = _COLUMNS[metadata]
         found: dict[int, dict[str, Any]] = {}
-        columns = "query_id, fmt, version, computed_at_ms, k, ids, scores, campaign_ids, "
-        columns += "advertiser_ids"
-        with self._lock:
-            try:
-                for chunk in _chunks(keys):
-                    rows = self._db.execute(
-                        f"SELECT {columns} FROM {TABLE} "
-                        f"WHERE query_id IN ({_marks(len(chunk))}) AND {_LIVE}",
-                        (*chunk, now),
-                    )
-                    for qid, fmt, v, at, k, ids, sc, cmp, adv in rows:
-                        found[qid] = {
-                            BIN_FORMAT: fmt, BIN_VERSION: v, BIN_AT: at, BIN_K: k, BIN_IDS: ids,
-                            BIN_SCORES: sc, BIN_CAMPAIGNS: cmp, BIN_ADVERTISERS: adv,
-                        }  # fmt: skip
-            except sqlite3.Error as exc:
-                raise self._error(f"SQLite store {self.path}: lookup", exc) from exc
-        return lookup_result(qids, [found.get(q) for q in keys])
+        for chunk in _chunks(keys):
+            rows = self._read(
+                f"SELECT query_id, {columns} FROM {TABLE} "
+                f"WHERE query_id IN ({_marks(len(chunk))}) AND {_LIVE}",
+                (*chunk, now),
+            )
+            found.update((row[0], dict(zip(names, row[1:], strict=True))) for row in rows)
+        return lookup_result(qids, [found.get(q) for q in keys], metadata=metadata)
 
     def remove(self, query_ids: npt.ArrayLike) -> None:
         keys = as_query_ids(query_ids).tolist()
@@ -314,8 +391,11 @@ class SqliteStore:
             return int(cur.rowcount)
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._readers_lock:
+            self._closed = True
             self._db.close()
+            for own in list(self._readers):
+                own.db.close()
 
     def __enter__(self) -> SqliteStore:
         return self
