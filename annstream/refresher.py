@@ -217,15 +217,19 @@ class MicroBatcher:
 _F32_EMPTY = np.empty(0, dtype=np.float32)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _AdPlan:
-    """A micro-batch's ad changes, prepared and assigned once; `removed`: ids that leave."""
+    """A micro-batch's ad changes, prepared once; `removed`: live ids that leave. `lists`
+    (the new ads' IVF lists) and `screen` are set by the owner thread, then `ready`."""
 
     ids: Int64Array
     x: Float32Array
-    lists: Int64Array
     delete_ids: Int64Array
     removed: Int64Array
+    lists: Int64Array = field(default_factory=_empty_ids)
+    screen: _Screen | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    aborted: bool = False
 
 
 class _Background:
@@ -351,6 +355,58 @@ class _Retired:
             scores,
             ttl.astype(np.int64),
             np.where(exp == _NEVER, -1, exp).astype(np.int64),
+        )
+
+
+class _Screen:
+    """The routed screen of a micro-batch's new ads, in chunks of ads that whichever thread is
+    free takes (the refresher's two threads share it once the background one is done)."""
+
+    _CHUNK = 256
+
+    def __init__(
+        self,
+        q: Float32Array,
+        thr: Float32Array,
+        vecs: Float32Array,
+        lists: Int64Array,
+        routes: tuple[Int64Array, npt.NDArray[np.int32]],
+        l2: bool,
+        tol: float,
+    ) -> None:
+        self.q, self.thr, self.vecs, self.lists = q, thr, vecs, lists
+        self.routes, self.l2, self.tol = routes, l2, tol
+        self._next = 0
+        self._lock = threading.Lock()
+        self._parts: list[tuple[Int64Array, Int64Array]] = []
+
+    def run(self) -> None:
+        """Screen chunks until none is left."""
+        while True:
+            with self._lock:
+                a = self._next
+                self._next += self._CHUNK
+            if a >= len(self.vecs):
+                return
+            sl = slice(a, a + self._CHUNK)
+            slots, rows = route_candidates(
+                self.q,
+                self.thr,
+                self.vecs[sl],
+                self.lists[sl],
+                *self.routes,
+                l2=self.l2,
+                tol=self.tol,
+            )
+            self._parts.append((slots, rows + a))
+
+    def pairs(self) -> tuple[Int64Array, Int64Array]:
+        """(slot, row of vecs) of every screened pair; call once every `run` returned."""
+        if not self._parts:
+            return _empty_ids(), _empty_ids()
+        return (
+            np.concatenate([p[0] for p in self._parts]),
+            np.concatenate([p[1] for p in self._parts]),
         )
 
 
@@ -516,35 +572,40 @@ class Refresher:
 
     def _set_probes(self, slots: Int64Array) -> None:
         """Probe lists of `slots` from their prepared vectors (the live quantizer)."""
-        for a in range(0, len(slots), _PROBE_CHUNK):
-            part = slots[a : a + _PROBE_CHUNK]
-            self._probe[part] = self.index.probe_lists(
-                self._q[part], self.nprobe_eff, prepared=True
-            )
+        with _OneThread() if len(slots) < _PROBE_CHUNK else _AsIs():
+            for a in range(0, len(slots), _PROBE_CHUNK):
+                part = slots[a : a + _PROBE_CHUNK]
+                self._probe[part] = self.index.probe_lists(
+                    self._q[part], self.nprobe_eff, prepared=True
+                )
 
     # ---- scoring -----------------------------------------------------------------------
 
-    def _candidates(
-        self, vecs: Float32Array, lists: Int64Array, ad_ids: Int64Array, thr: Float32Array
-    ) -> tuple[Int64Array, Int64Array, Float32Array]:
-        """(slot, ad id, score) where a new ad (`vecs`, at IVF list `lists`) reaches `thr`.
-
-        The routed float32 screen keeps pairs within a tolerance below the threshold; they
-        are scored again with the kernel the index's search uses, so scores and ties match it.
-        """
+    def _screen(self, vecs: Float32Array, lists: Int64Array, thr: Float32Array) -> _Screen:
+        """The routed float32 screen of new ads (`vecs` at IVF lists `lists`) against `thr`."""
         n = self._n
         live_thr = thr[np.isfinite(thr)]
         t_max = float(np.abs(live_thr).max()) if len(live_thr) else 0.0
-        a_max = float(np.sqrt((vecs * vecs).sum(axis=1).max()))
+        a_max = float(np.sqrt((vecs * vecs).sum(axis=1).max())) if len(vecs) else 0.0
         q_max = float(np.sqrt(self._qnorm[:n].max())) if n else 0.0
         l2 = self.index.metric == "l2"
         scale = (q_max + a_max) ** 2 if l2 else q_max * a_max
-        start, route = self._routes
-        slots, rows = route_candidates(
-            self._q, thr, vecs, lists, start, route, l2=l2, tol=_FILTER_TOL * (1 + scale + t_max)
+        return _Screen(
+            self._q, thr, vecs, lists, self._routes, l2, _FILTER_TOL * (1 + scale + t_max)
         )
+
+    def _candidates(
+        self, screen: _Screen, ad_ids: Int64Array, thr: Float32Array
+    ) -> tuple[Int64Array, Int64Array, Float32Array]:
+        """(slot, ad id, score) of the screened pairs whose ad reaches the slot's `thr`.
+
+        The screen keeps pairs within a tolerance below the threshold; they are scored again
+        with the kernel the index's search uses, so scores and ties match it.
+        """
+        slots, rows = screen.pairs()
         scores = np.empty(len(rows), dtype=np.float32)
         if len(rows):
+            l2 = self.index.metric == "l2"
             kernel = (
                 faiss.pairwise_indexed_L2sqr  # type: ignore[attr-defined]
                 if l2
@@ -557,7 +618,7 @@ class Refresher:
                     len(rows),
                     faiss.swig_ptr(self._q),
                     faiss.swig_ptr(slots),
-                    faiss.swig_ptr(vecs),
+                    faiss.swig_ptr(screen.vecs),
                     faiss.swig_ptr(rows),
                     faiss.swig_ptr(scores),
                 )
@@ -635,17 +696,27 @@ class Refresher:
             )
         ids, dels = ads.upsert_ids, ads.delete_ids
         x = index.prepare(ads.upsert_vectors, checked=True)
-        lists = index.assign_lists(x, prepared=True) if len(ids) else _empty_ids()
         touched = np.concatenate([ids, dels])
         removed = touched[index.locate(touched) >= 0] if len(touched) else _empty_ids()
-        return _AdPlan(ids, x, lists, dels, np.sort(removed))
+        return _AdPlan(ids, x, dels, np.sort(removed))
 
     def _background(
         self, plan: _AdPlan
     ) -> tuple[int, float, Float32Array | None, BoolArray, Int64Array]:
-        """The other thread's share of step 1: the index update (and, under IVFPQ, the
-        decoded vectors of the new ads), then the rows (live and retired) holding a removed
-        ad. Returns (deleted, index seconds, decoded, rows holding, retired rows hit)."""
+        """The other thread's share of step 1: the rows (live and retired) holding a removed
+        ad; then, once the owner thread assigned the new ads (`plan.ready`), the index update
+        (and, under IVFPQ, the decoded vectors of the new ads) and what is left of the
+        screen. Returns (deleted, index seconds, decoded, rows holding, retired rows hit)."""
+        n = self._n
+        holds = np.zeros(n, dtype=bool)
+        retired_hit = _empty_ids()
+        if len(plan.removed):
+            holds = rows_holding(self._I[:n], self._c[:n], plan.removed) & self._alive[:n]
+            if self._retired is not None:
+                retired_hit = self._retired.drop_ads(plan.removed)
+        plan.ready.wait()
+        if plan.aborted:
+            return 0, 0.0, None, holds, retired_hit
         t0 = time.perf_counter()
         old = self.index.apply(plan.ids, plan.x, plan.lists, plan.delete_ids)
         n_deleted = int(np.isin(plan.delete_ids, old, assume_unique=True).sum())
@@ -655,13 +726,8 @@ class Refresher:
                 self.index.ivf.reconstruct_batch(plan.ids), dtype=np.float32
             )
         index_s = time.perf_counter() - t0
-        n = self._n
-        holds = np.zeros(n, dtype=bool)
-        retired_hit = _empty_ids()
-        if len(plan.removed):
-            holds = rows_holding(self._I[:n], self._c[:n], plan.removed) & self._alive[:n]
-            if self._retired is not None:
-                retired_hit = self._retired.drop_ads(plan.removed)
+        if plan.screen is not None:
+            plan.screen.run()
         return n_deleted, index_s, decoded, holds, retired_hit
 
     def _search_rows(self, slots: Int64Array) -> tuple[Float32Array, Int64Array]:
@@ -832,21 +898,35 @@ class Refresher:
         pend = self._pending[self._alive[self._pending]] if len(self._pending) else _empty_ids()
         batch = pend[: self.cfg.full_recompute_per_batch]
         self._pending = pend[len(batch) :]
+        exact = index.cfg.kind == "ivfflat"
         worker = _Background(self._background, plan)
         worker.start()
-        exact = index.cfg.kind == "ivfflat"
-        cand: tuple[Int64Array, Int64Array, Float32Array] = (
-            _empty_ids(),
-            _empty_ids(),
-            _F32_EMPTY,
-        )
-        if exact and len(plan.ids):
-            cand = self._candidates(plan.x, plan.lists, plan.ids, thr)
+        try:
+            if len(plan.ids):
+                with _OneThread():
+                    plan.lists = index.assign_lists(plan.x, prepared=True)
+                if exact:
+                    plan.screen = self._screen(plan.x, plan.lists, thr)
+        except BaseException:
+            plan.aborted = True  # the index is left untouched
+            plan.ready.set()
+            worker.result()
+            raise
+        plan.ready.set()
+        screen = plan.screen
+        if screen is not None:
+            screen.run()
         t1 = time.perf_counter()
         n_deleted, index_s, decoded, holds, retired_hit = worker.result()
         t2 = time.perf_counter()
         if decoded is not None:  # IVFPQ: scores from the codes the index now holds
-            cand = self._candidates(decoded, plan.lists, plan.ids, thr)
+            screen = self._screen(decoded, plan.lists, thr)
+            screen.run()
+        cand: tuple[Int64Array, Int64Array, Float32Array] = (
+            self._candidates(screen, plan.ids, thr)
+            if screen is not None
+            else (_empty_ids(), _empty_ids(), _F32_EMPTY)
+        )
 
         # 2. one pass over the affected rows: removals out, candidates in, change detected
         c_slots, c_ids, c_scores = cand

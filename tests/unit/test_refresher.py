@@ -862,9 +862,12 @@ def test_ivfpq_candidates_match_a_numpy_scan_of_the_decoded_codes(metric: str) -
     vecs = w.rng.standard_normal((60, 16)).astype(np.float32)
     thr = r._threshold()
     plan = r._plan_ads(AdChanges(ids, vecs))
+    plan.lists = w.index.assign_lists(plan.x, prepared=True)
     w.index.apply(plan.ids, plan.x, plan.lists, plan.delete_ids)
     decoded = w.index.ivf.reconstruct_batch(ids).astype(np.float32)
-    slots, got_ids, got_scores = r._candidates(decoded, plan.lists, ids, thr)
+    screen = r._screen(decoded, plan.lists, thr)
+    screen.run()
+    slots, got_ids, got_scores = r._candidates(screen, ids, thr)
     live = r._key_slots
     q = r._q[live].astype(np.float64)
     d64 = decoded.astype(np.float64)
