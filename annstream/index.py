@@ -17,7 +17,6 @@ own Hashtable direct map (4d + 8 bytes per ad plus the map), updated in the same
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 from typing import Literal
@@ -37,9 +36,10 @@ from annstream.ann import (
 )
 from annstream.config import IndexConfig
 from annstream.errors import IndexStateError
+from annstream.heap import trim_heap
 from annstream.idmap import IdMap
 
-__all__ = ["LiveIvfIndex", "trim_heap"]
+__all__ = ["LiveIvfIndex"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,20 +85,6 @@ def _empty_store(dim: int, metric: str) -> faiss.IndexIVFFlat:
     store.is_trained = True
     store.set_direct_map_type(_HASHTABLE)
     return store
-
-
-def trim_heap() -> bool:
-    """Hand freed heap pages back to the OS (glibc `malloc_trim(0)`; elsewhere a no-op).
-
-    glibc keeps freed memory for reuse, and Faiss, numpy and the store clients free a lot per
-    micro-batch; without a trim after large frees (an index swap, a compaction) the process
-    keeps it resident for good. Returns whether anything was released.
-    """
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        logger.debug("malloc_trim unavailable; freed memory stays with the allocator")
-        return False
 
 
 def _invlists(ivf: faiss.IndexIVF) -> faiss.InvertedLists:

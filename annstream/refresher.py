@@ -273,13 +273,40 @@ class _Retired:
         self.width = width
         self.ttl_s = int(ttl_s)
         self.max_rows = max(1, max_bytes // self.row_bytes)
-        self.qid = _empty_ids()
-        self.ids = np.empty((0, width), dtype=np.int64)
-        self.scores = np.empty((0, width), dtype=np.float32)
-        self.expires_ms = _empty_ids()
+        self._n = 0
+        self._alloc(0)
+
+    def _alloc(self, cap: int) -> None:
+        """Backing arrays of `cap` rows holding the first `_n` (grown by doubling, shrunk
+        when three quarters are free: no whole-array copy per micro-batch)."""
+        n, w = self._n, self.width
+        qid: Int64Array = np.zeros(cap, np.int64)
+        exp: Int64Array = np.zeros(cap, np.int64)
+        ids: Int64Array = np.full((cap, w), -1, np.int64)
+        scores: Float32Array = np.full((cap, w), -np.inf, np.float32)
+        if n:
+            qid[:n], exp[:n] = self._qid[:n], self._exp[:n]
+            ids[:n], scores[:n] = self._ids[:n], self._scores[:n]
+        self._qid, self._exp, self._ids, self._scores = qid, exp, ids, scores
+
+    @property
+    def qid(self) -> Int64Array:
+        return self._qid[: self._n]
+
+    @property
+    def ids(self) -> Int64Array:
+        return self._ids[: self._n]
+
+    @property
+    def scores(self) -> Float32Array:
+        return self._scores[: self._n]
+
+    @property
+    def expires_ms(self) -> Int64Array:
+        return self._exp[: self._n]
 
     def __len__(self) -> int:
-        return len(self.qid)
+        return self._n
 
     @property
     def row_bytes(self) -> int:
@@ -288,13 +315,23 @@ class _Retired:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the rows kept."""
         return len(self) * self.row_bytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes allocated (kept rows and room for more)."""
+        return len(self._qid) * self.row_bytes
 
     def keep(self, mask: BoolArray) -> None:
         if mask.all():
             return
-        self.qid, self.expires_ms = self.qid[mask], self.expires_ms[mask]
-        self.ids, self.scores = self.ids[mask], self.scores[mask]
+        m = int(mask.sum())
+        for a in (self._qid, self._exp, self._ids, self._scores):
+            a[:m] = a[: self._n][mask]
+        self._n = m
+        if len(self._qid) > 64 and 4 * m < len(self._qid):
+            self._alloc(2 * m)
 
     def remove(self, qids: Int64Array) -> int:
         if not len(self) or not len(qids):
@@ -307,10 +344,12 @@ class _Retired:
         self, qids: Int64Array, ids: Int64Array, scores: Float32Array, expires_ms: Int64Array
     ) -> None:
         self.remove(qids)
-        self.qid = np.concatenate([self.qid, qids])
-        self.ids = np.concatenate([self.ids, ids])
-        self.scores = np.concatenate([self.scores, scores])
-        self.expires_ms = np.concatenate([self.expires_ms, expires_ms])
+        n, m = self._n, len(qids)
+        if n + m > len(self._qid):
+            self._alloc(max(2 * len(self._qid), n + m, 64))
+        self._qid[n : n + m], self._exp[n : n + m] = qids, expires_ms
+        self._ids[n : n + m], self._scores[n : n + m] = ids, scores
+        self._n = n + m
 
     def expiry(self, n: int, now_ms: int) -> Int64Array:
         at = now_ms + 1000 * self.ttl_s if self.ttl_s > 0 else _NEVER
@@ -498,7 +537,8 @@ class Refresher:
             )
         )
         routes = int(self._routes[0].nbytes + self._routes[1].nbytes)
-        return slots + routes + self.retired_bytes
+        retired = 0 if self._retired is None else self._retired.capacity_bytes
+        return slots + routes + retired
 
     def _resize(self, cap: int) -> None:
         """(Re)allocate every per-slot array at `cap` slots, keeping the first `_n`."""

@@ -18,11 +18,9 @@ if consuming and decoding were free, since every event still costs one IVF add.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import gc
 import logging
-import os
 import time
 import uuid
 from typing import Any
@@ -34,6 +32,7 @@ from annstream.broker import create_topics, running_broker
 from annstream.codec import AdCodec
 from annstream.config import IndexConfig, KafkaConfig
 from annstream.errors import BrokerError
+from annstream.heap import rss_bytes, trim_heap
 from annstream.index import LiveIvfIndex
 from annstream.kafka import DeadLetterPublisher, make_consumer, make_producer
 from annstream.schemas import LocalSchemaRegistry
@@ -87,22 +86,6 @@ def _check(args: argparse.Namespace) -> None:
         raise SystemExit(f"--ads ({args.ads}) must exceed --batch ({args.batch}) to time a pass")
     if min(args.train, args.ads) < args.nlist:
         raise SystemExit(f"need at least --nlist ({args.nlist}) ads and training vectors")
-
-
-def _rss_bytes() -> int | None:
-    """Resident set size of this process (Linux), or None elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _trim_heap() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        logger.debug("malloc_trim unavailable")
 
 
 class _Clock:
@@ -246,12 +229,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     index.compact()
     estimated = index.memory_bytes() / index.ntotal
     gc.collect()
-    _trim_heap()
-    before = _rss_bytes()
+    trim_heap()
+    before = rss_bytes()
     del index
     gc.collect()
-    _trim_heap()
-    after = _rss_bytes()
+    trim_heap()
+    after = rss_bytes()
     released = None if before is None or after is None else (before - after) / args.ads
 
     floor = 4 * args.dim + 8
