@@ -274,7 +274,10 @@ class _Retired:
         self.ttl_s = int(ttl_s)
         self.max_rows = max(1, max_bytes // self.row_bytes)
         self._n = 0
-        self._alloc(0)
+        self._qid: Int64Array = _empty_ids()
+        self._exp: Int64Array = _empty_ids()
+        self._ids: Int64Array = np.empty((0, width), np.int64)
+        self._scores: Float32Array = np.empty((0, width), np.float32)
 
     def _alloc(self, cap: int) -> None:
         """Backing arrays of `cap` rows holding the first `_n` (grown by doubling, shrunk
