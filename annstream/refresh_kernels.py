@@ -283,6 +283,28 @@ def _before(s1: np.float32, i1: np.int64, s2: np.float32, i2: np.int64, larger: 
 
 
 @jit
+def _sort_entries(cs: F32, ci: I64, n: int, larger: bool) -> None:
+    """The first `n` entries (scores, ids) in search order, in place: insertion sort for the
+    few candidates a row usually gets, two stable sorts for many (catch-up batches)."""
+    if n <= 32:
+        for a in range(1, n):
+            s, i = cs[a], ci[a]
+            p = a
+            while p > 0 and _before(s, i, cs[p - 1], ci[p - 1], larger):
+                cs[p] = cs[p - 1]
+                ci[p] = ci[p - 1]
+                p -= 1
+            cs[p] = s
+            ci[p] = i
+        return
+    by_id = np.argsort(-ci[:n] if larger else ci[:n], kind="mergesort")
+    s1, i1 = cs[:n][by_id], ci[:n][by_id]
+    by_score = np.argsort(-s1, kind="mergesort")
+    cs[:n] = s1[by_score]
+    ci[:n] = i1[by_score]
+
+
+@jit
 def _update_rows(
     ids: I64,
     scores: F32,
@@ -354,14 +376,10 @@ def _update_rows(
             sj, ij = cand_scores[j], cand_ids[j]
             if last_i >= 0 and not _before(sj, ij, last_s, last_i, larger):
                 continue
-            p = n_c
-            while p > 0 and _before(sj, ij, cs[p - 1], ci[p - 1], larger):
-                cs[p] = cs[p - 1]
-                ci[p] = ci[p - 1]
-                p -= 1
-            cs[p] = sj
-            ci[p] = ij
+            cs[n_c] = sj
+            ci[n_c] = ij
             n_c += 1
+        _sort_entries(cs, ci, n_c, larger)
         if n_c > scan_k:
             status[x] = ROW_OVERFLOW
             continue

@@ -179,9 +179,23 @@ class RefreshResult:
 
 
 class MicroBatcher:
-    """Time-or-count trigger: a micro-batch is due every `batch_ms` or `batch_events`."""
+    """Time-or-count trigger: a micro-batch is due every `batch_ms` or `batch_events`.
 
-    def __init__(self, cfg: RefreshConfig, now_ms: float | None = None) -> None:
+    Catching up (`lag`, the events still waiting in the topics, above `batch_events`: a
+    backfill, a restart), the batch grows with the lag up to `catch_up_events` or
+    `catch_up_ms`: the refresher then writes each changed list once per larger batch instead
+    of once per `batch_events` (at 50,000 head queries, 50,000-ad batches wrote 1 list per ad
+    where 5,000-ad batches wrote 8.7; `bench scale` catch-up).
+    """
+
+    def __init__(
+        self,
+        cfg: RefreshConfig,
+        now_ms: float | None = None,
+        *,
+        catch_up_events: int = 50_000,
+        catch_up_ms: float = 10_000.0,
+    ) -> None:
         if cfg.batch_ms <= 0 or cfg.batch_events <= 0:
             raise ValueError(
                 f"refresh.batch_ms ({cfg.batch_ms}) and refresh.batch_events "
@@ -189,6 +203,8 @@ class MicroBatcher:
             )
         self.batch_ms = float(cfg.batch_ms)
         self.batch_events = int(cfg.batch_events)
+        self.catch_up_events = max(int(catch_up_events), self.batch_events)
+        self.catch_up_ms = max(float(catch_up_ms), self.batch_ms)
         self.events = 0
         self.started_ms = self._now(now_ms)
 
@@ -199,10 +215,15 @@ class MicroBatcher:
     def add(self, n_events: int) -> None:
         self.events += int(n_events)
 
-    def due(self, now_ms: float | None = None) -> bool:
-        """True once `batch_events` were added or `batch_ms` passed since the last reset."""
+    def due(self, now_ms: float | None = None, lag: int = 0) -> bool:
+        """True once `batch_events` were added or `batch_ms` passed since the last reset; with
+        a `lag` above `batch_events`, once the lag is drained or the catch-up bounds reached."""
+        elapsed = self._now(now_ms) - self.started_ms
+        if lag <= self.batch_events:
+            return self.events >= self.batch_events or elapsed >= self.batch_ms
         return (
-            self.events >= self.batch_events or self._now(now_ms) - self.started_ms >= self.batch_ms
+            self.events >= min(self.catch_up_events, self.events + lag)
+            or elapsed >= self.catch_up_ms
         )
 
     def remaining_ms(self, now_ms: float | None = None) -> float:

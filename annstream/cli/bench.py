@@ -14,7 +14,15 @@ import sys
 
 HELP = "run a benchmark (ingest, refresh, store, ...) and print one JSON object"
 
-BENCHMARKS: tuple[str, ...] = ("ingest", "refresh", "store", "freshness", "load", "faults")
+BENCHMARKS: tuple[str, ...] = (
+    "ingest",
+    "refresh",
+    "scale",
+    "store",
+    "freshness",
+    "load",
+    "faults",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -187,11 +187,12 @@ def reference_update(
 @given(
     seed=st.integers(0, 2**16),
     larger_first=st.booleans(),
-    scan_k=st.sampled_from([0, 1, 3, 50]),
-    w=st.sampled_from([1, 5, 12]),
+    scan_k=st.sampled_from([0, 1, 3, 50, 10_000]),
+    w=st.sampled_from([1, 5, 12, 60]),
+    most=st.sampled_from([5, 80]),
 )
 def test_update_rows_matches_the_reference(
-    seed: int, larger_first: bool, scan_k: int, w: int
+    seed: int, larger_first: bool, scan_k: int, w: int, most: int
 ) -> None:
     rng = np.random.default_rng(seed)
     k = max(1, w - 3)
@@ -208,7 +209,7 @@ def test_update_rows_matches_the_reference(
     next_ad = 10_000
     for r in rows.tolist():
         row: list[tuple[float, int]] = []
-        for _ in range(int(rng.integers(0, 5))):
+        for _ in range(int(rng.integers(0, most))):
             if rng.random() < 0.3 and len(removed):  # a removed ad coming back (re-embedded)
                 ad = int(rng.choice(removed))
                 pos = np.flatnonzero(ids[r] == ad)

@@ -887,3 +887,18 @@ def test_ivfpq_candidates_match_a_numpy_scan_of_the_decoded_codes(metric: str) -
         [score[pos[s], a - ids[0]] for s, a in zip(slots, got_ids, strict=True)],
         atol=tol,
     )
+
+
+def test_micro_batcher_grows_the_batch_with_the_lag() -> None:
+    """Issue 13: catching up, a list was rewritten once per 5,000 ads; batch by the lag."""
+    mb = MicroBatcher(RefreshConfig(batch_ms=100, batch_events=10), now_ms=0, catch_up_events=50)
+    mb.add(10)
+    assert mb.due(1) and mb.due(1, lag=5)
+    assert not mb.due(1, lag=1_000)  # far behind: keep polling
+    mb.add(30)
+    assert not mb.due(500, lag=1_000) and mb.due(500, lag=0)
+    mb.add(10)
+    assert mb.due(500, lag=1_000)  # catch_up_events reached
+    mb.reset(0)
+    mb.add(20)
+    assert not mb.due(9_000, lag=1_000) and mb.due(10_000, lag=1_000)  # catch_up_ms
