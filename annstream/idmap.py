@@ -3,8 +3,10 @@
 The live index (id -> IVF list) and the ad metadata (id -> advertiser, campaign) look up,
 insert and remove a whole micro-batch of ids at a time. A sorted id array made every change
 O(catalogue) (`np.insert` reallocated the whole array per micro-batch); here a change costs
-O(batch), lookups are O(1) per id, and the table grows by doubling (amortised) and shrinks when
-mostly empty. Linear probing; removed ids leave tombstones, cleared when the table is rebuilt.
+O(batch), lookups are O(1) per id, and the table grows to half full when it reaches 70% (amortised)
+and shrinks when mostly empty. Linear probing over any capacity (the hash is scaled to it, so
+`compact()` can size the table to 70% full: 8 + 8 * width bytes per slot); removed ids leave
+tombstones, cleared when the table is rebuilt.
 The loops are compiled with numba (`cache=True`: compiled once per machine, then loaded).
 """
 
@@ -23,37 +25,39 @@ BoolArray = npt.NDArray[np.bool_]
 _EMPTY = np.iinfo(np.int64).min
 _TOMB = _EMPTY + 1
 _MAX_LOAD = 0.7
+_GROWN_LOAD = 0.5
 _MIN_CAP = 64
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 @jit
-def _home(key: np.int64, shift: np.uint64) -> np.int64:
-    """Fibonacci hashing: the top bits of key * 2^64 / phi."""
-    return np.int64((np.uint64(key) * _GOLDEN) >> shift)
+def _home(key: np.int64, cap: np.uint64) -> np.int64:
+    """Fibonacci hashing (the top 32 bits of key * 2^64 / phi) scaled to [0, cap)."""
+    h = (np.uint64(key) * _GOLDEN) >> np.uint64(32)
+    return np.int64((h * cap) >> np.uint64(32))
 
 
 @jit
-def _slot_of(tab: I64, key: np.int64, shift: np.uint64) -> np.int64:
+def _slot_of(tab: I64, key: np.int64, ucap: np.uint64) -> np.int64:
     """The slot holding `key`, or -1."""
-    mask = np.int64(len(tab) - 1)
-    h = _home(key, shift)
+    cap = np.int64(len(tab))
+    h = _home(key, ucap)
     while True:
         k = tab[h, 0]
         if k == key:
             return h
         if k == _EMPTY:
             return np.int64(-1)
-        h = (h + 1) & mask
+        h = h + 1 if h + 1 < cap else np.int64(0)
 
 
 @jit
-def _lookup(tab: I64, shift: np.uint64, query: I64, out: I64) -> BoolArray:
+def _lookup(tab: I64, ucap: np.uint64, query: I64, out: I64) -> BoolArray:
     """`out[i]` gets the values of `query[i]` where found."""
     found = np.zeros(len(query), dtype=np.bool_)
     w = tab.shape[1] - 1
     for i in range(len(query)):
-        s = _slot_of(tab, query[i], shift)
+        s = _slot_of(tab, query[i], ucap)
         if s >= 0:
             found[i] = True
             for c in range(w):
@@ -62,15 +66,15 @@ def _lookup(tab: I64, shift: np.uint64, query: I64, out: I64) -> BoolArray:
 
 
 @jit
-def _put(tab: I64, shift: np.uint64, new_keys: I64, new_vals: I64) -> I64:
+def _put(tab: I64, ucap: np.uint64, new_keys: I64, new_vals: I64) -> I64:
     """Insert or overwrite; returns [new keys, tombstones reused]."""
-    mask = np.int64(len(tab) - 1)
+    cap = np.int64(len(tab))
     w = tab.shape[1] - 1
     added = 0
     reused = 0
     for i in range(len(new_keys)):
         key = new_keys[i]
-        h = _home(key, shift)
+        h = _home(key, ucap)
         tomb = np.int64(-1)
         while True:
             k = tab[h, 0]
@@ -85,7 +89,7 @@ def _put(tab: I64, shift: np.uint64, new_keys: I64, new_vals: I64) -> I64:
                 break
             if k == _TOMB and tomb < 0:
                 tomb = h
-            h = (h + 1) & mask
+            h = h + 1 if h + 1 < cap else np.int64(0)
         for c in range(w):
             tab[h, c + 1] = new_vals[i, c]
     out = np.empty(2, dtype=np.int64)
@@ -95,12 +99,12 @@ def _put(tab: I64, shift: np.uint64, new_keys: I64, new_vals: I64) -> I64:
 
 
 @jit
-def _remove(tab: I64, shift: np.uint64, query: I64, out: I64) -> BoolArray:
+def _remove(tab: I64, ucap: np.uint64, query: I64, out: I64) -> BoolArray:
     """Remove ids; `out[i]` gets the values `query[i]` had."""
     found = np.zeros(len(query), dtype=np.bool_)
     w = tab.shape[1] - 1
     for i in range(len(query)):
-        s = _slot_of(tab, query[i], shift)
+        s = _slot_of(tab, query[i], ucap)
         if s >= 0:
             found[i] = True
             for c in range(w):
@@ -126,31 +130,25 @@ def _live_slots(tab: I64) -> I64:
     return out
 
 
-def _shift(cap: int) -> np.uint64:
-    return np.uint64(64 - (cap.bit_length() - 1))
-
-
 class IdMap:
-    """int64 ids (any value but the two lowest int64s) -> `width` int64 values each.
+    """int64 ids (any value but the two lowest int64s) -> `width` int64 values each (0: a set).
 
     One row per slot (the id, then its values) so a lookup touches one cache line.
     """
 
     def __init__(self, width: int = 1, capacity: int = 0) -> None:
-        if width <= 0:
-            raise ValueError(f"IdMap width must be positive, got {width}")
+        if width < 0:
+            raise ValueError(f"IdMap width must be >= 0, got {width}")
         self.width = width
         self._n = 0
         self._tombs = 0
         self._alloc(capacity)
 
     def _alloc(self, capacity: int) -> None:
-        cap = 0 if capacity <= 0 else _MIN_CAP
-        while cap < capacity:
-            cap *= 2
+        cap = 0 if capacity <= 0 else max(_MIN_CAP, int(capacity))
         self._tab: I64 = np.zeros((cap, 1 + self.width), dtype=np.int64)
         self._tab[:, 0] = _EMPTY
-        self._sh = _shift(max(cap, 1))
+        self._sh = np.uint64(cap)
         self._tombs = 0
 
     def __len__(self) -> int:
@@ -171,10 +169,10 @@ class IdMap:
             raise ValueError(f"ids must be above {_TOMB} (the two lowest int64s are reserved)")
         return a
 
-    def _rebuild(self, need: int) -> None:
-        """Rehash the live entries into a table at most half full with `need` of them."""
+    def _rebuild(self, need: int, load: float = _GROWN_LOAD) -> None:
+        """Rehash the live entries into a table `load` full with `need` of them."""
         rows = self._tab[_live_slots(self._tab)]
-        self._alloc(2 * need)
+        self._alloc(int(need / load) + 1 if need else 0)
         _put(
             self._tab, self._sh, np.ascontiguousarray(rows[:, 0]), np.ascontiguousarray(rows[:, 1:])
         )
@@ -193,12 +191,12 @@ class IdMap:
             return np.zeros(len(q), dtype=bool)
         return _lookup(self._tab, self._sh, q, np.empty((len(q), self.width), np.int64))
 
-    def put(self, ids: npt.ArrayLike, values: npt.ArrayLike) -> int:
+    def put(self, ids: npt.ArrayLike, values: npt.ArrayLike = 0) -> int:
         """Insert or overwrite `ids` (unique) with `values` ([n, width], [n] or a scalar); returns
         how many were new."""
         keys = self._ids(ids)
         v = np.asarray(values, dtype=np.int64)
-        v = v[:, None] if v.ndim == 1 else v
+        v = v[:, None] if v.ndim == 1 and self.width else v
         vals = np.ascontiguousarray(np.broadcast_to(v, (len(keys), self.width)))
         if not len(keys):
             return 0
@@ -219,7 +217,7 @@ class IdMap:
         gone = int(found.sum())
         self._n -= gone
         self._tombs += gone
-        if self.capacity > _MIN_CAP and self._n < self.capacity * _MAX_LOAD / 8:
+        if self.capacity > _MIN_CAP and self._n < self.capacity * _MAX_LOAD / 4:
             self._rebuild(self._n)
         return found, out
 
@@ -234,12 +232,13 @@ class IdMap:
         return np.ascontiguousarray(rows[:, 0]), np.ascontiguousarray(rows[:, 1:])
 
     def compact(self) -> None:
-        """Rebuild at the smallest size that keeps the table at most half full."""
-        self._rebuild(self._n)
+        """Rebuild at the most compact size (the load limit), dropping tombstones."""
+        self._rebuild(self._n, _MAX_LOAD)
 
 
 def warm_up() -> None:
     """Load (or compile, once per machine) every kernel, so the first micro-batch is not slow."""
+    IdMap(0).put(np.arange(3))
     m = IdMap(2)
     m.put(np.arange(3), np.zeros((3, 2), np.int64))
     m.get(np.arange(4))

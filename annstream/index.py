@@ -2,8 +2,8 @@
 
 Not thread-safe by design: one thread applies the updates of a micro-batch (one remove call and
 one add call), then searches, then the next micro-batch (Faiss crashes when a search overlaps an
-add or remove). Ids are removed in O(1) through a Hashtable direct map; an `IdMap` beside it
-knows each live id's IVF list (presence checks and routing, O(batch) per micro-batch).
+add or remove). Ids are removed in O(1) through a Hashtable direct map; a hash set beside it
+(`IdMap`) answers presence checks in O(batch) per micro-batch.
 
 Two ways in: `upsert`/`delete` take anything (duplicates, raw vectors, unknown ids) and sort it
 out; `apply` takes a micro-batch already netted and prepared (`AdChanges` + `prepare` +
@@ -101,15 +101,15 @@ def _as_ivf(index: faiss.Index) -> faiss.IndexIVF:
     return index
 
 
-def _list_map(ivf: faiss.IndexIVF) -> IdMap:
-    """Every id of the index -> its IVF list."""
+def _id_set(ivf: faiss.IndexIVF) -> IdMap:
+    """Every id of the index (a hash set)."""
     invlists = _invlists(ivf)
-    out = IdMap(1, capacity=2 * int(ivf.ntotal))
+    out = IdMap(0, capacity=2 * int(ivf.ntotal))
     for list_no in range(int(ivf.nlist)):
         size = int(invlists.list_size(list_no))
         if size:
-            ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), size).astype("int64")
-            out.put(ids, list_no)
+            out.put(faiss.rev_swig_ptr(invlists.get_ids(list_no), size).astype("int64"))
+    out.compact()
     return out
 
 
@@ -182,7 +182,7 @@ class LiveIvfIndex:
             store = None
         self._ivf = ivf
         self._store = store
-        self._lists = _list_map(ivf)
+        self._live = _id_set(ivf)
         self._centroids: F32 | None = None
         self._journal: list[Op] | None = None
         self.dim: int = cfg.dim
@@ -254,18 +254,14 @@ class LiveIvfIndex:
             )
 
     def _present(self, ids: I64) -> npt.NDArray[np.bool_]:
-        return self._lists.contains(ids)
-
-    def locate(self, ids: npt.ArrayLike) -> I64:
-        """int64[n]: the IVF list holding each ad, -1 for ids not in the index."""
-        return self._lists.get(_as_ids(ids))[1][:, 0].copy()
+        return self._live.contains(ids)
 
     def _remove(self, ids: I64) -> None:
         """Remove ids known to be present (unique)."""
         self._ivf.remove_ids(_selector(ids))
         if self._store is not None:
             self._store.remove_ids(_selector(ids))
-        self._lists.remove(ids)
+        self._live.remove(ids)
 
     def _add(self, ids: I64, x: F32, lists: I64) -> None:
         """Add new ids (unique, absent) with prepared vectors at their assigned lists."""
@@ -276,7 +272,7 @@ class LiveIvfIndex:
                 add_preassigned(  # type: ignore[no-untyped-call]
                     self._store, x[sl], np.zeros_like(lists[sl]), ids[sl]
                 )
-        self._lists.put(ids, lists)
+        self._live.put(ids)
 
     def _add_new(self, ids: I64, x: F32) -> None:
         self._add(ids, x, self.assign_lists(x, prepared=True))
@@ -383,7 +379,7 @@ class LiveIvfIndex:
 
     def ids(self) -> I64:
         """All live ids, sorted."""
-        return self._lists.ids()
+        return self._live.ids()
 
     def export(self) -> tuple[I64, F32]:
         """(ids, prepared vectors) of every live ad: a copy owned by the caller."""
@@ -452,7 +448,7 @@ class LiveIvfIndex:
         self._ivf = _as_ivf(faiss.deserialize_index(faiss.serialize_index(self._ivf)))
         if self._store is not None:
             self._store = _as_ivf(faiss.deserialize_index(faiss.serialize_index(self._store)))
-        self._lists.compact()
+        self._live.compact()
         trim_heap()
 
     def serialize(self) -> tuple[U8, U8 | None]:
@@ -485,7 +481,7 @@ class LiveIvfIndex:
             per = int(ivf.code_size) + 8 + _HASHTABLE_BYTES_PER_ID
             return n * per + int(ivf.quantizer.ntotal) * int(ivf.d) * 4
 
-        total = one(self._ivf) + self._lists.nbytes
+        total = one(self._ivf) + self._live.nbytes
         if self._store is not None:
             total += one(self._store)
         return total

@@ -761,7 +761,7 @@ class Refresher:
         ids, dels = ads.upsert_ids, ads.delete_ids
         x = index.prepare(ads.upsert_vectors, checked=True)
         touched = np.concatenate([ids, dels])
-        removed = touched[index.locate(touched) >= 0] if len(touched) else _empty_ids()
+        removed = touched[index.contains(touched)] if len(touched) else _empty_ids()
         return _AdPlan(ids, x, dels, np.sort(removed))
 
     def _background(
