@@ -13,6 +13,8 @@ COPY annstream ./annstream
 COPY consumers ./consumers
 COPY producers ./producers
 RUN --mount=type=cache,target=/root/.cache/pip /opt/annstream/bin/pip install .
+# compile the numba kernels into the image (cache=True), so a container starts in a second
+RUN /opt/annstream/bin/python -c "import annstream.refresher as r; r.warm_up()"
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/annstream/bin:$PATH \

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from annstream.events import AdChanges
+from annstream.idmap import IdMap
+
 __all__ = ["NO_ID", "AdMetadata"]
 
 logger = logging.getLogger(__name__)
@@ -36,26 +39,20 @@ def _ids(name: str, values: npt.ArrayLike, n: int | None = None) -> Int64Array:
 
 
 class AdMetadata:
-    """Advertiser and campaign id per ad id; NO_ID where unknown."""
+    """Advertiser and campaign id per ad id; NO_ID where unknown.
+
+    An `IdMap` (hash table) holds them: a micro-batch's changes cost O(batch), not a
+    reallocation of every column, and a lookup O(1) per neighbour.
+    """
 
     def __init__(self) -> None:
-        self._ids: Int64Array = np.empty(0, "int64")
-        self._advertisers: Int64Array = np.empty(0, "int64")
-        self._campaigns: Int64Array = np.empty(0, "int64")
+        self._map = IdMap(2)
 
     def __len__(self) -> int:
-        return int(self._ids.size)
+        return len(self._map)
 
     def memory_bytes(self) -> int:
-        return int(self._ids.nbytes + self._advertisers.nbytes + self._campaigns.nbytes)
-
-    def _find(self, ad_ids: Int64Array) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
-        """Insertion position of each id in the table and whether it is there."""
-        pos = np.searchsorted(self._ids, ad_ids)
-        hit = np.zeros(ad_ids.shape, dtype=bool)
-        inside = pos < self._ids.size
-        hit[inside] = self._ids[pos[inside]] == ad_ids[inside]
-        return pos, hit
+        return self._map.nbytes
 
     def update(
         self, ad_ids: npt.ArrayLike, advertiser_ids: npt.ArrayLike, campaign_ids: npt.ArrayLike
@@ -67,30 +64,28 @@ class AdMetadata:
         campaigns = _ids("campaign_ids", campaign_ids, n)
         if n == 0:
             return
-        unique, first_in_reversed = np.unique(ids[::-1], return_index=True)
-        last = n - 1 - first_in_reversed
-        advertisers, campaigns = advertisers[last], campaigns[last]
-        pos, hit = self._find(unique)
-        self._advertisers[pos[hit]] = advertisers[hit]
-        self._campaigns[pos[hit]] = campaigns[hit]
-        new = ~hit
-        if new.any():
-            at = pos[new]
-            self._ids = np.insert(self._ids, at, unique[new])
-            self._advertisers = np.insert(self._advertisers, at, advertisers[new])
-            self._campaigns = np.insert(self._campaigns, at, campaigns[new])
+        if n > 1 and not bool(np.all(ids[1:] > ids[:-1])):
+            _, first_in_reversed = np.unique(ids[::-1], return_index=True)
+            last = n - 1 - first_in_reversed
+            ids, advertisers, campaigns = ids[last], advertisers[last], campaigns[last]
+        self._map.put(ids, np.stack([advertisers, campaigns], axis=1))
 
     def remove(self, ad_ids: npt.ArrayLike) -> None:
         """Forget deleted ads; ids not in the table are ignored."""
         ids = _ids("ad_ids", ad_ids)
-        if ids.size == 0 or self._ids.size == 0:
+        if ids.size == 0 or len(self._map) == 0:
             return
-        pos, hit = self._find(ids)
-        gone = np.unique(pos[hit])
-        if gone.size:
-            self._ids = np.delete(self._ids, gone)
-            self._advertisers = np.delete(self._advertisers, gone)
-            self._campaigns = np.delete(self._campaigns, gone)
+        self._map.remove(np.unique(ids[ids > np.iinfo(np.int64).min + 1]))
+
+    def apply(self, changes: AdChanges) -> None:
+        """One micro-batch's net changes (already unique and disjoint: trusted)."""
+        if len(changes.delete_ids) and len(self._map):
+            self._map.remove(changes.delete_ids)
+        if len(changes.upsert_ids):
+            assert changes.advertiser_ids is not None and changes.campaign_ids is not None
+            self._map.put(
+                changes.upsert_ids, np.stack([changes.advertiser_ids, changes.campaign_ids], 1)
+            )
 
     def lookup(self, neighbour_ids: npt.ArrayLike) -> tuple[Int64Array, Int64Array]:
         """(advertiser ids, campaign ids) shaped like `neighbour_ids`; NO_ID for unknown ads
@@ -99,25 +94,20 @@ class AdMetadata:
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"neighbour_ids: expected integer ids, got {ids.dtype}")
         ids = ids.astype("int64", copy=False)
-        if self._ids.size == 0 or ids.size == 0:
+        if len(self._map) == 0 or ids.size == 0:
             return np.full(ids.shape, NO_ID, "int64"), np.full(ids.shape, NO_ID, "int64")
-        # Lists share many neighbours, and sorted needles search the table several times faster.
-        unique, inverse = np.unique(ids, return_inverse=True)
-        pos, hit = self._find(unique)
-        hit &= unique >= 0
-        advertisers = np.full(unique.shape, NO_ID, dtype="int64")
-        campaigns = np.full(unique.shape, NO_ID, dtype="int64")
-        advertisers[hit] = self._advertisers[pos[hit]]
-        campaigns[hit] = self._campaigns[pos[hit]]
-        inverse = inverse.reshape(ids.shape)
-        return advertisers[inverse], campaigns[inverse]
+        flat = np.maximum(ids.reshape(-1), -1)
+        _, vals = self._map.get(flat, default=NO_ID)
+        vals[flat < 0] = NO_ID
+        return vals[:, 0].reshape(ids.shape), vals[:, 1].reshape(ids.shape)
 
     def state(self) -> dict[str, Int64Array]:
         """The table as arrays (for a snapshot); `from_state` rebuilds it."""
+        ids, vals = self._map.items()
         return {
-            "ad_ids": self._ids.copy(),
-            "advertiser_ids": self._advertisers.copy(),
-            "campaign_ids": self._campaigns.copy(),
+            "ad_ids": ids,
+            "advertiser_ids": np.ascontiguousarray(vals[:, 0]),
+            "campaign_ids": np.ascontiguousarray(vals[:, 1]),
         }
 
     @classmethod
@@ -129,8 +119,10 @@ class AdMetadata:
         ids = _ids("ad_ids", state["ad_ids"])
         if ids.size > 1 and not bool(np.all(ids[1:] > ids[:-1])):
             raise ValueError("ad metadata state: ad_ids must be sorted and unique")
+        advertisers = _ids("advertiser_ids", state["advertiser_ids"], ids.size)
+        campaigns = _ids("campaign_ids", state["campaign_ids"], ids.size)
         out = cls()
-        out._ids = ids.copy()
-        out._advertisers = _ids("advertiser_ids", state["advertiser_ids"], ids.size).copy()
-        out._campaigns = _ids("campaign_ids", state["campaign_ids"], ids.size).copy()
+        if ids.size:
+            out._map = IdMap(2, capacity=2 * ids.size)
+            out._map.put(ids, np.stack([advertisers, campaigns], axis=1))
         return out

@@ -164,8 +164,10 @@ class RefreshConfig:
     """Micro-batches: every `batch_ms` or `batch_events`, whichever comes first.
 
     Each head query keeps `k` + `margin` neighbours; `nprobe` 0 means the index's own.
-    `scan_k`: changed ads considered per head query and micro-batch; a query with more
-    qualifying candidates is searched again in full.
+    `scan_k`: changed ads merged per head query and micro-batch; a query with more qualifying
+    candidates is searched again in full instead. The merge is exact for any number, so the
+    default never caps it: a cap only trades merges for (slower) full searches, which
+    large catch-up batches would otherwise pay for most lists.
     `exclude_self`: leave a query's own id out of its list (similar items, where a query is
     itself an ad).
     `retired_max_mb`: memory for the lists of queries that left the head set and stay readable
@@ -179,7 +181,7 @@ class RefreshConfig:
     batch_events: int = 5_000
     full_recompute_per_batch: int = 5_000
     nprobe: int = 0
-    scan_k: int = 16
+    scan_k: int = 1_000_000
     exclude_self: bool = False
     retired_max_mb: int = 256
 

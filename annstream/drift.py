@@ -12,22 +12,31 @@ The owner thread of the index drives everything between micro-batches:
         index = new
         monitor.reset()
 
-Concurrency: `start()` copies the live ids and vectors in the owner thread and turns on the
-index's journal; the background thread trains a new quantizer on the sample and adds the copy
-to a brand-new index it alone owns, so it never touches the live Faiss index. `poll()`, in the
-owner thread again, replays the journal (updates applied meanwhile) onto the new index and hands
-it back. The copy costs (4d + 8) bytes per ad for the duration; in exchange the owner thread
-never stalls for the whole re-add (seconds at millions of ads), only for the replay.
+Concurrency: the live Faiss index is touched by the owner thread only, and never for long.
+The recall check's exact side (every list scanned for the sample queries: about a second at a
+million ads) is a sweep over the lists, a time slice per micro-batch (`sweep_slice_s`); ads
+changed during the sweep can bias the estimate by about the share of the catalogue changed in
+that time, the same way for the baseline and later checks. `start()` turns on the index's
+journal and starts training the new quantizer on the sample in a background thread; each
+`poll()` copies a time slice of the live lists (ids and vectors) in the owner thread, and once
+the copy is complete the background thread adds it to a brand-new index it alone owns. A later
+`poll()` replays the journal (updates applied since the start; the copy may hold an ad twice,
+moved between lists, and the replay settles it) and hands the new index back. The copy costs
+(4d + 8) bytes per ad for the duration; the owner thread never stalls for the whole copy or
+re-add (seconds at millions of ads), only for a slice and the replay.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from faiss.contrib.inspect_tools import get_invlist
 
 from annstream.ann import min_train_size, recall_at_k
 from annstream.config import DriftConfig, IndexConfig
@@ -101,11 +110,76 @@ class DriftReport:
     train_min: int
 
 
+class _Sweep:
+    """The exact top-k of sample queries, a slice of IVFFlat lists at a time.
+
+    Keeps 2k candidates per query (deleted ones are dropped at the end); finished when every
+    list was scanned once.
+    """
+
+    def __init__(self, index: LiveIvfIndex, queries: F32, k: int) -> None:
+        self.index, self.version = index, index.version
+        self.queries = index.prepare(queries)
+        self.k = k
+        self.keep = 2 * k
+        n = self.queries.shape[0]
+        self.scores = np.full((n, self.keep), -np.inf, dtype="float32")
+        self.ids = np.full((n, self.keep), -1, dtype="int64")
+        self.next_list = 0
+        self.lists_per_call = 16
+
+    def step(self, budget_s: float) -> bool:
+        """Scan lists for about `budget_s` seconds; True once every list was scanned."""
+        ivf = self.index.ivf
+        nlist, n = int(ivf.nlist), self.queries.shape[0]
+        t0 = time.perf_counter()
+        was = ivf.nprobe
+        try:
+            while self.next_list < nlist:
+                a = self.next_list
+                b = min(nlist, a + self.lists_per_call)
+                ivf.nprobe = b - a  # Faiss reads the probe width from the index
+                assign = np.broadcast_to(np.arange(a, b, dtype="int64"), (n, b - a))
+                searcher: Any = ivf  # the numpy wrapper of Faiss, not the SWIG signature
+                dist, ids = searcher.search_preassigned(self.queries, self.keep, assign, None)
+                scores = -dist if self.index.metric == "l2" else dist
+                self._merge(np.asarray(scores, dtype="float32"), ids)
+                self.next_list = b
+                if time.perf_counter() - t0 >= budget_s:
+                    break
+        finally:
+            ivf.nprobe = was
+        return self.next_list >= nlist
+
+    def _merge(self, scores: F32, ids: I64) -> None:
+        s = np.concatenate([self.scores, scores], axis=1)
+        i = np.concatenate([self.ids, ids], axis=1)
+        s[i < 0] = -np.inf
+        top = np.argpartition(-s, self.keep - 1, axis=1)[:, : self.keep]
+        self.scores = np.take_along_axis(s, top, axis=1)
+        self.ids = np.take_along_axis(i, top, axis=1)
+
+    def recall(self) -> float:
+        """recall@k of the index's search (live nprobe) against the swept exact top-k."""
+        ids, scores = self.ids.copy(), self.scores.copy()
+        live = ids >= 0
+        live[live] = self.index.contains(ids[live])
+        scores[~live] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, : self.k]
+        exact = np.where(
+            np.take_along_axis(live, order, axis=1), np.take_along_axis(ids, order, axis=1), -1
+        )
+        _, found = self.index.search(self.queries, self.k, prepared=True)
+        return recall_at_k(found, exact, self.k)
+
+
 class DriftMonitor:
     """List imbalance and sampled recall@k (IVF at the live nprobe vs exact) of the live index.
 
     Recall queries are drawn from the reservoir of recent ads; the exact side scans every list,
-    about recall_sample x ntotal x d multiply-adds per check.
+    about recall_sample x ntotal x d multiply-adds per check, in slices of `sweep_slice_s`
+    per micro-batch (`after_batch`) under IVFFlat, at once under IVFPQ (its exact vectors sit
+    in one list) and in `check`.
     """
 
     def __init__(
@@ -116,26 +190,43 @@ class DriftMonitor:
         k: int = 10,
         min_ads_per_list: float = 10.0,
         seed: int | None = 0,
+        sweep_slice_s: float = 0.02,
     ) -> None:
         self.cfg = cfg
         self.k = k
         self.min_ads_per_list = min_ads_per_list
+        self.sweep_slice_s = sweep_slice_s
         self.reservoir = Reservoir(cfg.reservoir_size, dim, seed)
         self.batches = 0
         self.last: DriftReport | None = None
         self.baseline: float | None = None
+        self._sweep: _Sweep | None = None
 
     def observe(self, vectors: npt.ArrayLike) -> None:
         """Feed the vectors of upserted ads (one call per micro-batch)."""
         self.reservoir.add(vectors)
 
     def after_batch(self, index: LiveIvfIndex) -> DriftReport | None:
-        """Count a micro-batch; measure every `check_every_batches` (if enabled)."""
+        """Count a micro-batch; every `check_every_batches` (if enabled) start a measurement,
+        which scans a slice of the lists per call; returns the report once it is complete."""
         self.batches += 1
         every = max(1, self.cfg.check_every_batches)
-        if not self.cfg.enabled or self.batches % every:
+        if not self.cfg.enabled:
             return None
-        return self.check(index)
+        sweep = self._sweep
+        if sweep is not None and (sweep.index is not index or sweep.version != index.version):
+            sweep = self._sweep = None  # the index was swapped: start again
+        if sweep is None:
+            if self.batches % every:
+                return None
+            queries = self.reservoir.sample(self.cfg.recall_sample)
+            if index.cfg.kind != "ivfflat" or not index.ntotal or not queries.shape[0]:
+                return self.check(index)
+            sweep = self._sweep = _Sweep(index, queries, min(self.k, index.ntotal))
+        if not sweep.step(self.sweep_slice_s):
+            return None
+        self._sweep = None
+        return self._report(index, sweep.recall())
 
     def check(self, index: LiveIvfIndex) -> DriftReport:
         """Measure now: imbalance of the lists and recall of sampled reservoir queries."""
@@ -146,6 +237,9 @@ class DriftMonitor:
             _, found = index.search(queries, k)
             _, exact = index.search_exact(queries, k)
             recall = recall_at_k(found, exact, k)
+        return self._report(index, recall)
+
+    def _report(self, index: LiveIvfIndex, recall: float | None) -> DriftReport:
         report = DriftReport(
             imbalance=index.imbalance(),
             recall=recall,
@@ -203,21 +297,60 @@ class DriftMonitor:
         self.last = None
         self.baseline = None
         self.batches = 0
+        self._sweep = None
 
 
 class _Job:
-    """One background retrain: written by its thread only, read after `done` is set."""
+    """One background retrain. The owner thread copies the live lists a slice at a time
+    (`copy_slice`); the thread trains meanwhile, waits for the copy, then adds it."""
 
     def __init__(self, source: LiveIvfIndex) -> None:
         self.source = source
+        self.copied = threading.Event()
         self.done = threading.Event()
+        self.cancelled = False
         self.result: LiveIvfIndex | None = None
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
+        self.next_list = 0
+        self.ids: list[I64] = []
+        self.vectors: list[F32] = []
 
-    def run(self, cfg: IndexConfig, sample: F32, ids: I64, vectors: F32, version: int) -> None:
+    def copy_slice(self, budget_s: float | None) -> None:
+        """Copy lists of the live index (owner thread) for about `budget_s` (None: all)."""
+        index = self.source
+        if index.cfg.kind != "ivfflat":  # exact vectors sit in one list of the side store
+            ids, vectors = index.export()
+            self.ids, self.vectors = [ids], [vectors]
+            self.copied.set()
+            return
+        ivf, d = index.ivf, index.dim
+        nlist = int(ivf.nlist)
+        t0 = time.perf_counter()
+        while self.next_list < nlist:
+            ids, codes = get_invlist(ivf.invlists, self.next_list)  # type: ignore[no-untyped-call]
+            if len(ids):
+                self.ids.append(np.asarray(ids, dtype="int64"))
+                self.vectors.append(np.asarray(codes).view("float32").reshape(-1, d))
+            self.next_list += 1
+            if budget_s is not None and time.perf_counter() - t0 >= budget_s:
+                break
+        if self.next_list >= nlist:
+            self.copied.set()
+
+    def run(self, cfg: IndexConfig, sample: F32, version: int) -> None:
         try:
-            self.result = LiveIvfIndex.rebuild(cfg, sample, ids, vectors, version=version)
+            fresh = LiveIvfIndex.train(cfg, sample)
+            fresh.version = version
+            self.copied.wait()
+            if self.cancelled:
+                return
+            if self.ids:
+                # an ad moved between lists during the copy may be there twice: the later
+                # copy is newer (upsert keeps the last), and the journal replay settles it
+                fresh.upsert(np.concatenate(self.ids), np.concatenate(self.vectors))
+            self.ids, self.vectors = [], []
+            self.result = fresh
         except BaseException as exc:
             self.error = exc
         finally:
@@ -225,10 +358,14 @@ class _Job:
 
 
 class BackgroundRetrainer:
-    """Trains a replacement index in a background thread; the owner thread polls and swaps."""
+    """Trains a replacement index in a background thread; the owner thread polls and swaps.
 
-    def __init__(self) -> None:
+    `copy_slice_s`: owner-thread time per `poll()` spent copying the live lists.
+    """
+
+    def __init__(self, copy_slice_s: float = 0.02) -> None:
         self._job: _Job | None = None
+        self.copy_slice_s = copy_slice_s
 
     @property
     def running(self) -> bool:
@@ -236,7 +373,8 @@ class BackgroundRetrainer:
         return self._job is not None
 
     def start(self, index: LiveIvfIndex, sample: npt.ArrayLike) -> None:
-        """Copy the live ads, start journaling updates, and train on `sample` in a thread."""
+        """Start journaling updates and training on `sample` in a thread; the live ads are
+        copied by the following `poll()` calls."""
         if self._job is not None:
             raise IndexStateError("a retrain is already running: poll() until it finishes")
         x = index.prepare(sample)
@@ -246,30 +384,41 @@ class BackgroundRetrainer:
                 f"{x.shape[0]} sample vectors are too few to retrain (need {need}): "
                 "wait for the reservoir to fill"
             )
-        ids, vectors = index.export()
         index.begin_journal()
         job = _Job(index)
         job.thread = threading.Thread(
             target=job.run,
-            args=(index.cfg, x, ids, vectors, index.version + 1),
+            args=(index.cfg, x, index.version + 1),
             name="annstream-retrain",
             daemon=True,
         )
         self._job = job
         job.thread.start()
-        logger.info("retraining on %d sampled ads (%d live ads copied)", x.shape[0], ids.size)
+        logger.info("retraining on %d sampled ads (%d live ads to copy)", x.shape[0], index.ntotal)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the background work is done (for tests and shutdown)."""
-        return True if self._job is None else self._job.done.wait(timeout)
+        """Block until the background work is done (for tests and shutdown); the rest of the
+        copy is made now, in the calling (owner) thread."""
+        job = self._job
+        if job is None:
+            return True
+        if not job.copied.is_set():
+            job.copy_slice(None)
+        return job.done.wait(timeout)
 
     def poll(self, index: LiveIvfIndex) -> LiveIvfIndex | None:
-        """Between micro-batches: the retrained index (version + 1) once ready, else None."""
+        """Between micro-batches: copy a slice of the live ads, or return the retrained index
+        (version + 1) once ready, else None."""
         job = self._job
-        if job is None or not job.done.is_set():
+        if job is None:
             return None
         if index is not job.source:
             raise IndexStateError("poll() must be given the index the retrain was started on")
+        if not job.copied.is_set():
+            job.copy_slice(self.copy_slice_s)
+            return None
+        if not job.done.is_set():
+            return None
         if job.thread is not None:
             job.thread.join()
         self._job = None
@@ -291,6 +440,10 @@ class BackgroundRetrainer:
 
     def cancel(self, index: LiveIvfIndex) -> None:
         """Stop journaling and drop the pending result (the thread finishes on its own)."""
-        if self._job is not None and self._job.source is index:
-            index.end_journal()
+        job = self._job
+        if job is not None:
+            job.cancelled = True
+            job.copied.set()
+            if job.source is index:
+                index.end_journal()
         self._job = None

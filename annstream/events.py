@@ -16,6 +16,7 @@ __all__ = [
     "OP_DELETE",
     "OP_UPSERT",
     "AdBatch",
+    "AdChanges",
     "EngagementBatch",
     "Rejection",
 ]
@@ -33,6 +34,78 @@ def _check(name: str, a: np.ndarray, dtype: str, n: int, ndim: int = 1) -> None:
             f"{name}: expected {dtype} with {ndim} dimension(s) and {n} rows, "
             f"got {a.dtype} of shape {a.shape}"
         )
+
+
+def _empty_ids() -> np.ndarray:
+    return np.empty(0, dtype=np.int64)
+
+
+def _last_rows(ids: np.ndarray) -> np.ndarray:
+    """Row of the last occurrence of each distinct id, in id order."""
+    n = len(ids)
+    if n < 2 or bool(np.all(ids[1:] > ids[:-1])):
+        return np.arange(n)
+    _, first_in_reversed = np.unique(ids[::-1], return_index=True)
+    return n - 1 - first_in_reversed
+
+
+@dataclass(frozen=True)
+class AdChanges:
+    """The net ad changes of one micro-batch: each ad once, upserts and deletes disjoint.
+
+    Normalised once, here, and trusted downstream (index, refresher, ad metadata): from any
+    input, the last upsert of an id wins, an id both upserted and deleted is deleted, upserts
+    come sorted by id with float32 C-ordered finite vectors (one per id), deletes sorted and
+    unique. `AdBatch.net()` builds one with "last event wins" between upserts and deletes.
+    `advertiser_ids` / `campaign_ids` line up with `upsert_ids` (NO_ID when unknown).
+    """
+
+    upsert_ids: np.ndarray  # int64[n], sorted, unique
+    upsert_vectors: np.ndarray  # float32[n, d]
+    delete_ids: np.ndarray = field(default_factory=_empty_ids)  # int64[m], sorted, unique
+    advertiser_ids: np.ndarray | None = None  # int64[n]
+    campaign_ids: np.ndarray | None = None  # int64[n]
+
+    def __post_init__(self) -> None:
+        ids = np.ascontiguousarray(self.upsert_ids, dtype=np.int64).reshape(-1)
+        x = np.asarray(self.upsert_vectors, dtype=np.float32)
+        if x.ndim != 2 or x.shape[0] != len(ids):
+            raise ValueError(
+                f"AdChanges: upsert_vectors must have shape ({len(ids)}, d), got {x.shape}"
+            )
+        if not np.isfinite(x).all():
+            bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+            raise ValueError(
+                f"AdChanges: the vectors of ads {ids[bad[:10]].tolist()} contain NaN or inf: "
+                "drop those ads first"
+            )
+        dels = np.asarray(self.delete_ids, dtype=np.int64).reshape(-1)
+        if len(dels) > 1 and not bool(np.all(dels[1:] > dels[:-1])):
+            dels = np.unique(dels)
+        rows = _last_rows(ids)
+        if len(dels) and len(rows):
+            rows = rows[~np.isin(ids[rows], dels, assume_unique=True)]
+        full = len(rows) == len(ids) and bool(np.all(rows == np.arange(len(ids))))
+        columns = {"advertiser_ids": self.advertiser_ids, "campaign_ids": self.campaign_ids}
+        for name, col in columns.items():
+            a = _ids_or_none(col, len(ids))
+            if a.shape != ids.shape:
+                raise ValueError(f"AdChanges: {name} must have {len(ids)} entries, got {a.shape}")
+            object.__setattr__(self, name, a if full else a[rows])
+        object.__setattr__(self, "upsert_ids", ids if full else ids[rows])
+        object.__setattr__(self, "upsert_vectors", np.ascontiguousarray(x if full else x[rows]))
+        object.__setattr__(self, "delete_ids", np.ascontiguousarray(dels))
+
+    @classmethod
+    def empty(cls, dim: int) -> AdChanges:
+        return cls(_empty_ids(), np.empty((0, dim), dtype=np.float32), _empty_ids())
+
+    @property
+    def dim(self) -> int:
+        return int(self.upsert_vectors.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.upsert_ids) + len(self.delete_ids)
 
 
 @dataclass(frozen=True)
@@ -113,6 +186,32 @@ class AdBatch:
             else sum((b.model_versions for b in batches), ())
         )
         return cls(**_stacked(batches, "model_versions"), model_versions=versions)
+
+    def net_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(upsert rows, delete rows), in event order: the last event of each ad wins.
+
+        Rows rather than ids, so every column of an upsert (vector, advertiser, campaign)
+        lines up.
+        """
+        n = len(self)
+        if n == 0:
+            empty = np.empty(0, dtype=np.intp)
+            return empty, empty
+        last = np.sort(_last_rows(self.ad_ids))
+        upsert = self.ops[last] == OP_UPSERT
+        return last[upsert], last[~upsert]
+
+    def net(self) -> AdChanges:
+        """The net changes of the batch (last event of each ad wins), normalised once."""
+        up, dels = self.net_rows()
+        order = up[np.argsort(self.ad_ids[up], kind="stable")]
+        return AdChanges(
+            self.ad_ids[order],
+            self.vectors[order],
+            np.sort(self.ad_ids[dels]),
+            self.advertiser_ids[order],
+            self.campaign_ids[order],
+        )
 
     def take(self, rows: np.ndarray) -> AdBatch:
         """The events at `rows` (indices or a boolean mask), in that order."""

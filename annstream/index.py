@@ -2,7 +2,12 @@
 
 Not thread-safe by design: one thread applies the updates of a micro-batch (one remove call and
 one add call), then searches, then the next micro-batch (Faiss crashes when a search overlaps an
-add or remove). Ids are removed in O(1) through a Hashtable direct map.
+add or remove). Ids are removed in O(1) through a Hashtable direct map; a hash set beside it
+(`IdMap`) answers presence checks in O(batch) per micro-batch.
+
+Two ways in: `upsert`/`delete` take anything (duplicates, raw vectors, unknown ids) and sort it
+out; `apply` takes a micro-batch already netted and prepared (`AdChanges` + `prepare` +
+`assign_lists`), as the refresher does, and trusts it.
 
 Exact vectors: under IVFFlat the inverted lists hold the prepared vectors themselves, so
 `vectors()`, `retrained()` and exact search read them back through the direct map at no extra
@@ -12,7 +17,6 @@ own Hashtable direct map (4d + 8 bytes per ad plus the map), updated in the same
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 from typing import Literal
@@ -20,6 +24,7 @@ from typing import Literal
 import faiss
 import numpy as np
 import numpy.typing as npt
+from faiss.contrib.ivf_tools import add_preassigned
 
 from annstream.ann import (
     KINDS,
@@ -31,6 +36,8 @@ from annstream.ann import (
 )
 from annstream.config import IndexConfig
 from annstream.errors import IndexStateError
+from annstream.heap import trim_heap
+from annstream.idmap import IdMap
 
 __all__ = ["LiveIvfIndex"]
 
@@ -46,6 +53,13 @@ _CHUNK = 65_536
 _HASHTABLE = int(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
 # An unordered_map node (next pointer + key + value, rounded by malloc) plus its bucket slot.
 _HASHTABLE_BYTES_PER_ID = 40
+
+
+def _as_prepared(vectors: npt.ArrayLike, dim: int) -> F32:
+    x = np.ascontiguousarray(vectors, dtype="float32")
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise IndexStateError(f"vectors must have shape (n, {dim}), got {x.shape}")
+    return x
 
 
 def _as_ids(ids: npt.ArrayLike) -> I64:
@@ -73,14 +87,6 @@ def _empty_store(dim: int, metric: str) -> faiss.IndexIVFFlat:
     return store
 
 
-def _trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc only; elsewhere a no-op)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        logger.debug("malloc_trim unavailable; freed memory stays with the allocator")
-
-
 def _invlists(ivf: faiss.IndexIVF) -> faiss.InvertedLists:
     if ivf.invlists is None:
         raise IndexStateError("the Faiss index has no inverted lists: rebuild it")
@@ -95,16 +101,16 @@ def _as_ivf(index: faiss.Index) -> faiss.IndexIVF:
     return index
 
 
-def _list_ids(ivf: faiss.IndexIVF) -> I64:
+def _id_set(ivf: faiss.IndexIVF) -> IdMap:
+    """Every id of the index (a hash set)."""
     invlists = _invlists(ivf)
-    parts = []
+    out = IdMap(0, capacity=2 * int(ivf.ntotal))
     for list_no in range(int(ivf.nlist)):
         size = int(invlists.list_size(list_no))
         if size:
-            parts.append(faiss.rev_swig_ptr(invlists.get_ids(list_no), size).copy())
-    if not parts:
-        return np.zeros(0, dtype="int64")
-    return np.sort(np.concatenate(parts).astype("int64"))
+            out.put(faiss.rev_swig_ptr(invlists.get_ids(list_no), size).astype("int64"))
+    out.compact()
+    return out
 
 
 def _kind_of(ivf: faiss.IndexIVF) -> str:
@@ -176,7 +182,8 @@ class LiveIvfIndex:
             store = None
         self._ivf = ivf
         self._store = store
-        self._ids = _list_ids(ivf)
+        self._live = _id_set(ivf)
+        self._centroids: F32 | None = None
         self._journal: list[Op] | None = None
         self.dim: int = cfg.dim
         self.metric: str = cfg.metric
@@ -219,15 +226,18 @@ class LiveIvfIndex:
     def ntotal(self) -> int:
         return int(self._ivf.ntotal)
 
-    def prepare(self, vectors: npt.ArrayLike) -> F32:
-        """Vectors as the index stores them: float32, C-contiguous, unit norm under cosine."""
+    def prepare(self, vectors: npt.ArrayLike, *, checked: bool = False) -> F32:
+        """Vectors as the index stores them: float32, C-contiguous, unit norm under cosine.
+
+        `checked`: the vectors are known finite (an `AdChanges` checked them): not scanned again.
+        """
         x = np.ascontiguousarray(vectors, dtype="float32")
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise IndexStateError(
                 f"vectors must have shape (n, {self.dim}), got {x.shape}: "
                 "check index.dim in the config against the embedding model"
             )
-        if not np.isfinite(x).all():
+        if not checked and not np.isfinite(x).all():
             bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
             raise IndexStateError(
                 f"vectors at rows {bad[:10].tolist()} contain NaN or inf: drop those ads first"
@@ -244,25 +254,49 @@ class LiveIvfIndex:
             )
 
     def _present(self, ids: I64) -> npt.NDArray[np.bool_]:
-        if self._ids.size == 0:
-            return np.zeros(ids.shape, dtype=bool)
-        pos = np.searchsorted(self._ids, ids)
-        pos[pos == self._ids.size] = 0
-        return np.asarray(self._ids[pos] == ids)
+        return self._live.contains(ids)
 
     def _remove(self, ids: I64) -> None:
+        """Remove ids known to be present (unique)."""
         self._ivf.remove_ids(_selector(ids))
         if self._store is not None:
             self._store.remove_ids(_selector(ids))
-        self._ids = np.delete(self._ids, np.searchsorted(self._ids, ids))
+        self._live.remove(ids)
+
+    def _add(self, ids: I64, x: F32, lists: I64) -> None:
+        """Add new ids (unique, absent) with prepared vectors at their assigned lists."""
+        for i0 in range(0, ids.size, _CHUNK):
+            sl = slice(i0, i0 + _CHUNK)
+            add_preassigned(self._ivf, x[sl], lists[sl], ids[sl])  # type: ignore[no-untyped-call]
+            if self._store is not None:
+                add_preassigned(  # type: ignore[no-untyped-call]
+                    self._store, x[sl], np.zeros_like(lists[sl]), ids[sl]
+                )
+        self._live.put(ids)
 
     def _add_new(self, ids: I64, x: F32) -> None:
-        for i0 in range(0, ids.size, _CHUNK):
-            self._ivf.add_with_ids(x[i0 : i0 + _CHUNK], ids[i0 : i0 + _CHUNK])
-            if self._store is not None:
-                self._store.add_with_ids(x[i0 : i0 + _CHUNK], ids[i0 : i0 + _CHUNK])
-        new = np.sort(ids)
-        self._ids = np.insert(self._ids, np.searchsorted(self._ids, new), new)
+        self._add(ids, x, self.assign_lists(x, prepared=True))
+
+    def apply(self, ids: I64, x: F32, lists: I64, delete_ids: I64) -> I64:
+        """Apply one netted micro-batch; returns the ids that were live and left or changed.
+
+        Trusted input, checked by the caller: `ids` unique, `x` their prepared vectors
+        (`prepare`), `lists` their lists (`assign_lists` of `x`), `delete_ids` unique and
+        disjoint from `ids` (unknown ids are ignored). One remove call, one add call.
+        """
+        self._require_trained()
+        touched = np.concatenate([ids, delete_ids]) if len(delete_ids) else ids
+        old = touched[self._present(touched)] if len(touched) else touched
+        if len(old):
+            self._remove(np.ascontiguousarray(old))
+        if len(ids):
+            self._add(ids, x, lists)
+        if self._journal is not None:
+            if len(delete_ids):
+                self._journal.append(("delete", delete_ids.copy(), None))
+            if len(ids):
+                self._journal.append(("upsert", ids.copy(), x.copy()))
+        return np.sort(old)
 
     def upsert(self, ids: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
         """Insert or replace ads; within the batch the last occurrence of an id wins."""
@@ -279,31 +313,30 @@ class LiveIvfIndex:
         keep = np.sort(keys.size - 1 - last)
         if keep.size != keys.size:
             keys, x = keys[keep], np.ascontiguousarray(x[keep])
-        present = self._present(keys)
-        if present.any():
-            self._remove(np.ascontiguousarray(np.unique(keys[present])))
-        self._ivf.add_with_ids(x, keys)
-        if self._store is not None:
-            self._store.add_with_ids(x, keys)
-        new = np.sort(keys)
-        self._ids = np.insert(self._ids, np.searchsorted(self._ids, new), new)
-        if self._journal is not None:
-            self._journal.append(("upsert", keys, x))
+        self.apply(keys, x, self.assign_lists(x, prepared=True), keys[:0])
 
     def delete(self, ids: npt.ArrayLike) -> I64:
         """Remove ads by id; returns the ids actually removed (sorted); unknown ids are ignored."""
         keys = np.unique(_as_ids(ids))
-        removed = np.ascontiguousarray(keys[self._present(keys)])
-        if removed.size:
-            self._remove(removed)
-            if self._journal is not None:
-                self._journal.append(("delete", removed, None))
-        return removed
+        empty = keys[:0]
+        return self.apply(empty, np.empty((0, self.dim), "float32"), empty, keys)
 
-    def search(self, vectors: npt.ArrayLike, k: int, nprobe: int | None = None) -> tuple[F32, I64]:
-        """Top-k ads per query: (scores float32[n,k], ids int64[n,k]); missing: -inf and -1."""
+    def search(
+        self,
+        vectors: npt.ArrayLike,
+        k: int,
+        nprobe: int | None = None,
+        *,
+        prepared: bool = False,
+    ) -> tuple[F32, I64]:
+        """Top-k ads per query: (scores float32[n,k], ids int64[n,k]); missing: -inf and -1.
+
+        `prepared`: the vectors already went through `prepare` (float32, C order, normalised
+        under cosine): searched as they are, with the same results.
+        """
         self._require_trained()
-        return self._search(self._ivf, self.prepare(vectors), k, nprobe or self.nprobe)
+        x = _as_prepared(vectors, self.dim) if prepared else self.prepare(vectors)
+        return self._search(self._ivf, x, k, nprobe or self.nprobe)
 
     def search_exact(self, vectors: npt.ArrayLike, k: int) -> tuple[F32, I64]:
         """Exact top-k over every live ad (all lists scanned; the exact store under IVFPQ)."""
@@ -346,24 +379,48 @@ class LiveIvfIndex:
 
     def ids(self) -> I64:
         """All live ids, sorted."""
-        return self._ids.copy()
+        return self._live.ids()
 
     def export(self) -> tuple[I64, F32]:
         """(ids, prepared vectors) of every live ad: a copy owned by the caller."""
         keys = self.ids()
         return keys, self.vectors(keys)
 
-    def assign_lists(self, vectors: npt.ArrayLike) -> I64:
-        """int64[n]: the coarse list each vector is added to (vectors as passed to upsert)."""
-        return self.probe_lists(vectors, 1)[:, 0].copy()
+    def assign_lists(self, vectors: npt.ArrayLike, *, prepared: bool = False) -> I64:
+        """int64[n]: the coarse list each vector is added to (vectors as passed to upsert).
 
-    def probe_lists(self, vectors: npt.ArrayLike, nprobe: int | None = None) -> I64:
+        Under a flat quantizer, a brute-force top-1 over the centroids (`faiss.knn`: one
+        matrix product, several times cheaper than a search of the quantizer index at
+        micro-batch sizes); the index adds each ad where this says, so searches and routing
+        agree by construction.
+        """
+        self._require_trained()
+        x = _as_prepared(vectors, self.dim) if prepared else self.prepare(vectors)
+        cent = self._centroid_table()
+        if cent is None or x.shape[0] == 0:
+            return self.probe_lists(x, 1, prepared=True)[:, 0].copy()
+        _, lists = faiss.knn(x, cent, 1, faiss_metric(self.metric))
+        return np.ascontiguousarray(lists[:, 0], dtype="int64")
+
+    def _centroid_table(self) -> F32 | None:
+        """The centroids of a flat quantizer (cached), or None for another quantizer."""
+        if self._centroids is None:
+            q = faiss.downcast_index(self._ivf.quantizer)
+            if not isinstance(q, faiss.IndexFlat) or int(q.ntotal) != int(self._ivf.nlist):
+                return None
+            self._centroids = np.ascontiguousarray(q.reconstruct_n(0, int(q.ntotal)), "float32")
+        return self._centroids
+
+    def probe_lists(
+        self, vectors: npt.ArrayLike, nprobe: int | None = None, *, prepared: bool = False
+    ) -> I64:
         """int64[n, nprobe]: the lists a search of each vector scans (as passed to search)."""
         self._require_trained()
         p = min(nprobe or self.nprobe, int(self._ivf.nlist))
         if p <= 0:
             raise IndexStateError(f"nprobe must be positive, got {p}")
-        _, lists = self._ivf.quantizer.search(self.prepare(vectors), p)
+        x = _as_prepared(vectors, self.dim) if prepared else self.prepare(vectors)
+        _, lists = self._ivf.quantizer.search(x, p)
         return np.ascontiguousarray(lists, dtype="int64")
 
     def list_sizes(self) -> I64:
@@ -391,7 +448,8 @@ class LiveIvfIndex:
         self._ivf = _as_ivf(faiss.deserialize_index(faiss.serialize_index(self._ivf)))
         if self._store is not None:
             self._store = _as_ivf(faiss.deserialize_index(faiss.serialize_index(self._store)))
-        _trim_heap()
+        self._live.compact()
+        trim_heap()
 
     def serialize(self) -> tuple[U8, U8 | None]:
         """(index bytes, exact store bytes or None) for a snapshot."""
@@ -423,7 +481,7 @@ class LiveIvfIndex:
             per = int(ivf.code_size) + 8 + _HASHTABLE_BYTES_PER_ID
             return n * per + int(ivf.quantizer.ntotal) * int(ivf.d) * 4
 
-        total = one(self._ivf) + int(self._ids.nbytes)
+        total = one(self._ivf) + self._live.nbytes
         if self._store is not None:
             total += one(self._store)
         return total

@@ -4,24 +4,26 @@ micro-batch.
 Each head query keeps K + margin neighbours in the index's search order (score, ties by id), a
 valid-prefix length `c` (the first `c` entries are exactly the best `c` ads its IVF probe lists
 hold; a -1 inside the prefix means "no more ads"; entries past it are -1 padding) and its probe
-lists.
+lists. A CSR table lists, per IVF list, the head queries probing it (the routes).
 
-One micro-batch (`Refresher.apply`), two cores busy in steps 1-2:
-1. in a background thread: the new ads, routed to their list, are scored against the head
-   queries probing it with one `range_search_preassigned` whose threshold rides in two extra
-   dimensions, so only ads beating a query's last valid score come back; then the upserts and
-   deletes go to the index in one call each;
-2. meanwhile the removed ads (deletes and the old version of updates) are found by id in the
-   neighbour lists and those rows are compacted (`c` shrinks); a row whose valid prefix falls
-   below K is re-searched; the retired lists (below) lose them too;
-3. the candidates still beating the (possibly raised) last valid score are merged into their
-   rows, all at once (`c` grows up to K + margin);
-4. new head queries, changed query vectors and the re-searches above get a full search; after a
+One micro-batch (`Refresher.apply`), on two threads in step 1:
+1. the net ad changes (`AdChanges`, trusted) are prepared and assigned to their IVF list once;
+   a background thread applies them to the index (one remove call, one add call); meanwhile
+   each new ad is scored against the head queries routed from its list, keeping the pairs
+   that may beat the query's last valid score (`refresh_kernels.route_candidates`, then scored
+   again with the kernel the index's search uses), and the rows holding a removed ad (deletes
+   and the old version of updates) are found (`rows_holding`);
+2. one pass over the affected rows (`update_rows`) removes the removed ads and merges the
+   candidates that still beat the (possibly raised) last valid score, in place, and says
+   which rows changed; a row whose valid prefix falls below K, or that gets more than
+   `scan_k` candidates, is left for a full search;
+3. new head queries, changed query vectors and the rows of step 2 get a full search; after a
    retrain (index version changed) every head query is recomputed, at most
-   `full_recompute_per_batch` per micro-batch (`pending_full` shows the progress);
-5. every list whose stored content changed (any id, order or score of the K + margin) is
-   returned, plus new and changed queries: the whole stored list is the contract, so a list
-   is never left holding a deleted ad or a stale score, even in its margin.
+   `full_recompute_per_batch` per micro-batch (`pending_full` shows the progress), and until
+   then keeps receiving inserts and deletes routed by the new quantizer;
+4. every list whose stored content changed (any id, order or score of the K + margin) is
+   returned, once, plus new and changed queries: the whole stored list is the contract, so a
+   list is never left holding a deleted ad or a stale score, even in its margin.
 
 Retired lists: the store keeps the list of a query that left the head set readable until its
 exit TTL. The refresher keeps those lists (ids, scores, expiry; no vector, no routing) and
@@ -31,6 +33,10 @@ remaining TTL (`RefreshResult.retired`); nothing enters them, so they only get s
 Exactness rests on the quantizer: an ad can only enter the result of a query that probes the
 ad's list, so after a retrain everything is recomputed. Scores of routed ads are computed with
 the kernel the index's search uses, from the vectors it holds (decoded codes under IVFPQ).
+
+Memory per head query: its prepared vector (4d bytes), probe lists and routes (8 bytes per
+probe), the list (12 bytes per entry) and ~20 bytes of bookkeeping. Slots of departed queries
+are reused, and the arrays shrink when three quarters are free.
 """
 
 from __future__ import annotations
@@ -46,9 +52,23 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from annstream import idmap, refresh_kernels
 from annstream.config import RefreshConfig
+from annstream.events import AdChanges
 from annstream.heads import HeadChanges
 from annstream.index import LiveIvfIndex
+from annstream.refresh_kernels import (
+    ROW_CHANGED,
+    ROW_OVERFLOW,
+    ROW_UNDERFLOW,
+    build_routes,
+    compact_rows,
+    group_rows,
+    held_entries,
+    route_candidates,
+    rows_holding,
+    update_rows,
+)
 
 __all__ = [
     "RETIRED_GRACE_S",
@@ -57,9 +77,7 @@ __all__ = [
     "RefreshResult",
     "Refresher",
     "RetiredLists",
-    "compact_rows",
-    "drop_entries",
-    "held_entries",
+    "warm_up",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,85 +87,49 @@ Float32Array = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
 VectorLookup = Callable[[Int64Array], npt.ArrayLike]
 
-_HOLD_BITS = 18
-_HOLD_CHUNK = 1 << 20
 _FILTER_TOL = 1e-4
+_MIN_SLOTS = 1024
+_PROBE_CHUNK = 16_384
 _NEVER = np.iinfo(np.int64).max
 # A retired list is kept this long past its expiry: the store's TTL starts when the micro-batch
 # is written, a little after the refresher computed it, and a late delete must still reach it.
 RETIRED_GRACE_S = 600
+
+_warm = False
+
+
+def warm_up() -> None:
+    """Load the compiled kernels (compiling them once per machine) before the first
+    micro-batch, so no freshness figure pays for it. `Refresher()` calls it."""
+    global _warm
+    if not _warm:
+        idmap.warm_up()
+        refresh_kernels.warm_up()
+        _warm = True
 
 
 def _empty_ids() -> Int64Array:
     return np.empty(0, dtype=np.int64)
 
 
-def held_entries(ids: Int64Array, removed: Int64Array) -> tuple[Int64Array, Int64Array]:
-    """(rows, columns) of the entries of `ids` (rows of ad ids) holding an id of `removed`.
+class _AsIs:
+    def __enter__(self) -> None:
+        pass
 
-    `removed` is sorted and unique. A bitmap on the low id bits screens every entry in one
-    pass (in chunks, to bound the temporaries); only the few entries it lets through are
-    looked up exactly. Padding (-1) never matches.
-    """
-    removed = removed[removed != -1]
-    n, w = ids.shape
-    if n == 0 or w == 0 or len(removed) == 0:
-        return _empty_ids(), _empty_ids()
-    mask = (1 << _HOLD_BITS) - 1
-    bitmap = np.zeros(1 << _HOLD_BITS, dtype=bool)
-    bitmap[removed & mask] = True
-    flat = np.ascontiguousarray(ids).reshape(-1)
-    step = max(1, _HOLD_CHUNK // w) * w
-    parts = []
-    for a in range(0, len(flat), step):
-        chunk = flat[a : a + step]
-        hit = np.flatnonzero(bitmap[chunk & mask])
-        found = chunk[hit]
-        pos = np.minimum(np.searchsorted(removed, found), len(removed) - 1)
-        parts.append(hit[removed[pos] == found] + a)
-    rows, cols = np.divmod(np.concatenate(parts), w)
-    return rows, cols
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
-def compact_rows(ids: Int64Array, scores: Float32Array) -> tuple[Int64Array, Float32Array]:
-    """Rows with holes (id -1) as lists: the other entries first, in order, then -1 / -inf."""
-    keep = ids != -1
-    fill = np.arange(ids.shape[1])[None, :] < keep.sum(axis=1)[:, None]
-    out_i = np.full(ids.shape, -1, dtype=np.int64)
-    out_s = np.full(scores.shape, -np.inf, dtype=np.float32)
-    out_i[fill] = ids[keep]
-    out_s[fill] = scores[keep]
-    return out_i, out_s
+class _OneThread:
+    """Faiss (OpenMP) on one thread in this block: the refresher's per-batch calls are small,
+    and on a busy machine waking a second thread costs more than it saves."""
 
+    def __enter__(self) -> None:
+        self._was = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
 
-def drop_entries(
-    ids: Int64Array, scores: Float32Array, rows: Int64Array, cols: Int64Array
-) -> tuple[Int64Array, Int64Array, Int64Array, Float32Array]:
-    """Remove the entries (rows, cols) from their rows; the rest move up, -1 / -inf pad.
-
-    Returns the distinct rows hit, how many entries each lost and their new ids and scores.
-    """
-    hit, inv, gone_n = np.unique(rows, return_inverse=True, return_counts=True)
-    sub_i, sub_s = ids[hit], scores[hit]
-    sub_i[inv.reshape(-1), cols] = -1
-    out_i, out_s = compact_rows(sub_i, sub_s)
-    return hit, gone_n.astype(np.int64), out_i, out_s
-
-
-@dataclass(frozen=True)
-class AdChanges:
-    """The ad updates of one micro-batch: upserts (insert or replace) and deletes by id.
-
-    Within the batch the last upsert of an id wins; an id both upserted and deleted is deleted.
-    """
-
-    upsert_ids: Int64Array
-    upsert_vectors: Float32Array
-    delete_ids: Int64Array = field(default_factory=_empty_ids)
-
-    @classmethod
-    def empty(cls, dim: int) -> AdChanges:
-        return cls(_empty_ids(), np.empty((0, dim), dtype=np.float32), _empty_ids())
+    def __exit__(self, *exc: object) -> None:
+        faiss.omp_set_num_threads(self._was)
 
 
 @dataclass(frozen=True)
@@ -197,9 +179,23 @@ class RefreshResult:
 
 
 class MicroBatcher:
-    """Time-or-count trigger: a micro-batch is due every `batch_ms` or `batch_events`."""
+    """Time-or-count trigger: a micro-batch is due every `batch_ms` or `batch_events`.
 
-    def __init__(self, cfg: RefreshConfig, now_ms: float | None = None) -> None:
+    Catching up (`lag`, the events still waiting in the topics, above `batch_events`: a
+    backfill, a restart), the batch grows with the lag up to `catch_up_events` or
+    `catch_up_ms`: the refresher then writes each changed list once per larger batch instead
+    of once per `batch_events` (at 50,000 head queries, 50,000-ad batches wrote 1 list per ad
+    where 5,000-ad batches wrote 8.7; `bench scale` catch-up).
+    """
+
+    def __init__(
+        self,
+        cfg: RefreshConfig,
+        now_ms: float | None = None,
+        *,
+        catch_up_events: int = 50_000,
+        catch_up_ms: float = 10_000.0,
+    ) -> None:
         if cfg.batch_ms <= 0 or cfg.batch_events <= 0:
             raise ValueError(
                 f"refresh.batch_ms ({cfg.batch_ms}) and refresh.batch_events "
@@ -207,6 +203,8 @@ class MicroBatcher:
             )
         self.batch_ms = float(cfg.batch_ms)
         self.batch_events = int(cfg.batch_events)
+        self.catch_up_events = max(int(catch_up_events), self.batch_events)
+        self.catch_up_ms = max(float(catch_up_ms), self.batch_ms)
         self.events = 0
         self.started_ms = self._now(now_ms)
 
@@ -217,10 +215,15 @@ class MicroBatcher:
     def add(self, n_events: int) -> None:
         self.events += int(n_events)
 
-    def due(self, now_ms: float | None = None) -> bool:
-        """True once `batch_events` were added or `batch_ms` passed since the last reset."""
+    def due(self, now_ms: float | None = None, lag: int = 0) -> bool:
+        """True once `batch_events` were added or `batch_ms` passed since the last reset; with
+        a `lag` above `batch_events`, once the lag is drained or the catch-up bounds reached."""
+        elapsed = self._now(now_ms) - self.started_ms
+        if lag <= self.batch_events:
+            return self.events >= self.batch_events or elapsed >= self.batch_ms
         return (
-            self.events >= self.batch_events or self._now(now_ms) - self.started_ms >= self.batch_ms
+            self.events >= min(self.catch_up_events, self.events + lag)
+            or elapsed >= self.catch_up_ms
         )
 
     def remaining_ms(self, now_ms: float | None = None) -> float:
@@ -235,28 +238,19 @@ class MicroBatcher:
 _F32_EMPTY = np.empty(0, dtype=np.float32)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _AdPlan:
-    """Validated, deduplicated ad changes and the ids they remove from the index."""
+    """A micro-batch's ad changes, prepared once; `removed`: live ids that leave. `lists`
+    (the new ads' IVF lists) and `screen` are set by the owner thread, then `ready`."""
 
-    up_ids: Int64Array
-    up_vecs: Float32Array
-    del_ids: Int64Array
-    removed: Int64Array
-    ins_ids: Int64Array
-    ins_vecs: Float32Array
-
-
-@dataclass(frozen=True)
-class _Applied:
-    """What the background step did: deletes, scan size, the candidates (slot, id, score)."""
-
-    n_deleted: int
-    scanned: int
-    slots: Int64Array
     ids: Int64Array
-    scores: Float32Array
-    index_s: float
+    x: Float32Array
+    delete_ids: Int64Array
+    removed: Int64Array
+    lists: Int64Array = field(default_factory=_empty_ids)
+    screen: _Screen | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    aborted: bool = False
 
 
 class _Background:
@@ -300,13 +294,43 @@ class _Retired:
         self.width = width
         self.ttl_s = int(ttl_s)
         self.max_rows = max(1, max_bytes // self.row_bytes)
-        self.qid = _empty_ids()
-        self.ids = np.empty((0, width), dtype=np.int64)
-        self.scores = np.empty((0, width), dtype=np.float32)
-        self.expires_ms = _empty_ids()
+        self._n = 0
+        self._qid: Int64Array = _empty_ids()
+        self._exp: Int64Array = _empty_ids()
+        self._ids: Int64Array = np.empty((0, width), np.int64)
+        self._scores: Float32Array = np.empty((0, width), np.float32)
+
+    def _alloc(self, cap: int) -> None:
+        """Backing arrays of `cap` rows holding the first `_n` (grown by doubling, shrunk
+        when three quarters are free: no whole-array copy per micro-batch)."""
+        n, w = self._n, self.width
+        qid: Int64Array = np.zeros(cap, np.int64)
+        exp: Int64Array = np.zeros(cap, np.int64)
+        ids: Int64Array = np.full((cap, w), -1, np.int64)
+        scores: Float32Array = np.full((cap, w), -np.inf, np.float32)
+        if n:
+            qid[:n], exp[:n] = self._qid[:n], self._exp[:n]
+            ids[:n], scores[:n] = self._ids[:n], self._scores[:n]
+        self._qid, self._exp, self._ids, self._scores = qid, exp, ids, scores
+
+    @property
+    def qid(self) -> Int64Array:
+        return self._qid[: self._n]
+
+    @property
+    def ids(self) -> Int64Array:
+        return self._ids[: self._n]
+
+    @property
+    def scores(self) -> Float32Array:
+        return self._scores[: self._n]
+
+    @property
+    def expires_ms(self) -> Int64Array:
+        return self._exp[: self._n]
 
     def __len__(self) -> int:
-        return len(self.qid)
+        return self._n
 
     @property
     def row_bytes(self) -> int:
@@ -315,13 +339,23 @@ class _Retired:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the rows kept."""
         return len(self) * self.row_bytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes allocated (kept rows and room for more)."""
+        return len(self._qid) * self.row_bytes
 
     def keep(self, mask: BoolArray) -> None:
         if mask.all():
             return
-        self.qid, self.expires_ms = self.qid[mask], self.expires_ms[mask]
-        self.ids, self.scores = self.ids[mask], self.scores[mask]
+        m = int(mask.sum())
+        for a in (self._qid, self._exp, self._ids, self._scores):
+            a[:m] = a[: self._n][mask]
+        self._n = m
+        if len(self._qid) > 64 and 4 * m < len(self._qid):
+            self._alloc(2 * m)
 
     def remove(self, qids: Int64Array) -> int:
         if not len(self) or not len(qids):
@@ -334,10 +368,12 @@ class _Retired:
         self, qids: Int64Array, ids: Int64Array, scores: Float32Array, expires_ms: Int64Array
     ) -> None:
         self.remove(qids)
-        self.qid = np.concatenate([self.qid, qids])
-        self.ids = np.concatenate([self.ids, ids])
-        self.scores = np.concatenate([self.scores, scores])
-        self.expires_ms = np.concatenate([self.expires_ms, expires_ms])
+        n, m = self._n, len(qids)
+        if n + m > len(self._qid):
+            self._alloc(max(2 * len(self._qid), n + m, 64))
+        self._qid[n : n + m], self._exp[n : n + m] = qids, expires_ms
+        self._ids[n : n + m], self._scores[n : n + m] = ids, scores
+        self._n = n + m
 
     def expiry(self, n: int, now_ms: int) -> Int64Array:
         at = now_ms + 1000 * self.ttl_s if self.ttl_s > 0 else _NEVER
@@ -385,6 +421,58 @@ class _Retired:
         )
 
 
+class _Screen:
+    """The routed screen of a micro-batch's new ads, in chunks of ads that whichever thread is
+    free takes (the refresher's two threads share it once the background one is done)."""
+
+    _CHUNK = 256
+
+    def __init__(
+        self,
+        q: Float32Array,
+        thr: Float32Array,
+        vecs: Float32Array,
+        lists: Int64Array,
+        routes: tuple[Int64Array, npt.NDArray[np.int32]],
+        l2: bool,
+        tol: float,
+    ) -> None:
+        self.q, self.thr, self.vecs, self.lists = q, thr, vecs, lists
+        self.routes, self.l2, self.tol = routes, l2, tol
+        self._next = 0
+        self._lock = threading.Lock()
+        self._parts: list[tuple[Int64Array, Int64Array]] = []
+
+    def run(self) -> None:
+        """Screen chunks until none is left."""
+        while True:
+            with self._lock:
+                a = self._next
+                self._next += self._CHUNK
+            if a >= len(self.vecs):
+                return
+            sl = slice(a, a + self._CHUNK)
+            slots, rows = route_candidates(
+                self.q,
+                self.thr,
+                self.vecs[sl],
+                self.lists[sl],
+                *self.routes,
+                l2=self.l2,
+                tol=self.tol,
+            )
+            self._parts.append((slots, rows + a))
+
+    def pairs(self) -> tuple[Int64Array, Int64Array]:
+        """(slot, row of vecs) of every screened pair; call once every `run` returned."""
+        if not self._parts:
+            return _empty_ids(), _empty_ids()
+        return (
+            np.concatenate([p[0] for p in self._parts]),
+            np.concatenate([p[1] for p in self._parts]),
+        )
+
+
 class Refresher:
     """Maintains the K + margin neighbour lists of the head queries against a live index.
 
@@ -410,39 +498,28 @@ class Refresher:
             raise ValueError("refresh.full_recompute_per_batch must be positive")
         if cfg.retired_max_mb <= 0:
             raise ValueError(f"refresh.retired_max_mb must be positive, got {cfg.retired_max_mb}")
+        warm_up()
         self.cfg = cfg
         self.k = int(cfg.k)
         self.width = int(cfg.k + cfg.margin)
         self.index = index
         self.nprobe = int(cfg.nprobe or index.nprobe)
         self._index_version = index.version
+        self._nlist = int(index.ivf.nlist)
         self._last_version: int | None = None
-        d, w = index.dim, self.width
-        cap = 1024
         self._n = 0
-        self._qid = np.zeros(cap, dtype=np.int64)
-        self._alive = np.zeros(cap, dtype=bool)
-        self._routed = np.zeros(cap, dtype=bool)
-        self._raw = np.zeros((cap, d), dtype=np.float32)
-        self._q = np.zeros((cap, d), dtype=np.float32)
-        self._qnorm = np.zeros(cap, dtype=np.float32)
-        self._probe = np.full((cap, self.nprobe_eff), -1, dtype=np.int64)
-        self._S = np.full((cap, w), -np.inf, dtype=np.float32)
-        self._I = np.full((cap, w), -1, dtype=np.int64)
-        self._c = np.zeros(cap, dtype=np.int64)
+        self._resize(_MIN_SLOTS)
         self._keys = _empty_ids()
         self._key_slots = _empty_ids()
         self._pending = _empty_ids()
-        self._snapped = np.zeros(0, dtype=bool)
-        self._before_slots: list[Int64Array] = []
-        self._before_ids: list[Int64Array] = []
-        self._before_scores: list[Float32Array] = []
-        self._nlist = int(index.ivf.nlist)
+        self._routes: tuple[Int64Array, npt.NDArray[np.int32]] = build_routes(
+            self._probe[:0], _empty_ids(), self._nlist
+        )
         self._clock = clock
         self._retired = (
             None
             if retired_ttl_s is None
-            else _Retired(w, int(retired_ttl_s), int(cfg.retired_max_mb) << 20)
+            else _Retired(self.width, int(retired_ttl_s), int(cfg.retired_max_mb) << 20)
         )
 
     @property
@@ -462,36 +539,63 @@ class Refresher:
     def head_ids(self) -> Int64Array:
         return self._keys.copy()
 
-    def _grow(self, need: int) -> None:
-        cap = len(self._qid)
-        if self._n + need <= cap:
-            return
-        new_cap = max(2 * cap, self._n + need)
-        extra = new_cap - cap
+    @property
+    def capacity(self) -> int:
+        """Slots allocated (live head queries plus free slots)."""
+        return len(self._qid)
 
-        def pad(a: npt.NDArray[Any], fill: Any) -> npt.NDArray[Any]:
-            return np.concatenate([a, np.full((extra, *a.shape[1:]), fill, dtype=a.dtype)])
+    @property
+    def nbytes(self) -> int:
+        """Memory held for the head queries: slots, routes and retired lists."""
+        slots = sum(
+            int(a.nbytes)
+            for a in (
+                self._qid,
+                self._alive,
+                self._q,
+                self._qnorm,
+                self._probe,
+                self._S,
+                self._I,
+                self._c,
+            )
+        )
+        routes = int(self._routes[0].nbytes + self._routes[1].nbytes)
+        retired = 0 if self._retired is None else self._retired.capacity_bytes
+        return slots + routes + retired
 
-        self._qid, self._alive, self._routed = (
-            pad(self._qid, 0),
-            pad(self._alive, False),
-            pad(self._routed, False),
-        )
-        self._raw, self._q, self._qnorm = pad(self._raw, 0), pad(self._q, 0), pad(self._qnorm, 0)
-        self._probe, self._S, self._I = (
-            pad(self._probe, -1),
-            pad(self._S, -np.inf),
-            pad(self._I, -1),
-        )
-        self._c = pad(self._c, 0)
+    def _resize(self, cap: int) -> None:
+        """(Re)allocate every per-slot array at `cap` slots, keeping the first `_n`."""
+        d, w, p, n = self.index.dim, self.width, self.nprobe_eff, self._n
+
+        def fresh(old: npt.NDArray[Any] | None, shape: tuple[int, ...], fill: Any, dt: Any) -> Any:
+            out = np.full(shape, fill, dtype=dt)
+            if old is not None and n:
+                out[:n] = old[:n]
+            return out
+
+        first = not hasattr(self, "_qid")
+        get = (lambda name: None) if first else (lambda name: getattr(self, name))
+        self._qid: Int64Array = fresh(get("_qid"), (cap,), 0, np.int64)
+        self._alive: BoolArray = fresh(get("_alive"), (cap,), False, bool)
+        self._q: Float32Array = fresh(get("_q"), (cap, d), 0, np.float32)
+        self._qnorm: Float32Array = fresh(get("_qnorm"), (cap,), 0, np.float32)
+        self._probe: npt.NDArray[np.int32] = fresh(get("_probe"), (cap, p), -1, np.int32)
+        self._S: Float32Array = fresh(get("_S"), (cap, w), -np.inf, np.float32)
+        self._I: Int64Array = fresh(get("_I"), (cap, w), -1, np.int64)
+        self._c: npt.NDArray[np.int32] = fresh(get("_c"), (cap,), 0, np.int32)
 
     def _alloc(self, qids: Int64Array) -> Int64Array:
-        self._grow(len(qids))
-        slots = np.arange(self._n, self._n + len(qids), dtype=np.int64)
-        self._n += len(qids)
+        """Slots for new head queries: free slots first (lowest), then new ones."""
+        free = np.flatnonzero(~self._alive[: self._n])[: len(qids)]
+        extra = len(qids) - len(free)
+        if self._n + extra > self.capacity:
+            self._resize(max(2 * self.capacity, self._n + extra))
+        slots = np.concatenate([free, np.arange(self._n, self._n + extra)]).astype(np.int64)
+        self._n += extra
         self._qid[slots] = qids
         self._alive[slots] = True
-        self._routed[slots] = False
+        self._c[slots] = 0
         return slots
 
     def _lookup(self, qids: Int64Array) -> tuple[Int64Array, BoolArray]:
@@ -507,127 +611,95 @@ class Refresher:
         self._key_slots = live[order]
         self._keys = self._qid[self._key_slots]
 
-    def _compact(self) -> None:
-        """Drop dead slots (renumbering) and rebuild the routing table from the live ones."""
+    def compact(self) -> bool:
+        """Renumber the live slots from 0 and shrink the arrays to twice that (at least
+        1024); done by `apply` when three quarters of the slots are free. True if it shrank."""
         live = np.flatnonzero(self._alive[: self._n])
+        cap = max(_MIN_SLOTS, 2 * len(live))
+        if cap >= self.capacity:
+            return False
         remap = np.full(self._n, -1, dtype=np.int64)
         remap[live] = np.arange(len(live))
-        for name in (
-            "_qid",
-            "_alive",
-            "_routed",
-            "_raw",
-            "_q",
-            "_qnorm",
-            "_probe",
-            "_S",
-            "_I",
-            "_c",
-        ):
+        for name in ("_qid", "_alive", "_q", "_qnorm", "_probe", "_S", "_I", "_c"):
             arr = getattr(self, name)
-            fresh = arr.copy()
-            fresh[: len(live)] = arr[live]
-            setattr(self, name, fresh)
-        self._alive[len(live) : self._n] = False
-        self._routed[len(live) : self._n] = False
+            arr[: len(live)] = arr[live]
         self._n = len(live)
+        self._resize(cap)
         self._pending = remap[self._pending]
         self._pending = self._pending[self._pending >= 0]
         self._reindex()
+        self._rebuild_routes()
+        return True
+
+    def _rebuild_routes(self) -> None:
+        self._routes = build_routes(self._probe, self._key_slots, int(self.index.ivf.nlist))
+
+    def _set_probes(self, slots: Int64Array) -> None:
+        """Probe lists of `slots` from their prepared vectors (the live quantizer)."""
+        with _OneThread() if len(slots) < _PROBE_CHUNK else _AsIs():
+            for a in range(0, len(slots), _PROBE_CHUNK):
+                part = slots[a : a + _PROBE_CHUNK]
+                self._probe[part] = self.index.probe_lists(
+                    self._q[part], self.nprobe_eff, prepared=True
+                )
 
     # ---- scoring -----------------------------------------------------------------------
 
-    def _held(self, removed: Int64Array) -> tuple[Int64Array, Int64Array]:
-        """(rows, columns) of the live head queries' entries holding a removed ad.
-
-        Rows still waiting for their recompute after a retrain lose removed ads too: their
-        stored list must not serve them meanwhile.
-        """
-        rows, cols = held_entries(self._I[: self._n], removed)
-        ok = self._alive[rows]
-        return rows[ok], cols[ok]
+    def _screen(self, vecs: Float32Array, lists: Int64Array, thr: Float32Array) -> _Screen:
+        """The routed float32 screen of new ads (`vecs` at IVF lists `lists`) against `thr`."""
+        n = self._n
+        live_thr = thr[np.isfinite(thr)]
+        t_max = float(np.abs(live_thr).max()) if len(live_thr) else 0.0
+        a_max = float(np.sqrt((vecs * vecs).sum(axis=1).max())) if len(vecs) else 0.0
+        q_max = float(np.sqrt(self._qnorm[:n].max())) if n else 0.0
+        l2 = self.index.metric == "l2"
+        scale = (q_max + a_max) ** 2 if l2 else q_max * a_max
+        return _Screen(
+            self._q, thr, vecs, lists, self._routes, l2, _FILTER_TOL * (1 + scale + t_max)
+        )
 
     def _candidates(
-        self, vecs: Float32Array, lists: Int64Array, slots: Int64Array, thr: Float32Array
+        self, screen: _Screen, ad_ids: Int64Array, thr: Float32Array
     ) -> tuple[Int64Array, Int64Array, Float32Array]:
-        """Pairs (slot, row into `vecs`, score) where a new ad beats the slot's threshold.
+        """(slot, ad id, score) of the screened pairs whose ad reaches the slot's `thr`.
 
-        One `range_search_preassigned` over a throwaway IVF holding the new ads at their live
-        lists finds them: the threshold rides in two extra dimensions (score - thr > 0 as one
-        inner product), so each head query scans only its own probe lists and gets back only
-        qualifying ads, however many. Survivors of that float32 filter (with a tolerance) are
-        scored again with the kernel the index's search uses, so scores and ties match it.
+        The screen keeps pairs within a tolerance below the threshold; they are scored again
+        with the kernel the index's search uses, so scores and ties match it.
         """
-        d = self.index.dim
-        q = self._q[slots]
-        finite = thr[np.isfinite(thr)]
-        t_max = float(np.abs(finite).max()) if len(finite) else 0.0
-        a_max = float(np.sqrt((vecs * vecs).sum(axis=1).max()))
-        q_max = float(np.sqrt(self._qnorm[slots].max()))
-        aug_a = np.zeros((len(vecs), d + 2), dtype=np.float32)
-        aug_q = np.empty((len(slots), d + 2), dtype=np.float32)
-        l2 = self.index.metric == "l2"
-        with np.errstate(over="ignore", invalid="ignore"):
-            if l2:  # -|q - a|^2 - thr = 2 q.a - |a|^2 - (|q|^2 + thr)
-                aug_a[:, :d] = 2.0 * vecs
-                aug_a[:, d] = -np.einsum("ij,ij->i", vecs, vecs)
-                aug_q[:, d] = 1.0
-                aug_q[:, d + 1] = -(self._qnorm[slots] + thr)
-                scale = (q_max + a_max) ** 2
-            else:
-                aug_a[:, :d] = vecs
-                aug_q[:, d] = 0.0
-                aug_q[:, d + 1] = -thr
-                scale = q_max * a_max
-        aug_a[:, d + 1] = 1.0
-        aug_q[:, :d] = q
-        tol = _FILTER_TOL * (1.0 + scale + t_max)
-        coarse = faiss.IndexFlatIP(d + 2)
-        tmp = faiss.IndexIVFFlat(
-            coarse, d + 2, int(self.index.ivf.nlist), faiss.METRIC_INNER_PRODUCT
-        )
-        tmp.is_trained = True
-        ids = np.arange(len(vecs), dtype=np.int64)
-        assign = np.ascontiguousarray(lists, dtype=np.int64)
-        tmp.add_core(len(vecs), faiss.swig_ptr(aug_a), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
-        probes = np.ascontiguousarray(self._probe[slots])
-        tmp.nprobe = probes.shape[1]
-        searcher: Any = tmp  # the numpy wrapper of faiss, not the SWIG signature
-        lims, _, rows = searcher.range_search_preassigned(
-            aug_q, -tol, probes, np.zeros(probes.shape, dtype=np.float32)
-        )
-        qi = np.repeat(np.arange(len(slots), dtype=np.int64), np.diff(lims.astype(np.int64)))
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        q_rows = np.ascontiguousarray(slots[qi])
+        slots, rows = screen.pairs()
         scores = np.empty(len(rows), dtype=np.float32)
         if len(rows):
-            base = np.ascontiguousarray(self._q)
+            l2 = self.index.metric == "l2"
             kernel = (
                 faiss.pairwise_indexed_L2sqr  # type: ignore[attr-defined]
                 if l2
                 else faiss.pairwise_indexed_inner_product  # type: ignore[attr-defined]
             )
-            kernel(
-                d,
-                len(rows),
-                faiss.swig_ptr(base),
-                faiss.swig_ptr(q_rows),
-                faiss.swig_ptr(vecs),
-                faiss.swig_ptr(rows),
-                faiss.swig_ptr(scores),
-            )
+            # no numpy wrapper in Faiss for this one: the exact kernel of the index's scan
+            with _OneThread():
+                kernel(
+                    self.index.dim,
+                    len(rows),
+                    faiss.swig_ptr(self._q),
+                    faiss.swig_ptr(slots),
+                    faiss.swig_ptr(screen.vecs),
+                    faiss.swig_ptr(rows),
+                    faiss.swig_ptr(scores),
+                )
             if l2:
                 np.negative(scores, out=scores)
-        ok = scores >= thr[qi]
-        return q_rows[ok], rows[ok], scores[ok]
+        ids = ad_ids[rows]
+        ok = scores >= thr[slots]
+        if self.cfg.exclude_self:
+            ok &= ids != self._qid[slots]
+        return slots[ok], ids[ok], scores[ok]
 
     def _threshold(self) -> Float32Array:
         """Per slot, the last valid score: an ad must beat it to enter the valid prefix."""
         n = self._n
         c = self._c[:n]
         thr = np.full(n, np.inf, dtype=np.float32)
-        ok = self._routed[:n] & (c > 0)
-        idx = np.flatnonzero(ok)
+        idx = np.flatnonzero(self._alive[:n] & (c > 0))
         thr[idx] = self._S[idx, c[idx] - 1]
         return thr
 
@@ -636,23 +708,30 @@ class Refresher:
     def swap_index(self, index: LiveIvfIndex) -> None:
         """Use a new index (e.g. after a retrain); a new quantizer recomputes every query."""
         self.index = index
-        if int(index.ivf.nlist) != self._nlist or self._probe.shape[1] != self.nprobe_eff:
-            self._nlist = int(index.ivf.nlist)
-            self._probe_width_check()
-            self.recompute_all()
+        if index.version != self._index_version or int(index.ivf.nlist) != self._nlist:
+            self._new_quantizer()
 
-    def _probe_width_check(self) -> None:
-        p = self.nprobe_eff
-        if self._probe.shape[1] != p:
-            self._probe = np.full((len(self._qid), p), -1, dtype=np.int64)
-            self._routed[:] = False
+    def _new_quantizer(self) -> None:
+        """New probe lists for every head query now (cheap: the coarse quantizer only); their
+        full recompute follows at `full_recompute_per_batch` a micro-batch, and meanwhile
+        they keep getting inserts (routed by the new lists) and deletes."""
+        logger.info(
+            "index version %d -> %d: recomputing every head query",
+            self._index_version,
+            self.index.version,
+        )
+        self._index_version = self.index.version
+        self._nlist = int(self.index.ivf.nlist)
+        if self._probe.shape[1] != self.nprobe_eff:
+            self._probe = np.full((self.capacity, self.nprobe_eff), -1, dtype=np.int32)
+        self._set_probes(self._key_slots)
+        self._rebuild_routes()
+        self.recompute_all()
 
     def recompute_all(self) -> None:
         """Schedule a full search of every head query (rate-limited per micro-batch)."""
-        live = self._key_slots
-        self._routed[: self._n] = False
-        self._pending = live.copy()
-        logger.info("full recompute of %d head queries scheduled", len(live))
+        self._pending = self._key_slots.copy()
+        logger.info("full recompute of %d head queries scheduled", len(self._pending))
 
     def topk(self, query_ids: npt.ArrayLike) -> tuple[Float32Array, Int64Array]:
         """Current K + margin lists (scores, ids); unknown queries get -inf / -1 rows."""
@@ -664,181 +743,63 @@ class Refresher:
         ids[found] = self._I[slots[found]]
         return scores, ids
 
-    def _kill(self, qids: Int64Array) -> Int64Array:
-        """Forget the slots of `qids`; returns the old slots (for change detection)."""
+    def _kill(self, qids: Int64Array) -> None:
+        """Forget the slots of `qids` (free for reuse)."""
         slots, found = self._lookup(qids)
         old = slots[found]
         self._alive[old] = False
-        self._routed[old] = False
-        return old
+        self._c[old] = 0
 
     def _plan_ads(self, ads: AdChanges) -> _AdPlan:
-        """Validate and deduplicate the ad changes; the index is not touched yet."""
+        """Prepare and assign the new ads once; find the live ids that leave. No change yet."""
         index = self.index
-        up_ids = np.ascontiguousarray(ads.upsert_ids, dtype=np.int64).reshape(-1)
-        up_vecs = np.ascontiguousarray(ads.upsert_vectors, dtype=np.float32)
-        if up_vecs.shape != (len(up_ids), index.dim):
+        if ads.dim != index.dim:
             raise ValueError(
-                f"AdChanges: upsert_vectors must have shape ({len(up_ids)}, {index.dim}), "
-                f"got {up_vecs.shape}"
+                f"AdChanges: upsert_vectors must have shape (n, {index.dim}), "
+                f"got {ads.upsert_vectors.shape}"
             )
-        del_ids = np.unique(np.asarray(ads.delete_ids, dtype=np.int64).reshape(-1))
-        prepared = np.empty((0, index.dim), dtype=np.float32)
-        if len(up_ids):
-            _, last = np.unique(up_ids[::-1], return_index=True)
-            keep = np.sort(len(up_ids) - 1 - last)
-            up_ids, up_vecs = up_ids[keep], np.ascontiguousarray(up_vecs[keep])
-            prepared = index.prepare(up_vecs)  # bad vectors raise here, before any change
-        touched = np.unique(np.concatenate([up_ids, del_ids]))
+        ids, dels = ads.upsert_ids, ads.delete_ids
+        x = index.prepare(ads.upsert_vectors, checked=True)
+        touched = np.concatenate([ids, dels])
         removed = touched[index.contains(touched)] if len(touched) else _empty_ids()
-        ins = ~np.isin(up_ids, del_ids)
-        ins_ids = np.ascontiguousarray(up_ids[ins])
-        return _AdPlan(up_ids, up_vecs, del_ids, removed, ins_ids, prepared[ins])
+        return _AdPlan(ids, x, dels, np.sort(removed))
 
-    def _apply_and_scan(self, plan: _AdPlan, thr: Float32Array) -> _Applied:
-        """Apply the ad changes to the index and find the new ads' candidate rows.
-
-        `thr` is each slot's threshold before the deletes: the candidates are a superset.
-        IVFFlat lists hold the prepared vectors themselves, so the scan needs nothing from
-        the index and runs first; IVFPQ scores come from the decoded codes, after the add.
-        """
-        index = self.index
+    def _background(
+        self, plan: _AdPlan
+    ) -> tuple[int, float, Float32Array | None, BoolArray, Int64Array]:
+        """The other thread's share of step 1: the rows (live and retired) holding a removed
+        ad; then, once the owner thread assigned the new ads (`plan.ready`), the index update
+        (and, under IVFPQ, the decoded vectors of the new ads) and what is left of the
+        screen. Returns (deleted, index seconds, decoded, rows holding, retired rows hit)."""
         n = self._n
-        scan = _empty_ids()
-        # the lists the index adds the new ads to (from the same prepared rows)
-        ins_lists = index.assign_lists(plan.ins_vecs) if len(plan.ins_ids) else _empty_ids()
-        if len(plan.ins_ids):
-            lists_hit = np.zeros(self._nlist + 1, dtype=bool)  # the last entry catches -1
-            lists_hit[ins_lists] = True
-            probing = lists_hit[self._probe[:n]].any(axis=1)
-            scan = np.flatnonzero(probing & self._routed[:n] & (thr < np.inf))
-        found = (_empty_ids(), _empty_ids(), _F32_EMPTY)
-        exact = index.cfg.kind == "ivfflat"
-        if exact and len(scan):
-            found = self._candidates(plan.ins_vecs, ins_lists, scan, thr[scan])
+        holds = np.zeros(n, dtype=bool)
+        retired_hit = _empty_ids()
+        if len(plan.removed):
+            holds = rows_holding(self._I[:n], self._c[:n], plan.removed) & self._alive[:n]
+            if self._retired is not None:
+                retired_hit = self._retired.drop_ads(plan.removed)
+        plan.ready.wait()
+        if plan.aborted:
+            return 0, 0.0, None, holds, retired_hit
         t0 = time.perf_counter()
-        if len(plan.up_ids):
-            index.upsert(plan.up_ids, plan.up_vecs)
-        n_deleted = len(index.delete(plan.del_ids)) if len(plan.del_ids) else 0
-        index_s = time.perf_counter() - t0
-        if not exact and len(scan):
-            decoded = index.ivf.reconstruct_batch(plan.ins_ids)
-            found = self._candidates(
-                np.ascontiguousarray(decoded, dtype=np.float32), ins_lists, scan, thr[scan]
+        old = self.index.apply(plan.ids, plan.x, plan.lists, plan.delete_ids)
+        n_deleted = int(np.isin(plan.delete_ids, old, assume_unique=True).sum())
+        decoded = None
+        if self.index.cfg.kind != "ivfflat" and len(plan.ids):
+            decoded = np.ascontiguousarray(
+                self.index.ivf.reconstruct_batch(plan.ids), dtype=np.float32
             )
-        slots, rows, scores = found
-        return _Applied(n_deleted, len(scan), slots, plan.ins_ids[rows], scores, index_s)
-
-    def _snapshot(self, slots: Int64Array) -> None:
-        """Remember the whole list of `slots` (first time only) for change detection."""
-        new = slots[~self._snapped[slots]]
-        if len(new):
-            self._snapped[new] = True
-            self._before_slots.append(new)
-            self._before_ids.append(self._I[new].copy())
-            self._before_scores.append(self._S[new].copy())
-
-    def _drop_held(self, rows: Int64Array, cols: Int64Array) -> Int64Array:
-        """Compact the rows holding removed ads (`c` shrinks); returns rows now short of K."""
-        hit, gone_n, out_i, out_s = drop_entries(self._I, self._S, rows, cols)
-        self._snapshot(hit)
-        c = self._c[hit]
-        complete = (c > 0) & (self._S[hit, np.maximum(c - 1, 0)] == -np.inf)
-        self._I[hit], self._S[hit] = out_i, out_s
-        c_new = np.where(complete, c, c - gone_n)
-        self._c[hit] = c_new
-        return hit[c_new < self.k]
-
-    def _beats_last(
-        self, slots: Int64Array, ids: Int64Array, scores: Float32Array, thr: Float32Array
-    ) -> BoolArray:
-        """Which candidates come before their row's last valid entry in search order."""
-        t = thr[slots]
-        ok = scores > t
-        tie = np.flatnonzero((scores == t) & np.isfinite(t))
-        if len(tie):
-            last = self._I[slots[tie], self._c[slots[tie]] - 1]
-            ok[tie] = ids[tie] > last if self.index.metric != "l2" else ids[tie] < last
-        return ok
-
-    def _count_ahead(
-        self, rows_s: Float32Array, r: Int64Array, scores: Float32Array, *, strict: bool
-    ) -> Int64Array:
-        """Per candidate, entries of its row (descending) scoring above it (or at least it)."""
-        w = rows_s.shape[1]
-        lo = np.zeros(len(scores), dtype=np.int64)
-        hi = np.full(len(scores), w, dtype=np.int64)
-        while True:
-            open_ = lo < hi
-            if not open_.any():
-                return lo
-            mid = (lo + hi) >> 1
-            got = rows_s[r, np.minimum(mid, w - 1)]
-            ahead = open_ & ((got > scores) if strict else (got >= scores))
-            lo = np.where(ahead, mid + 1, lo)
-            hi = np.where(open_ & ~ahead, mid, hi)
-
-    def _merge(
-        self, slots: Int64Array, ids: Int64Array, scores: Float32Array
-    ) -> tuple[Int64Array, Int64Array, Int64Array]:
-        """Insert candidates into their rows, all rows at once.
-
-        Returns the merged rows, the rows sent to a full search instead (more than `scan_k`
-        candidates) and the merged rows whose list changed (a candidate landed in it).
-        """
-        # the order of the index's search: by score, ties by id (larger first under inner
-        # product, smaller under L2)
-        larger_first = self.index.metric != "l2"
-        order = np.lexsort((-ids if larger_first else ids, -scores, slots))
-        slots, ids, scores = slots[order], ids[order], scores[order]
-        upd, start, counts = np.unique(slots, return_index=True, return_counts=True)
-        over = counts > self.cfg.scan_k
-        overflow = upd[over]
-        if over.any():
-            keep = np.repeat(~over, counts)
-            slots, ids, scores = slots[keep], ids[keep], scores[keep]
-            upd, counts = upd[~over], counts[~over]
-            start = np.cumsum(counts) - counts
-        if not len(upd):
-            return upd, overflow, _empty_ids()
-        w, m = self.width, len(upd)
-        r = np.repeat(np.arange(m), counts)
-        j = np.arange(len(slots)) - np.repeat(start, counts)
-        rows_s, rows_i = self._S[upd], self._I[upd]
-        # rank in the merged row: candidates before it plus entries ahead of it (rows are in
-        # search order: a binary search per candidate, then the rare equal scores by id)
-        lo = self._count_ahead(rows_s, r, scores, strict=True)
-        hi = self._count_ahead(rows_s, r, scores, strict=False)
-        tied = np.flatnonzero(hi > lo)
-        first = lo[tied]
-        for t in range(int((hi - lo).max()) if len(tied) else 0):
-            col = first + t
-            other = rows_i[r[tied], np.minimum(col, w - 1)]
-            ahead = other > ids[tied] if larger_first else other < ids[tied]
-            lo[tied] += (col < hi[tied]) & ahead
-        pos = j + lo
-        wc = int(counts.max())
-        taken = np.zeros((m, w + wc), dtype=bool)
-        taken[r, pos] = True
-        taken[:, w:] |= np.arange(wc)[None, :] >= counts[:, None]
-        cand_s = np.full((m, wc), -np.inf, dtype=np.float32)
-        cand_i = np.full((m, wc), -1, dtype=np.int64)
-        cand_s[r, j], cand_i[r, j] = scores, ids
-        out_s = np.empty((m, w + wc), dtype=np.float32)
-        out_i = np.empty((m, w + wc), dtype=np.int64)
-        out_s[taken], out_i[taken] = cand_s.reshape(-1), cand_i.reshape(-1)
-        rest = ~taken
-        out_s[rest], out_i[rest] = rows_s.reshape(-1), rows_i.reshape(-1)
-        self._S[upd], self._I[upd] = out_s[:, :w], out_i[:, :w]
-        self._c[upd] = np.minimum(self._c[upd] + counts, w)
-        return upd, overflow, upd[pos[start] < w]
+        index_s = time.perf_counter() - t0
+        if plan.screen is not None:
+            plan.screen.run()
+        return n_deleted, index_s, decoded, holds, retired_hit
 
     def _search_rows(self, slots: Int64Array) -> tuple[Float32Array, Int64Array]:
         """Full search of `slots` (K + margin each; without the query's own id if excluded)."""
-        w = self.width
+        w, q = self.width, self._q[slots]
         if not self.cfg.exclude_self:
-            return self.index.search(self._raw[slots], w, nprobe=self.nprobe)
-        s, i = self.index.search(self._raw[slots], w + 1, nprobe=self.nprobe)
+            return self.index.search(q, w, nprobe=self.nprobe, prepared=True)
+        s, i = self.index.search(q, w + 1, nprobe=self.nprobe, prepared=True)
         keep = i != self._qid[slots][:, None]
         keep[keep.all(axis=1), w] = False
         return s[keep].reshape(-1, w), i[keep].reshape(-1, w)
@@ -966,31 +927,23 @@ class Refresher:
             )
         t_start = time.perf_counter()
         now_ms = int(self._clock() * 1000)
-        stats: dict[str, float | int] = {}
         index = self.index
-        if index.version != self._index_version:
-            logger.info(
-                "index version %d -> %d: recomputing every head query",
-                self._index_version,
-                index.version,
-            )
-            self._index_version = index.version
-            self._probe_width_check()
-            self.recompute_all()
-
+        if index.version != self._index_version or int(index.ivf.nlist) != self._nlist:
+            self._new_quantizer()
         plan = self._plan_ads(ads)
 
         # head set changes: exits and drops forget the query (an exit keeps its list as a
-        # retired list), entries and new vectors re-enter
+        # retired list), entries and new vectors re-enter; bad input raises before any change
         gone = np.union1d(heads.exited, heads.dropped).astype(np.int64)
         fresh_q = np.union1d(heads.entered, heads.vector_changed).astype(np.int64)
         fresh_q = fresh_q[~np.isin(fresh_q, gone)]
-        raw_fresh = np.ascontiguousarray(head_vectors_lookup(fresh_q), dtype=np.float32)
+        raw_fresh = np.asarray(head_vectors_lookup(fresh_q), dtype=np.float32)
         if raw_fresh.shape != (len(fresh_q), index.dim):
             raise ValueError(
                 f"head_vectors_lookup returned shape {raw_fresh.shape}, "
                 f"expected ({len(fresh_q)}, {index.dim})"
             )
+        q_fresh = index.prepare(raw_fresh)
         retired_expired = 0
         if self._retired is not None:
             self._retired.remove(fresh_q)
@@ -1000,107 +953,115 @@ class Refresher:
         self._kill(fresh_q)
         t0 = time.perf_counter()
 
+        # 1. the index update, then the rows holding a removed ad, in the background;
+        #    meanwhile the new ads' candidate rows (from the vectors as prepared: IVFFlat
+        #    stores exactly those). Thresholds are taken before the removals (those only raise
+        #    them when an ad leaves a valid prefix): the candidates are a superset.
         n = self._n
-        self._snapped = np.zeros(n, dtype=bool)
-        self._before_slots, self._before_ids, self._before_scores = [], [], []
-
-        # 1. in the background, on one core: the new ads scored against the head queries
-        #    probing their list with the thresholds before the deletes (those only rise when
-        #    ads leave a valid prefix: a superset, filtered below) and the index updates
-        worker = _Background(self._apply_and_scan, plan, self._threshold())
-        worker.start()
-
-        # 2. meanwhile removed ads leave the rows holding them (a row short of K is searched
-        #    again) and the retired lists
-        reset = _empty_ids()
-        hit_rows = 0
-        retired_hit = _empty_ids()
-        if len(plan.removed):
-            rows, cols = self._held(plan.removed)
-            if len(rows):
-                reset = self._drop_held(rows, cols)
-                hit_rows = len(np.unique(rows))
-            if self._retired is not None:
-                retired_hit = self._retired.drop_ads(plan.removed)
-        t1 = time.perf_counter()
-        applied: _Applied = worker.result()
-        t2 = time.perf_counter()
-
-        # 3. new ads enter the rows where they beat the last valid score after the deletes
-        merged = n_overflow = 0
-        merged_changed = _empty_ids()
-        if len(applied.slots):
-            thr = self._threshold()
-            thr[reset] = np.inf
-            ok = self._beats_last(applied.slots, applied.ids, applied.scores, thr)
-            if self.cfg.exclude_self:
-                ok &= applied.ids != self._qid[applied.slots]
-            upd, overflow, merged_changed = self._merge(
-                applied.slots[ok], applied.ids[ok], applied.scores[ok]
-            )
-            merged, n_overflow = len(upd), len(overflow)
-            if n_overflow:
-                reset = np.union1d(reset, overflow)
-        t3 = time.perf_counter()
-
-        # 4. full searches: new and changed queries, underflowing rows, the retrain backlog
-        #    (recomputed in place, new probe lists)
-        new_slots = self._alloc(fresh_q)
-        self._raw[new_slots] = raw_fresh
+        thr = self._threshold()
         pend = self._pending[self._alive[self._pending]] if len(self._pending) else _empty_ids()
         batch = pend[: self.cfg.full_recompute_per_batch]
         self._pending = pend[len(batch) :]
-        self._snapshot(reset)
-        self._snapshot(batch)
-        routed_new = np.concatenate([new_slots, batch])
-        if len(routed_new):
-            self._q[routed_new] = index.prepare(self._raw[routed_new])
-            self._qnorm[routed_new] = np.einsum(
-                "ij,ij->i", self._q[routed_new], self._q[routed_new]
+        exact = index.cfg.kind == "ivfflat"
+        worker = _Background(self._background, plan)
+        worker.start()
+        try:
+            if len(plan.ids):
+                with _OneThread():
+                    plan.lists = index.assign_lists(plan.x, prepared=True)
+                if exact:
+                    plan.screen = self._screen(plan.x, plan.lists, thr)
+        except BaseException:
+            plan.aborted = True  # the index is left untouched
+            plan.ready.set()
+            worker.result()
+            raise
+        plan.ready.set()
+        screen = plan.screen
+        if screen is not None:
+            screen.run()
+        t1 = time.perf_counter()
+        n_deleted, index_s, decoded, holds, retired_hit = worker.result()
+        t2 = time.perf_counter()
+        if decoded is not None:  # IVFPQ: scores from the codes the index now holds
+            screen = self._screen(decoded, plan.lists, thr)
+            screen.run()
+        cand: tuple[Int64Array, Int64Array, Float32Array] = (
+            self._candidates(screen, plan.ids, thr)
+            if screen is not None
+            else (_empty_ids(), _empty_ids(), _F32_EMPTY)
+        )
+
+        # 2. one pass over the affected rows: removals out, candidates in, change detected
+        c_slots, c_ids, c_scores = cand
+        rows, cand_start, order = group_rows(holds, c_slots)
+        status = np.zeros(len(rows), dtype=np.int8)
+        added = np.zeros(len(rows), dtype=np.int32)
+        if len(rows):
+            skip = np.zeros(n, dtype=bool)
+            skip[batch] = True
+            status, _, added = update_rows(
+                self._I,
+                self._S,
+                self._c,
+                rows,
+                holds,
+                skip,
+                plan.removed,
+                cand_start,
+                c_ids[order],
+                c_scores[order],
+                k=self.k,
+                scan_k=self.cfg.scan_k,
+                larger_first=index.metric != "l2",
             )
-            self._probe[routed_new] = index.probe_lists(self._raw[routed_new], self.nprobe_eff)
-        search = np.union1d(reset, routed_new)
+        reset = rows[(status == ROW_UNDERFLOW) | (status == ROW_OVERFLOW)]
+        t3 = time.perf_counter()
+
+        # 3. full searches: rows short of K or over scan_k, the retrain backlog, new queries
+        new_slots = self._alloc(fresh_q)
+        self._q[new_slots] = q_fresh
+        self._qnorm[new_slots] = np.einsum("ij,ij->i", q_fresh, q_fresh)
+        self._set_probes(new_slots)
+        redo = np.concatenate([reset, batch])
+        before_i, before_s = self._I[redo], self._S[redo]
+        search = np.concatenate([redo, new_slots])
         if len(search):
-            s, i = self._search_rows(search)
+            with _OneThread() if len(search) < 1024 else _AsIs():
+                s, i = self._search_rows(search)
             self._S[search], self._I[search] = s, i
             self._c[search] = self.width
-        self._routed[routed_new] = True
+        diff = np.any(self._I[redo] != before_i, axis=1) | np.any(self._S[redo] != before_s, axis=1)
         t4 = time.perf_counter()
 
-        # 5. what changed: snapshotted rows by comparing whole lists, merged-only rows by
-        #    where the candidates landed
-        b_slots = np.concatenate(self._before_slots) if self._before_slots else _empty_ids()
-        diff = np.zeros(len(b_slots), dtype=bool)
-        if len(b_slots):
-            diff = np.any(self._I[b_slots] != np.concatenate(self._before_ids), axis=1)
-            diff |= np.any(self._S[b_slots] != np.concatenate(self._before_scores), axis=1)
-        merged_only = merged_changed[~self._snapped[merged_changed]]
-        out = np.concatenate([b_slots[diff], merged_only, new_slots])
-        out = out[np.argsort(self._qid[out], kind="stable")]
-        out_q = self._qid[out]
-        out_s = self._S[out]
-        out_i = self._I[out]
-        retired, evicted = self._retired_out(retired_hit, now_ms)
-        if len(gone) or len(fresh_q) or len(batch):
+        # 4. every list that changed, once, in query id order
+        if len(gone) or len(fresh_q):
             self._reindex()
-            if self._n > 2 * len(self._keys) + 1024:
-                self._compact()
-        self._snapped = np.zeros(0, dtype=bool)
-        self._before_slots, self._before_ids, self._before_scores = [], [], []
+        changed = np.zeros(self._n, dtype=bool)
+        changed[rows[status == ROW_CHANGED]] = True
+        changed[redo[diff]] = True
+        changed[new_slots] = True
+        out = self._key_slots[changed[self._key_slots]]
+        out_q, out_s, out_i = self._qid[out], self._S[out], self._I[out]
+        retired, evicted = self._retired_out(retired_hit, now_ms)
+        if len(fresh_q):
+            self._rebuild_routes()
+        if self.capacity > _MIN_SLOTS and 4 * len(self._keys) < self.capacity:
+            self.compact()
         self._last_version = version
         t5 = time.perf_counter()
-        stats.update(
-            inserted=len(plan.ins_ids),
-            deleted=applied.n_deleted,
+        stats: dict[str, float | int] = dict(
+            inserted=len(plan.ids),
+            deleted=n_deleted,
             removed=len(plan.removed),
             entered=len(heads.entered),
             exited=len(heads.exited) + len(heads.dropped),
             head_queries=len(self._keys),
-            touched=applied.scanned,
-            overflow_searches=n_overflow,
-            delete_hits=hit_rows,
-            merged=merged,
-            affected=int(len(b_slots) + len(merged_only) + len(new_slots)),
+            touched=len(c_slots),
+            overflow_searches=int((status == ROW_OVERFLOW).sum()),
+            delete_hits=int(holds.sum()),
+            merged=int((added > 0).sum()),
+            affected=len(rows) + len(search),
             full_searches=len(search),
             re_searched=len(reset),
             pending_full=self.pending_full,
@@ -1111,10 +1072,10 @@ class Refresher:
             retired_expired=retired_expired,
             retired_evicted=evicted,
             heads_s=t0 - t_start,
-            index_s=applied.index_s,
-            delete_s=t1 - t0,
+            index_s=index_s,
+            insert_s=t1 - t0,
             scan_wait_s=t2 - t1,
-            insert_s=t3 - t2,
+            merge_s=t3 - t2,
             search_s=t4 - t3,
             emit_s=t5 - t4,
             total_s=t5 - t_start,

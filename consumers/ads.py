@@ -20,7 +20,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from annstream.codec import AdCodec
 from annstream.config import KafkaConfig
-from annstream.events import OP_UPSERT, AdBatch, Rejection
+from annstream.events import AdBatch, Rejection
 from annstream.kafka import DeadLetterMarks, DeadLetterPublisher, make_consumer, message_error
 
 __all__ = ["AdPoll", "AdStream", "net_changes", "net_rows", "next_offsets"]
@@ -40,28 +40,14 @@ class AdPoll:
 
 
 def net_rows(batch: AdBatch) -> tuple[np.ndarray, np.ndarray]:
-    """(upsert rows, delete rows) of `batch`, in event order: the last event of each ad wins.
-
-    Rows rather than ids, so every column of an upsert (vector, advertiser, campaign) lines up.
-    """
-    n = len(batch)
-    if n == 0:
-        empty = np.empty(0, dtype=np.intp)
-        return empty, empty
-    _, first_in_reversed = np.unique(batch.ad_ids[::-1], return_index=True)
-    last = np.sort(n - 1 - first_in_reversed)
-    upsert = batch.ops[last] == OP_UPSERT
-    return last[upsert], last[~upsert]
+    """(upsert rows, delete rows) of `batch`, in event order: the last event of each ad wins."""
+    return batch.net_rows()
 
 
 def net_changes(batch: AdBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(upsert ids, their vectors, delete ids): the last event of each ad in `batch` wins."""
-    rows_up, rows_del = net_rows(batch)
-    return (
-        batch.ad_ids[rows_up],
-        np.ascontiguousarray(batch.vectors[rows_up]),
-        batch.ad_ids[rows_del],
-    )
+    """(upsert ids, their vectors, delete ids): `batch.net()` as arrays (sorted by id)."""
+    net = batch.net()
+    return net.upsert_ids, net.upsert_vectors, net.delete_ids
 
 
 def next_offsets(messages: list[Message]) -> dict[int, int]:

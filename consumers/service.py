@@ -38,11 +38,12 @@ from annstream.drift import BackgroundRetrainer, DriftMonitor
 from annstream.errors import StoreError
 from annstream.events import AdBatch, EngagementBatch
 from annstream.heads import HeadQueryTracker
+from annstream.heap import trim_heap
 from annstream.index import LiveIvfIndex
 from annstream.kafka import DeadLetterPublisher, client_logging, make_producer
 from annstream.metrics import MetricsServer, ServiceMetrics, consumer_lag
 from annstream.recall import RecallMonitor
-from annstream.refresher import AdChanges, MicroBatcher, Refresher
+from annstream.refresher import MicroBatcher, Refresher
 from annstream.schemas import open_registry
 from annstream.sink import NeighbourSink, refusal_reason
 from annstream.snapshot import SnapshotPolicy, load_latest_snapshot, write_snapshot
@@ -50,13 +51,16 @@ from annstream.store import open_store
 from annstream.store.base import NeighbourStore
 from annstream.store.record import NeighbourLists
 from annstream.verifier import StoreVerifier
-from consumers.ads import AdStream, net_changes, net_rows
+from consumers.ads import AdStream
 from consumers.engagements import EngagementStream, PartitionListener
 from consumers.head_state import TOPIC_CONFIG, HeadStateLog
 
 __all__ = ["RefresherService", "ServiceStats", "snapshot_dir"]
 
 logger = logging.getLogger(__name__)
+
+# Freed heap goes back to the OS this often (glibc keeps it otherwise: ~0.5 GB at 1M ads).
+TRIM_EVERY_BATCHES = 200
 
 JoinGroup = Callable[[PartitionListener], EngagementStream]
 """Creates the engagement consumer (joins the group) once the service can take partitions."""
@@ -256,14 +260,15 @@ class RefresherService:
     def _train_from_buffer(self, force: bool = False) -> None:
         """Train the coarse quantizer on the first `index.train_size` ads, then index them."""
         ads = AdBatch.concat(self._training, self.cfg.index.dim)
-        up, vectors, _ = net_changes(ads)
-        if len(up) < self.cfg.index.train_size and not force:
+        net = ads.net()
+        n = len(net.upsert_ids)
+        if n < self.cfg.index.train_size and not force:
             return
-        if len(up) < self.cfg.index.nlist:
-            logger.warning("only %d ads to train %d lists: waiting", len(up), self.cfg.index.nlist)
+        if n < self.cfg.index.nlist:
+            logger.warning("only %d ads to train %d lists: waiting", n, self.cfg.index.nlist)
             return
-        logger.info("training the index on the first %d ads", len(up))
-        self.index = LiveIvfIndex.train(self.cfg.index, vectors)
+        logger.info("training the index on the first %d ads", n)
+        self.index = LiveIvfIndex.train(self.cfg.index, net.upsert_vectors)
         self._training = []
         self._ad_buf.append(ads)
         self._start_refreshing()
@@ -393,15 +398,10 @@ class RefresherService:
             self.checkpoint.partitions.observe(eng.query_ids, parts)
             self.checkpoint.partitions.prune(self.tracker.tracked_ids())
         changes = self.tracker.changes()
-        up_rows, del_rows = net_rows(ads)
-        up_ids, del_ids = ads.ad_ids[up_rows], ads.ad_ids[del_rows]
-        up_vecs = np.ascontiguousarray(ads.vectors[up_rows])
-        self.ad_meta.remove(del_ids)
-        self.ad_meta.update(up_ids, ads.advertiser_ids[up_rows], ads.campaign_ids[up_rows])
+        net = ads.net()
+        self.ad_meta.apply(net)
         version = self._next_version()
-        result = self.refresher.apply(
-            AdChanges(up_ids, up_vecs, del_ids), changes, self.tracker.vectors, version
-        )
+        result = self.refresher.apply(net, changes, self.tracker.vectors, version)
         retired = result.retired
         lists = self._lists(
             np.concatenate([result.query_ids, retired.query_ids]),
@@ -428,8 +428,10 @@ class RefresherService:
         self.stats.head_queries = len(self.refresher)
         self._flush()
         self.stats.last_batch_s = time.perf_counter() - t0
-        self.drift.observe(up_vecs)
-        self._observe_batch(len(up_ids), len(del_ids))
+        self.drift.observe(net.upsert_vectors)
+        self._observe_batch(len(net.upsert_ids), len(net.delete_ids))
+        if self.stats.micro_batches % TRIM_EVERY_BATCHES == 0:
+            trim_heap()
         if self.drift.after_batch(self.index) is not None:
             self._maybe_retrain()
 
@@ -616,6 +618,7 @@ class RefresherService:
         self.index = new
         self.refresher.swap_index(new)
         self.drift.reset()
+        trim_heap()
 
     @property
     def idle(self) -> bool:

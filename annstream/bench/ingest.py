@@ -6,8 +6,9 @@ whole topic in each of these passes, each with its own consumer group id and all
 assigned from the beginning:
 - raw: confluent-kafka `consume(batch)` with every value touched, nothing else (the baseline),
   once before and once after the ingest pass, averaged (other load on the machine drifts);
-- ingest: `AdStream.poll` (Avro decode, validation) + `net_changes` + `LiveIvfIndex.upsert`
-  per micro-batch, on an index trained beforehand on a sample.
+- ingest: `AdStream.poll` (Avro decode, validation) + `AdBatch.net()` + one `LiveIvfIndex.apply`
+  (vectors prepared and assigned once) per micro-batch, the service's ad path, on an index
+  trained beforehand on a sample; `us_per_event` splits it into consume, decode and index.
 Each pass's clock starts when its first messages arrive (that batch is not counted), so the
 ratio compares steady states rather than connection set-up. Also measured: one bulk upsert of
 every vector, and the memory per indexed ad after `compact()`, both as the index estimates it
@@ -19,11 +20,9 @@ if consuming and decoding were free, since every event still costs one IVF add.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import gc
 import logging
-import os
 import time
 import uuid
 from typing import Any
@@ -35,10 +34,11 @@ from annstream.broker import create_topics, running_broker
 from annstream.codec import AdCodec
 from annstream.config import IndexConfig, KafkaConfig
 from annstream.errors import BrokerError
+from annstream.heap import rss_bytes, trim_heap
 from annstream.index import LiveIvfIndex
 from annstream.kafka import DeadLetterPublisher, make_consumer, make_producer
 from annstream.schemas import LocalSchemaRegistry
-from consumers.ads import AdStream, net_changes
+from consumers.ads import AdStream
 from producers.publish import Publisher, publish_batches
 from producers.sources import MIXTURE_VERSION, synthetic_ads
 
@@ -77,6 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="OpenMP threads for Faiss (default 0: leave Faiss's own setting)",
     )
+    parser.add_argument(
+        "--assign-nlists",
+        default="",
+        help="also time the coarse assignment per ad (one thread) at these nlists, comma-"
+        "separated: flat (exact, what the index uses), HNSW and two-level quantizers, with "
+        "their agreement with the exact list (e.g. 1024,16384; default: skip)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--bootstrap", default="", help="use this broker instead of starting an embedded one"
@@ -91,22 +98,6 @@ def _check(args: argparse.Namespace) -> None:
         raise SystemExit(f"--ads ({args.ads}) must exceed --batch ({args.batch}) to time a pass")
     if min(args.train, args.ads) < args.nlist:
         raise SystemExit(f"need at least --nlist ({args.nlist}) ads and training vectors")
-
-
-def _rss_bytes() -> int | None:
-    """Resident set size of this process (Linux), or None elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _trim_heap() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        logger.debug("malloc_trim unavailable")
 
 
 class _Clock:
@@ -164,37 +155,115 @@ def _raw_pass(cfg: KafkaConfig, total: int, batch: int, name: str) -> tuple[floa
 def _ingest_pass(
     cfg: KafkaConfig, codec: AdCodec, index: LiveIvfIndex, total: int, batch: int
 ) -> dict[str, Any]:
-    """AdStream.poll + net_changes + upsert per micro-batch, into `index`."""
+    """AdStream.poll + AdBatch.net + prepare/assign/apply per micro-batch, into `index`."""
     dead_letters = DeadLetterPublisher(make_producer(cfg), cfg.dead_letter_topic)
     stream = AdStream(
         dataclasses.replace(cfg, group_id=f"{cfg.group_id}.ingest"), codec, dead_letters
     )
     poll_s = apply_s = 0.0
+    decode = _Timed(stream.codec.decode)
+    stream.codec.decode = decode  # type: ignore[method-assign,assignment]
     rejected = 0
     try:
         clock = _Clock(total)
         while not clock.done():
             t0 = time.perf_counter()
+            decode_before = decode.seconds
             poll = stream.poll(batch, _POLL_TIMEOUT_S)
             t1 = time.perf_counter()
-            up_ids, up_vectors, delete_ids = net_changes(poll.batch)
-            if delete_ids.size:
-                index.delete(delete_ids)
-            index.upsert(up_ids, up_vectors)
+            # the service's ad path: net changes once, prepared and assigned once, one apply
+            net = poll.batch.net()
+            x = index.prepare(net.upsert_vectors, checked=True)
+            lists = index.assign_lists(x, prepared=True)
+            index.apply(net.upsert_ids, x, lists, net.delete_ids)
             t2 = time.perf_counter()
             if clock.start is not None:
                 poll_s, apply_s = poll_s + t1 - t0, apply_s + t2 - t1
+            else:
+                decode.seconds = decode_before
             rejected += poll.rejected
             clock.add(poll.messages)
         dead_letters.flush()
     finally:
         stream.close()
     busy = poll_s + apply_s
+    n = max(clock.counted, 1)
     return {
         "events_per_s": clock.rate(),
         "poll_share": poll_s / busy if busy > 0 else 0.0,
+        "us_per_event": {
+            "consume": round(1e6 * (poll_s - decode.seconds) / n, 2),
+            "decode": round(1e6 * decode.seconds / n, 2),
+            "index": round(1e6 * apply_s / n, 2),
+        },
         "dead_lettered": rejected,
     }
+
+
+class _Timed:
+    """A callable's accumulated wall time (the codec's decode inside `AdStream.poll`)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.seconds = 0.0
+
+    def __call__(self, *args: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return self.fn(*args)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+def _assignment(vectors: np.ndarray, nlists: list[int], metric: str) -> list[dict[str, Any]]:
+    """Coarse assignment cost per ad (one thread) and agreement with the exact list."""
+    x = np.ascontiguousarray(vectors, dtype="float32")
+    if metric == "cosine":
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d, fm = x.shape[1], faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    q = x[:5000]
+    was = faiss.omp_get_max_threads()
+    out = []
+    try:
+        for nlist in nlists:
+            km = faiss.Kmeans(d, nlist, niter=4, seed=1, max_points_per_centroid=8)
+            km.train(x[: 8 * nlist])
+            cent = km.centroids
+            faiss.omp_set_num_threads(1)
+            t = time.perf_counter()
+            _, exact = faiss.knn(q, cent, 1, fm)
+            row: dict[str, Any] = {
+                "nlist": nlist,
+                "flat_us_per_ad": round(1e6 * (time.perf_counter() - t) / len(q), 2),
+            }
+            hnsw = faiss.IndexHNSWFlat(d, 32, fm)
+            hnsw.add(cent)
+            for ef in (16, 64):
+                hnsw.hnsw.efSearch = ef
+                t = time.perf_counter()
+                _, got = hnsw.search(q, 1)
+                row[f"hnsw_ef{ef}"] = {
+                    "us_per_ad": round(1e6 * (time.perf_counter() - t) / len(q), 2),
+                    "agreement": round(float((got[:, 0] == exact[:, 0]).mean()), 4),
+                }
+            n2 = int(np.sqrt(nlist))
+            coarse = faiss.IndexFlat(d, fm)
+            two = faiss.IndexIVFFlat(coarse, d, n2, fm)
+            two.train(cent)
+            two.add(cent)
+            for p in (4, 16):
+                two.nprobe = p
+                t = time.perf_counter()
+                _, got = two.search(q, 1)
+                row[f"two_level_{n2}x{p}"] = {
+                    "us_per_ad": round(1e6 * (time.perf_counter() - t) / len(q), 2),
+                    "agreement": round(float((got[:, 0] == exact[:, 0]).mean()), 4),
+                }
+            faiss.omp_set_num_threads(was)
+            out.append(row)
+    finally:
+        faiss.omp_set_num_threads(was)
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -250,15 +319,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     index.compact()
     estimated = index.memory_bytes() / index.ntotal
     gc.collect()
-    _trim_heap()
-    before = _rss_bytes()
+    trim_heap()
+    before = rss_bytes()
     del index
     gc.collect()
-    _trim_heap()
-    after = _rss_bytes()
+    trim_heap()
+    after = rss_bytes()
     released = None if before is None or after is None else (before - after) / args.ads
 
     floor = 4 * args.dim + 8
+    nlists = [int(v) for v in args.assign_nlists.split(",") if v.strip()]
+    assignment = _assignment(vectors, nlists, args.metric) if nlists else None
     return {
         "benchmark": "ingest",
         "ads": args.ads,
@@ -276,6 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratio": round(ingest["events_per_s"] / raw_rate, 3) if raw_rate > 0 else 0.0,
         "ratio_goal": RATIO_GOAL,
         "ingest_poll_share": round(ingest["poll_share"], 3),
+        "ingest_us_per_event": ingest["us_per_event"],
         "dead_lettered": ingest["dead_lettered"],
         "bulk_add_vectors_per_s": round(bulk_rate),
         "index_bound_ratio": round(bulk_rate / raw_rate, 3) if raw_rate > 0 else 0.0,
@@ -284,4 +356,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "released_bytes_per_indexed_ad": None if released is None else round(released, 1),
         "bytes_goal": round(BYTES_GOAL_FACTOR * floor, 1),
         "train_s": round(train_s, 2),
+        "assignment": assignment,
     }

@@ -17,6 +17,7 @@ HELP = "run a benchmark (ingest, refresh, store, ...) and print one JSON object"
 BENCHMARKS: tuple[str, ...] = (
     "ingest",
     "refresh",
+    "scale",
     "store",
     "serving",
     "freshness",

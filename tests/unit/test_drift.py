@@ -149,3 +149,53 @@ def test_recall_is_judged_against_the_first_check_of_the_index() -> None:
     assert due and "dropped more than drift.recall_drop" in reason
     monitor.reset()
     assert monitor.baseline is None
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_recall_sweep_over_micro_batches_equals_the_one_shot_check(metric: str) -> None:
+    """Issue 13: the exact side ran on the owner thread in one go (1.6 s at 1M ads)."""
+    cfg = IndexConfig(dim=D, nlist=64, nprobe=6, metric=metric)
+    index = LiveIvfIndex.train(cfg, _data(2000, seed=1))
+    index.upsert(np.arange(3000), _data(3000, seed=2))
+    dcfg = DriftConfig(check_every_batches=2, recall_sample=150, reservoir_size=1000)
+    sliced = DriftMonitor(dcfg, D, sweep_slice_s=0.0, seed=3)
+    whole = DriftMonitor(dcfg, D, seed=3)
+    for m in (sliced, whole):
+        m.observe(_data(1000, seed=4))
+    reports = [sliced.after_batch(index) for _ in range(12)]
+    # one slice (16 of the 64 lists) per micro-batch: due at the 2nd, done at the 5th
+    done = [i for i, r in enumerate(reports) if r is not None]
+    assert done[:2] == [4, 8]
+    got = reports[done[0]]
+    assert got is not None and got.recall is not None
+    want = whole.check(index)
+    assert want.recall is not None and 0 < want.recall < 1
+    assert got.recall == pytest.approx(want.recall, abs=1e-9)
+    # a swapped index mid-sweep: the sweep starts again on it
+    other = LiveIvfIndex.train(cfg, _data(2000, seed=5))
+    other.upsert(np.arange(3000), _data(3000, seed=6))
+    sliced.reset()
+    sliced.after_batch(index)
+    assert sliced.after_batch(index) is None  # started on `index`
+    out = [r for r in (sliced.after_batch(other) for _ in range(6)) if r is not None]
+    assert len(out) == 1 and out[0].recall is not None and 0 < out[0].recall <= 1
+
+
+def test_retrain_copies_the_live_lists_a_slice_per_poll_with_moves_between() -> None:
+    """Issue 13: the whole live copy (0.7 s at 1M ads) ran on the owner thread at start."""
+    index = LiveIvfIndex.train(CFG, _data(2000, seed=1))
+    index.upsert(np.arange(1000), _data(1000))
+    retrainer = BackgroundRetrainer(copy_slice_s=0.0)  # one list per poll
+    retrainer.start(index, _drifted(1000))
+    rng = np.random.default_rng(3)
+    polls = 0
+    while (new := retrainer.poll(index)) is None:
+        polls += 1
+        assert polls < 10_000
+        moved = rng.choice(1000, 20, replace=False)  # new vectors: most change list
+        index.upsert(moved, _data(20, seed=100 + polls))
+        index.delete(rng.choice(2000, 3))
+        index.upsert(np.array([1000 + polls]), _data(1, seed=polls))
+    assert polls >= 16
+    assert np.array_equal(new.ids(), index.ids())
+    np.testing.assert_array_equal(new.vectors(new.ids()), index.vectors(index.ids()))

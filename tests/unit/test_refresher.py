@@ -792,3 +792,113 @@ def test_refresher_bad_ad_vectors_raise_before_anything_changes() -> None:
         )
     assert w.refresher.head_ids().tolist() == [0, 1, 2, 3, 4]
     w.check()
+
+
+# ---- retrain backlog, memory, IVFPQ candidates ---------------------------------------------
+
+
+def test_heads_waiting_for_their_recompute_get_inserts_and_deletes() -> None:
+    """Issue 13: after a retrain the waiting heads got no inserts for the whole recompute."""
+    w = World(n_ads=300, nprobe=3, full_recompute_per_batch=2)
+    entered(w, 12)
+    new_index = w.index.retrained(w.rng.standard_normal((400, DIM)).astype(np.float32))
+    w.index = new_index
+    w.refresher.swap_index(new_index)
+    w.step()  # two recomputed; ten still waiting
+    assert w.refresher.pending_full == 10
+    waiting = int(w.refresher._pending[-1])  # a slot recomputed last
+    q = int(w.refresher._qid[waiting])
+    ad = w.next_ad
+    w.next_ad += 1
+    _, before = w.refresher.topk(np.array([q]))
+    gone = before[0, :1]
+    res = w.step(AdChanges(np.array([ad]), 10 * w.queries[q][None, :], gone))
+    _, after = w.refresher.topk(np.array([q]))
+    assert w.refresher.pending_full > 0 and waiting in w.refresher._pending.tolist()
+    assert after[0, 0] == ad and gone[0] not in after[0].tolist()
+    assert q in res.query_ids.tolist()
+    while w.refresher.pending_full:
+        w.step()
+    w.check()
+
+
+def test_slots_are_reused_and_memory_shrinks_when_heads_leave() -> None:
+    w = World(n_ads=200, nprobe=3)
+    per_slot = w.refresher.nbytes / w.refresher.capacity
+    entered(w, 3000)
+    assert w.refresher.capacity >= 3000
+    for round_ in range(3):  # churn: exits and entries reuse the freed slots
+        gone = np.arange(round_ * 500, round_ * 500 + 500, dtype=np.int64)
+        for q in gone.tolist():
+            del w.queries[q]
+        new = np.arange(10_000 + round_ * 500, 10_500 + round_ * 500, dtype=np.int64)
+        for q in new.tolist():
+            w.queries[q] = w.rng.standard_normal(DIM).astype(np.float32)
+        w.step(heads=HeadChanges(entered=new, exited=gone))
+    assert w.refresher.capacity <= 4096
+    w.check()
+    keep = sorted(w.queries)[:100]
+    out = np.array(sorted(set(w.queries) - set(keep)), dtype=np.int64)
+    w.queries = {q: w.queries[q] for q in keep}
+    w.step(heads=HeadChanges(exited=out))
+    assert w.refresher.capacity == 1024
+    assert w.refresher.nbytes <= 1024 * per_slot + 64 * 1024
+    # a retrain recomputes in place: no new slots
+    new_index = w.index.retrained(w.rng.standard_normal((400, DIM)).astype(np.float32))
+    w.index = new_index
+    w.refresher.swap_index(new_index)
+    w.step()
+    assert w.refresher.capacity == 1024
+    w.check()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+def test_ivfpq_candidates_match_a_numpy_scan_of_the_decoded_codes(metric: str) -> None:
+    """The IVFPQ branch: new ads scored from the codes the index holds, routed by list."""
+    w = World(metric=metric, n_ads=300, dim=16, kind="ivfpq", nprobe=3, margin=3)
+    entered(w, 40)
+    r = w.refresher
+    ids = np.arange(w.next_ad, w.next_ad + 60, dtype=np.int64)
+    vecs = w.rng.standard_normal((60, 16)).astype(np.float32)
+    thr = r._threshold()
+    plan = r._plan_ads(AdChanges(ids, vecs))
+    plan.lists = w.index.assign_lists(plan.x, prepared=True)
+    w.index.apply(plan.ids, plan.x, plan.lists, plan.delete_ids)
+    decoded = w.index.ivf.reconstruct_batch(ids).astype(np.float32)
+    screen = r._screen(decoded, plan.lists, thr)
+    screen.run()
+    slots, got_ids, got_scores = r._candidates(screen, ids, thr)
+    live = r._key_slots
+    q = r._q[live].astype(np.float64)
+    d64 = decoded.astype(np.float64)
+    score = -((q[:, None, :] - d64[None]) ** 2).sum(axis=2) if metric == "l2" else q @ d64.T
+    routed = np.array([[plan.lists[j] in r._probe[s] for j in range(60)] for s in live])
+    t = thr[live][:, None].astype(np.float64)
+    tol = 1e-4 * (1 + np.abs(score).max())
+    must = routed & (score >= t + tol)
+    may = routed & (score >= t - tol)
+    got = set(zip(slots.tolist(), got_ids.tolist(), strict=True))
+    want = {(int(live[a]), int(ids[b])) for a, b in zip(*np.nonzero(must), strict=True)}
+    assert want <= got
+    pos = {int(s): i for i, s in enumerate(live.tolist())}
+    assert all(may[pos[s], int(a - ids[0])] for s, a in got)
+    np.testing.assert_allclose(
+        got_scores,
+        [score[pos[s], a - ids[0]] for s, a in zip(slots, got_ids, strict=True)],
+        atol=tol,
+    )
+
+
+def test_micro_batcher_grows_the_batch_with_the_lag() -> None:
+    """Issue 13: catching up, a list was rewritten once per 5,000 ads; batch by the lag."""
+    mb = MicroBatcher(RefreshConfig(batch_ms=100, batch_events=10), now_ms=0, catch_up_events=50)
+    mb.add(10)
+    assert mb.due(1) and mb.due(1, lag=5)
+    assert not mb.due(1, lag=1_000)  # far behind: keep polling
+    mb.add(30)
+    assert not mb.due(500, lag=1_000) and mb.due(500, lag=0)
+    mb.add(10)
+    assert mb.due(500, lag=1_000)  # catch_up_events reached
+    mb.reset(0)
+    mb.add(20)
+    assert not mb.due(9_000, lag=1_000) and mb.due(10_000, lag=1_000)  # catch_up_ms
