@@ -6,8 +6,9 @@ caller's overrides, all spelled as librdkafka / confluent-kafka spell them (`ena
 `ConfigError` naming it. Defaults are chosen for at-least-once delivery (offsets stored or
 committed only after the results they cover are stored), for the embedded Tansu broker's timing
 (short session timeout, short fetch wait), and for interoperability: producers hash keys with
-murmur2 like Java, Kafka Streams and Connect producers, and their message limit is
-`kafka.max_message_bytes`. librdkafka's own log lines and errors go through `logging`, so
+murmur2 like Java, Kafka Streams and Connect producers, they compress with
+`kafka.compression_type` (lz4: a client that is not librdkafka needs an LZ4 codec to read the
+topics), and their message limit is `kafka.max_message_bytes`. librdkafka's own log lines and errors go through `logging`, so
 `--log-json` output stays JSON.
 """
 
@@ -59,7 +60,6 @@ _PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
     "acks": "all",
     "linger.ms": 5,
-    "compression.type": "lz4",
     "partitioner": "murmur2_random",
     "log_level": 4,
 }
@@ -142,12 +142,14 @@ def consumer_config(
 
 def producer_config(cfg: KafkaConfig, **overrides: Any) -> dict[str, Any]:
     """The producer settings: defaults (murmur2 partitioner, `message.max.bytes` =
-    kafka.max_message_bytes), then cfg.client, then `overrides`."""
+    kafka.max_message_bytes, `compression.type` = kafka.compression_type), then cfg.client,
+    then `overrides`."""
     return {
         **_PRODUCER_DEFAULTS,
         **client_logging(),
         "bootstrap.servers": cfg.bootstrap_servers,
         "message.max.bytes": cfg.max_message_bytes,
+        "compression.type": cfg.compression_type,
         **cfg.client,
         **overrides,
     }

@@ -5,7 +5,8 @@ can live in one process, as in tests) and takes plain numbers and arrays: it kno
 the service. The owner thread calls its `observe_*` methods; `MetricsServer` serves them from a
 daemon thread (prometheus_client metrics are thread-safe; the rest is guarded by a lock).
 
-Consumer lag is the cached high watermark minus the position. The cached watermark is the
+Consumer lag is the cached high watermark minus the position (`ConsumerLag`: what was
+processed, else the fetch position, else the committed offset). The cached watermark is the
 one the last fetch response carried (librdkafka keeps it per partition, no extra request), so
 it lags the true end by at most one fetch; it is unknown (-1001) until the first fetch of a
 partition, and such partitions are left out. Broker-queried end offsets
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -34,6 +35,7 @@ from prometheus_client.registry import Collector
 __all__ = [
     "BATCH_BUCKETS_S",
     "CONTENT_TYPE",
+    "ConsumerLag",
     "FRESHNESS_BUCKETS_S",
     "MetricsServer",
     "ServiceMetrics",
@@ -59,35 +61,89 @@ _COUNTERS = (
 _UNKNOWN_OFFSET = -1001
 
 
+class ConsumerLag:
+    """partition -> messages behind the cached high watermark, for one consumer of `topic`
+    (partitions not yet fetched are left out).
+
+    The position of a partition is, in this order: what the caller processed (`positions`,
+    partition -> next offset), the consumer's fetch position (ahead of processing by what
+    librdkafka has buffered), the group's committed offset, the low watermark. After a
+    restart or rebalance a quiet partition has no fetch position until a message arrives;
+    its committed offset (looked up once per assignment, not per call) is where it resumes,
+    so a caught-up partition reads 0, not its whole retained history. A failed lookup leaves
+    the partition out for `retry_s` rather than report a lag it does not have.
+    """
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        topic: str,
+        timeout_s: float = 2.0,
+        retry_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.consumer = consumer
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self._clock = clock
+        self._committed: dict[int, int] = {}
+        self._retry_at = 0.0
+
+    def _lookup_committed(self, partitions: list[int]) -> bool:
+        """Fill the committed offsets of `partitions`; False when the broker did not answer."""
+        if self._clock() < self._retry_at:
+            return False
+        try:
+            tps = self.consumer.committed(
+                [TopicPartition(self.topic, p) for p in partitions], self.timeout_s
+            )
+        except KafkaException as exc:
+            self._retry_at = self._clock() + self.retry_s
+            logger.debug("committed offsets of %s not read for its lag: %s", self.topic, exc)
+            return False
+        for tp in tps:
+            if tp.error is None:
+                self._committed[int(tp.partition)] = int(tp.offset)
+        return True
+
+    def __call__(
+        self, partitions: Iterable[int], positions: Mapping[int, int] | None = None
+    ) -> dict[int, int]:
+        parts = sorted(int(p) for p in partitions)
+        for p in set(self._committed) - set(parts):  # given up: looked up again if regained
+            del self._committed[p]
+        known = {p: int(o) for p, o in (positions or {}).items() if int(o) >= 0}
+        ask = [p for p in parts if p not in known]
+        if ask:
+            fetched = self.consumer.position([TopicPartition(self.topic, p) for p in ask])
+            known.update({int(tp.partition): int(tp.offset) for tp in fetched if tp.offset >= 0})
+        unknown = [p for p in parts if p not in known and p not in self._committed]
+        answered = not unknown or self._lookup_committed(unknown)
+        out: dict[int, int] = {}
+        for p in parts:
+            low, high = self.consumer.get_watermark_offsets(
+                TopicPartition(self.topic, p), cached=True
+            )
+            if high < 0:
+                continue
+            pos = known.get(p, self._committed.get(p, _UNKNOWN_OFFSET))
+            if pos < 0:
+                if p in unknown and not answered:
+                    continue
+                pos = max(int(low), 0)
+            out[p] = max(int(high) - pos, 0)
+        return out
+
+
 def consumer_lag(
     consumer: Consumer,
     topic: str,
     partitions: Iterable[int],
     positions: Mapping[int, int] | None = None,
 ) -> dict[int, int]:
-    """partition -> messages behind the cached high watermark (partitions not yet fetched
-    are left out).
-
-    `positions` (partition -> next offset to process) is what the caller has processed; a
-    partition missing from it falls back to the consumer's fetch position, which runs ahead
-    of processing by what librdkafka has buffered, then to the low watermark.
-    """
-    parts = sorted(int(p) for p in partitions)
-    known = dict(positions or {})
-    ask = [p for p in parts if p not in known]
-    if ask:
-        fetched = consumer.position([TopicPartition(topic, p) for p in ask])
-        known.update({int(tp.partition): int(tp.offset) for tp in fetched})
-    out: dict[int, int] = {}
-    for p in parts:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
-        if high < 0:
-            continue
-        pos = int(known.get(p, _UNKNOWN_OFFSET))
-        if pos < 0:
-            pos = max(int(low), 0)
-        out[p] = max(int(high) - pos, 0)
-    return out
+    """One `ConsumerLag` reading (no lookups kept between calls)."""
+    return ConsumerLag(consumer, topic)(partitions, positions)
 
 
 class _ArrayHistogram(Collector):

@@ -43,6 +43,7 @@ from confluent_kafka import (
 from annstream.config import KafkaConfig
 from annstream.errors import BrokerError
 from annstream.kafka import headers_dict, make_consumer, message_error
+from annstream.topics import TOPIC_CONFIGS
 
 __all__ = [
     "SNAPSHOT_MAX_AGE_S",
@@ -62,7 +63,7 @@ PartitionState = Callable[[int], State]
 
 SNAPSHOT_MIN_BYTES = 1 << 20
 SNAPSHOT_MAX_AGE_S = 86_400.0
-TOPIC_CONFIG = {"cleanup.policy": "delete", "retention.ms": str(7 * 86_400_000)}
+TOPIC_CONFIG = TOPIC_CONFIGS["head_state_topic"]
 LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
 
 _OFFSET_HEADER = "annstream.engagement-offset"

@@ -27,20 +27,19 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 
 from annstream.ad_metadata import AdMetadata
-from annstream.broker import create_topics
 from annstream.checkpoint import Checkpoint, FlushReport
 from annstream.codec import AdCodec, EngagementCodec
-from annstream.config import Config, KafkaConfig
+from annstream.config import Config
 from annstream.drift import BackgroundRetrainer, DriftMonitor
 from annstream.errors import StoreError
 from annstream.events import AdBatch, EngagementBatch
 from annstream.heads import HeadQueryTracker
 from annstream.index import LiveIvfIndex
-from annstream.kafka import DeadLetterPublisher, client_logging, make_producer
-from annstream.metrics import MetricsServer, ServiceMetrics, consumer_lag
+from annstream.kafka import DeadLetterPublisher, make_producer
+from annstream.metrics import ConsumerLag, MetricsServer, ServiceMetrics
 from annstream.recall import RecallMonitor
 from annstream.refresher import AdChanges, MicroBatcher, Refresher
 from annstream.schemas import open_registry
@@ -49,10 +48,11 @@ from annstream.snapshot import SnapshotPolicy, load_latest_snapshot, write_snaps
 from annstream.store import open_store
 from annstream.store.base import NeighbourStore
 from annstream.store.record import NeighbourLists
+from annstream.topics import ensure_topics
 from annstream.verifier import StoreVerifier
 from consumers.ads import AdStream, net_changes, net_rows
 from consumers.engagements import EngagementStream, PartitionListener
-from consumers.head_state import TOPIC_CONFIG, HeadStateLog
+from consumers.head_state import HeadStateLog
 
 __all__ = ["RefresherService", "ServiceStats", "snapshot_dir"]
 
@@ -90,23 +90,6 @@ class ServiceStats:
 def snapshot_dir(template: str) -> str:
     """`snapshot.dir` with `{hostname}` expanded, so replicas sharing a volume do not collide."""
     return template.replace("{hostname}", socket.gethostname())
-
-
-def _ensure_head_state_topic(k: KafkaConfig) -> None:
-    """The changelog topic, with as many partitions as the engagement topic."""
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient(
-        {"bootstrap.servers": k.bootstrap_servers, "log_level": 3, **client_logging(), **k.client}
-    )
-    meta = admin.list_topics(k.engagement_topic, timeout=10).topics[k.engagement_topic]
-    create_topics(
-        k.bootstrap_servers,
-        [k.head_state_topic],
-        partitions=max(1, len(meta.partitions)),
-        client=k.client,
-        config=TOPIC_CONFIG,
-    )
 
 
 class RefresherService:
@@ -157,6 +140,7 @@ class RefresherService:
         self._eng_offsets: dict[int, int] = {}
         self._rebalanced = False
         self._closed = False
+        self._lags: dict[str, ConsumerLag] = {}
         self.batcher = MicroBatcher(cfg.refresh)
         self.snapshot_policy = SnapshotPolicy(cfg.snapshot)
         self.drift = DriftMonitor(cfg.drift, cfg.index.dim)
@@ -168,16 +152,10 @@ class RefresherService:
 
     @classmethod
     def from_config(cls, cfg: Config, store: NeighbourStore | None = None) -> RefresherService:
-        """Create the topics, open the store (unless given), load the newest snapshot (or
+        """Check (or create) the topics, open the store (unless given), load the newest snapshot (or
         train from `index.training_file`), start the metrics server: a service ready to run."""
         k = cfg.kafka
-        create_topics(
-            k.bootstrap_servers,
-            [k.ad_topic, k.engagement_topic, k.dead_letter_topic],
-            client=k.client,
-            config=TOPIC_CONFIG,
-        )
-        _ensure_head_state_topic(k)
+        ensure_topics(k)
         registry = open_registry(k)
         producer = make_producer(k)
         dead_letters = DeadLetterPublisher(producer, k.dead_letter_topic)
@@ -592,10 +570,17 @@ class RefresherService:
         m.observe_head_queries(self.stats.head_queries)
         c = self.ads.consumer
         parts = [tp.partition for tp in c.assignment()]
-        m.observe_lag(self.ads.topic, consumer_lag(c, self.ads.topic, parts, self.ads.offsets))
+        m.observe_lag(self.ads.topic, self._lag(c, self.ads.topic)(parts, self.ads.offsets))
         if self.engagements is not None:
             e = self.engagements
-            m.observe_lag(e.topic, consumer_lag(e.consumer, e.topic, sorted(e.assigned)))
+            m.observe_lag(e.topic, self._lag(e.consumer, e.topic)(sorted(e.assigned)))
+
+    def _lag(self, consumer: Consumer, topic: str) -> ConsumerLag:
+        """The lag reader of `consumer` (kept: it remembers committed offsets it looked up)."""
+        lag = self._lags.get(topic)
+        if lag is None or lag.consumer is not consumer:
+            lag = self._lags[topic] = ConsumerLag(consumer, topic)
+        return lag
 
     def _maybe_retrain(self) -> None:
         """Start a background retrain when the drift monitor says the quantizer went stale."""

@@ -303,6 +303,7 @@ class ServiceRig:
                 "kafka": {
                     "bootstrap_servers": self.broker.bootstrap_servers,
                     "group_id": f"annstream-load-{uuid.uuid4().hex[:8]}",
+                    "create_topics": True,
                 },
                 "index": {
                     "dim": o.dim,

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(
             env={},
             overrides={
-                "kafka": {"bootstrap_servers": broker.bootstrap_servers},
+                "kafka": {"bootstrap_servers": broker.bootstrap_servers, "create_topics": True},
                 "index": {
                     "dim": dim,
                     "nlist": args.nlist,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, Message, TopicPartition
 
-from annstream.config import KafkaConfig
+from annstream.config import COMPRESSION_TYPES, KafkaConfig
 from annstream.errors import ConfigError
 from annstream.events import Rejection
 from annstream.kafka import (
@@ -55,6 +55,10 @@ def test_producer_settings_hash_keys_like_java_and_use_the_configured_message_li
     )
     mine = producer_config(KafkaConfig(client={"partitioner": "consistent_random"}))
     assert mine["partitioner"] == "consistent_random"
+    assert conf["compression.type"] == "lz4"
+    assert producer_config(KafkaConfig(compression_type="zstd"))["compression.type"] == "zstd"
+    for codec in COMPRESSION_TYPES:  # librdkafka takes every value the config allows
+        make_producer(KafkaConfig(compression_type=codec))
 
 
 def test_override_keys_are_passed_as_spelled_so_client_callbacks_work() -> None:

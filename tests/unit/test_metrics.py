@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from annstream.metrics import MetricsServer, ServiceMetrics, consumer_lag
+from annstream.metrics import ConsumerLag, MetricsServer, ServiceMetrics, consumer_lag
 
 NAMES = {
     "annstream_consumer_lag",
@@ -221,6 +221,58 @@ def test_consumer_lag_uses_cached_watermarks(
         assert consumer_lag(consumer, topic, [0, 1]) == {0: 0, 1: 0}
     finally:
         consumer.close()
+
+
+def test_consumer_lag_of_a_quiet_partition_after_a_restart_is_from_its_committed_offset(
+    bootstrap: str, topic_factory: Callable[..., str]
+) -> None:
+    """Issue 15 item 2: a restarted member had no fetch position on a quiet partition and
+    reported its whole history (high - low) as lag although its committed offset was the end."""
+    topic = topic_factory("quiet", partitions=2)
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for i in range(300):
+        producer.produce(topic, value=b"x", partition=0 if i < 200 else 1)
+    producer.flush(10)
+    conf: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": f"quiet-{topic}",
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "fetch.wait.max.ms": 50,
+    }
+    first = Consumer(conf)
+    first.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in (0, 1)])
+    got, deadline = 0, time.monotonic() + 30
+    while got < 300 and time.monotonic() < deadline:
+        got += len(first.consume(300, 0.5))
+    assert got == 300
+    first.commit(offsets=[TopicPartition(topic, 0, 200), TopicPartition(topic, 1, 60)])
+    # partition 1 gets its last 40 records again after the restart (a fetch position); 0 none
+    first.close()
+
+    restarted = Consumer(conf)  # resumes from the committed offsets; nothing new arrives
+    try:
+        restarted.assign([TopicPartition(topic, p) for p in (0, 1)])
+        deadline = time.monotonic() + 30
+        watermarks: list[int] = []
+        while time.monotonic() < deadline:
+            polled = restarted.consume(100, 0.2)
+            watermarks = [
+                restarted.get_watermark_offsets(TopicPartition(topic, p), cached=True)[1]
+                for p in (0, 1)
+            ]
+            if min(watermarks) >= 0 and len(polled) == 0:
+                break
+        assert watermarks == [200, 100]
+        positions = restarted.position([TopicPartition(topic, p) for p in (0, 1)])
+        assert positions[0].offset < 0  # the quiet partition: no position
+        lag = ConsumerLag(restarted, topic)
+        assert lag([0, 1]) == {0: 0, 1: 0}
+        assert lag([0, 1], {0: 150}) == {0: 50, 1: 0}
+        assert lag([1], {1: 90}) == {1: 10}  # partition 0 given up: its lookup is forgotten
+        assert consumer_lag(restarted, topic, [0, 1]) == {0: 0, 1: 0}
+    finally:
+        restarted.close()
 
 
 def test_status_command_prints_the_document(
