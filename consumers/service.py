@@ -201,7 +201,7 @@ class RefresherService:
             store=store,
             ads=AdStream(k, ad_codec, dead_letters, offsets),
             join_group=join_group,
-            head_log=HeadStateLog(k, producer, partition_state),
+            head_log=HeadStateLog(k, producer, partition_state, registry=registry),
             producer=producer,
             index=index,
             version=version,
