@@ -42,6 +42,7 @@ from annstream.kafka import DeadLetterPublisher, make_producer
 from annstream.metrics import ConsumerLag, MetricsServer, ServiceMetrics
 from annstream.recall import RecallMonitor
 from annstream.refresher import AdChanges, MicroBatcher, Refresher
+from annstream.results import ResultsPublisher
 from annstream.schemas import open_registry
 from annstream.sink import NeighbourSink, refusal_reason
 from annstream.snapshot import SnapshotPolicy, load_latest_snapshot, write_snapshot
@@ -109,6 +110,7 @@ class RefresherService:
         ad_meta: AdMetadata | None = None,
         metrics: ServiceMetrics | None = None,
         metrics_server: MetricsServer | None = None,
+        results: ResultsPublisher | None = None,
     ) -> None:
         self.cfg = cfg
         self.stats = ServiceStats()
@@ -130,7 +132,9 @@ class RefresherService:
             backoff_s=cfg.store.retry_backoff_s,
             backoff_max_s=cfg.store.retry_backoff_max_s,
             flush_timeout_s=cfg.service.flush_timeout_s,
+            results=results,
         )
+        self.results = results
         self.tracker = HeadQueryTracker(cfg.heads, cfg.index.dim, cfg.kafka.max_event_skew_s)
         self.engagements: EngagementStream | None = None
         self.refresher: Refresher | None = None
@@ -159,6 +163,7 @@ class RefresherService:
         registry = open_registry(k)
         producer = make_producer(k)
         dead_letters = DeadLetterPublisher(producer, k.dead_letter_topic)
+        results = ResultsPublisher(producer, k.results_topic, registry) if k.results_topic else None
         store = store or open_store(cfg.store.url, cfg.store)
         limit = k.max_message_bytes
         ad_codec = AdCodec(registry, cfg.index.dim, cfg.index.metric, limit)
@@ -208,6 +213,7 @@ class RefresherService:
             ad_meta=ad_meta,
             metrics=metrics,
             metrics_server=server,
+            results=results,
         )
         return service
 
@@ -400,6 +406,7 @@ class RefresherService:
             offsets=eng_offsets,
             event_time_ms=ads.event_time_ms,
             ttl_s=ttl if len(retired) else None,
+            publish=np.arange(len(lists)) < len(result.query_ids) if len(retired) else None,
         )
         self.snapshot_policy.record(len(ads))
         self.stats.micro_batches += 1
