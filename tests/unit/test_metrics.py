@@ -102,6 +102,64 @@ def test_metrics_registry_holds_every_metric_with_values(
     assert ("annstream_consumer_lag", (("partition", "0"), ("topic", "ads"))) not in s
 
 
+def test_one_counter_source_for_metrics_and_status() -> None:
+    """Issue 15 item 12: every counter is kept once; /metrics and /status show the same
+    numbers, with the reason labels and the running totals of the publishers."""
+    m = ServiceMetrics()
+    m.observe_consumed(ad_events=10, engagement_events=4)
+    m.observe_batch(0.2, upserts=3)
+    m.observe_store_error("timeout", reason="write")
+    m.observe_store_error("2 of 9 neighbour lists not stored", reason="rows")
+    m.track_dead_letters({"non_finite": 2, "not_avro": 1}, failed=1, references=0, replayed=5)
+    m.track_dead_letters({"non_finite": 1}, failed=0, references=0, replayed=5)  # never back
+    m.track_results(records=7, tombstones=2, too_large=0)
+    m.observe_rebalance("assigned", 3)
+    m.observe_rebalance("revoked", 1)
+    m.observe_store_write(0.004)
+    s = _samples(m.render().decode())
+    doc = m.status()
+    assert s[("annstream_dead_letters_total", (("reason", "non_finite"),))] == 2
+    assert s[("annstream_dead_letters_total", (("reason", "not_avro"),))] == 1
+    assert s[("annstream_store_errors_total", (("reason", "rows"),))] == 1
+    assert s[("annstream_results_published_total", (("kind", "tombstone"),))] == 2
+    assert s[("annstream_rebalance_partitions_total", (("kind", "assigned"),))] == 3
+    assert s[("annstream_dead_letters_replayed_total", ())] == 5
+    assert s[("annstream_store_write_seconds_count", ())] == 1
+    for name, value in doc["counters"].items():
+        series = [v for (n, _), v in s.items() if n == f"annstream_{name}_total"]
+        assert sum(series) == value, name
+    assert doc["counters"]["dead_letters"] == 3 and doc["counters"]["micro_batches"] == 1
+    assert doc["by_reason"]["store_errors"] == {"write": 1, "rows": 1}
+    assert m.value("dead_letters", reason="not_avro") == 1
+    with pytest.raises(ValueError, match="takes the labels"):
+        m.counters.inc("dead_letters", 1)
+
+
+def test_process_and_build_metrics_are_on_the_private_registry() -> None:
+    from annstream import __version__
+
+    s = _samples(ServiceMetrics().render().decode())
+    assert s[("process_resident_memory_bytes", ())] > 10_000_000
+    info = [labels for (name, labels), _ in s.items() if name == "annstream_build_info"]
+    assert len(info) == 1
+    labels = dict(info[0])
+    assert labels["version"] == __version__ and labels["librdkafka"].count(".") >= 2
+    assert {"python", "faiss", "confluent_kafka"} <= set(labels)
+
+
+def test_freshness_since_a_mark_and_over_the_window() -> None:
+    m = ServiceMetrics()
+    m.observe_stored([1.0, 2.0, 3.0], records=1)
+    mark = m.freshness_mark()
+    assert mark == 3
+    m.observe_stored([10.0, 20.0], records=1)
+    values, mark2 = m.freshness_since(mark)
+    assert values.tolist() == [10.0, 20.0] and mark2 == 5
+    assert m.freshness(since=mark)["p50"] == pytest.approx(15.0)
+    assert m.freshness()["window"] == 5 and m.freshness()["p50"] == 3.0
+    assert m.freshness(since=m.freshness_mark()) == {"p50": None, "p99": None, "window": 0}
+
+
 def test_metrics_registries_are_independent() -> None:
     a, b = ServiceMetrics(), ServiceMetrics()
     a.observe_batch(0.1, upserts=5)
