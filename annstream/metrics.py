@@ -433,6 +433,12 @@ class ServiceMetrics:
             registry=r,
         )
         self.recall.set(math.nan)
+        self.recall_target = Gauge(
+            "annstream_recall_target",
+            "The recall@K under which the service warns (service.recall_warn_below)",
+            registry=r,
+        )
+        self.recall_target.set(math.nan)
 
     # ---- observations (owner thread) ---------------------------------------------------
 
@@ -571,6 +577,9 @@ class ServiceMetrics:
     def observe_snapshot(self, at: float | None = None) -> None:
         self.counters.inc("snapshots")
         self._last_snapshot = self._clock() if at is None else at
+
+    def observe_recall_target(self, target: float) -> None:
+        self.recall_target.set(target)
 
     def observe_recall(self, recall: float, k: int) -> None:
         self.recall.set(recall)

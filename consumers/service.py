@@ -178,6 +178,7 @@ class RefresherService:
         self.ad_meta = ad_meta or AdMetadata()
         self.metrics = metrics or ServiceMetrics()
         self.stats = ServiceStats(self.metrics)
+        self.metrics.observe_recall_target(cfg.service.recall_warn_below)
         self.metrics_server = metrics_server
         self.snapshot_dir = snapshot_dir(cfg.snapshot.dir)
         self._join_group = join_group
