@@ -215,8 +215,9 @@ class RefresherService:
 
     @classmethod
     def from_config(cls, cfg: Config, store: NeighbourStore | None = None) -> RefresherService:
-        """Check (or create) the topics, open the store (unless given), load the newest snapshot (or
-        train from `index.training_file`), start the metrics server: a service ready to run."""
+        """Check (or create) the topics, open the store (unless given), load the newest
+        snapshot (or train from `index.training_file`), start the metrics server: a service
+        ready to run."""
         k = cfg.kafka
         ensure_topics(k)
         registry = open_registry(k)

@@ -114,3 +114,44 @@ def test_the_topic_plan_compacts_what_is_keyed_by_its_latest_state() -> None:
     assert plan["kafka.head_state_topic"].config == TOPIC_CONFIGS["head_state_topic"]
     assert plan["kafka.head_state_topic"].same_partitions_as == "annstream.engagements"
     assert "kafka.results_topic" not in {t.setting for t in topic_plan(KafkaConfig())}
+
+
+def test_the_broker_command_creates_every_topic_the_service_checks(tmp_path: Path) -> None:
+    """`annstream broker` then `annstream run` against it: every topic (the head-state
+    changelog and a configured results topic included) exists, so the service starts without
+    kafka.create_topics."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from annstream.broker import free_port
+
+    port = free_port()
+    config = tmp_path / "c.toml"
+    config.write_text('[kafka]\nresults_topic = "annstream.neighbours"\n')
+    argv = [sys.executable, "-m", "annstream", "broker", "--port", str(port)]
+    with subprocess.Popen(
+        [*argv, "--partitions", "2", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            lines = [proc.stdout.readline() for _ in range(2)]
+            assert lines[0].strip() == f"127.0.0.1:{port}" and "ready" in lines[1], lines
+            cfg = load_config(
+                config, env={}, overrides={"kafka": {"bootstrap_servers": f"127.0.0.1:{port}"}}
+            )
+            assert ensure_topics(cfg.kafka) == {
+                "annstream.ads": 2,
+                "annstream.engagements": 2,
+                "annstream.dead-letter": 2,
+                "annstream.neighbours": 2,
+                "annstream.head-state": 2,
+            }
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
