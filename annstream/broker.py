@@ -241,9 +241,10 @@ def create_topics(
     timeout_s: float = 10.0,
     client: dict[str, str] | None = None,
     config: dict[str, str] | None = None,
+    replication: int = 1,
 ) -> None:
-    """Create topics that do not exist yet, with topic `config` (existing ones are left as
-    they are)."""
+    """Create topics that do not exist yet, with `partitions`, `replication` (-1 for either:
+    the broker's default) and topic `config`; existing ones are left as they are."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
@@ -262,11 +263,11 @@ def create_topics(
         existing = set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as exc:
         raise BrokerError(
-            f"no Kafka broker answered at {bootstrap_servers} within {timeout_s:g}s ({exc}); "
-            "check the address and that a Kafka broker listens there"
+            f"Kafka: no broker answered at {bootstrap_servers} within {timeout_s:g}s ({exc}); "
+            "is a broker up at kafka.bootstrap_servers?"
         ) from None
     wanted = [
-        NewTopic(t, num_partitions=partitions, replication_factor=1, config=config or {})
+        NewTopic(t, num_partitions=partitions, replication_factor=replication, config=config or {})
         for t in dict.fromkeys(topics)
         if t and t not in existing
     ]

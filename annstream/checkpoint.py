@@ -1,7 +1,8 @@
-"""The delivery contract of a micro-batch as one object: store, then changelog, then commit.
+"""The delivery contract of a micro-batch as one object: store, results, changelog, commit.
 
 A micro-batch's results become durable in this order, per engagement partition: the store
 holds the neighbour lists of the partition's queries and its head exits are applied, then
+(with a results topic) the lists it stored and a tombstone per exit are delivered there, then
 the partition's head-state changelog records are appended and flushed, then its engagement
 offset is committed. A changelog record carries the offset it includes, and a new owner of
 the partition resumes from it, so the record is itself a commit: nothing of a partition
@@ -13,7 +14,8 @@ consumption stays paused, and the next attempt is `due()` after an exponential b
 the caller keeps polling (heartbeats, rebalances) meanwhile. Lists the store refuses for good
 are reported and count as done: they never block the rest of the micro-batch.
 
-The collaborators are narrow Protocols (a list writer, a changelog, a committer), so the
+The collaborators are narrow Protocols (a list writer, a results log, a changelog, a
+committer), so the
 contract is tested without a broker or a store server (tests/unit/test_checkpoint.py). One
 micro-batch is pending at a time; its state is explicit (rows and exits left, partitions
 appended, flushed, committed, dropped), so overlapping the store write of one micro-batch
@@ -41,6 +43,7 @@ __all__ = [
     "FlushReport",
     "ListWriter",
     "QueryPartitions",
+    "ResultsLog",
     "State",
 ]
 
@@ -66,6 +69,15 @@ class Changelog(Protocol):
     """The head-state changelog (consumers.head_state.HeadStateLog)."""
 
     def append(self, partition: int, state: State, engagement_offset: int) -> None: ...
+
+    def flush(self, timeout_s: float) -> None: ...
+
+
+class ResultsLog(Protocol):
+    """The results topic (annstream.results.ResultsPublisher): `publish` queues the stored
+    lists and a tombstone per exited query, `flush` raises until all of them are delivered."""
+
+    def publish(self, lists: NeighbourLists, exited: Int64Array) -> None: ...
 
     def flush(self, timeout_s: float) -> None: ...
 
@@ -149,6 +161,7 @@ class MicroBatch:
     event_time_ms: Int64Array
     ttl_s: Int64Array | None = None
     added_s: float = 0.0
+    publish: BoolArray | None = None
 
     def ttls(self, rows: npt.NDArray[np.intp], now_s: float) -> Int64Array | None:
         """The TTL of `rows` if written at `now_s`: positive TTLs less the time waited."""
@@ -158,6 +171,44 @@ class MicroBatch:
         aging = ttl > 0
         ttl[aging] = np.maximum(1, ttl[aging] - int(max(0.0, now_s - self.added_s)))
         return ttl
+
+
+@dataclass
+class _Results:
+    """The results-topic part of the pending micro-batch: rows to publish once stored, a
+    tombstone per exit once applied; `handed` to the publisher, `delivered` once flushed."""
+
+    rows: BoolArray
+    exits: BoolArray
+    stored: BoolArray
+    handed_rows: BoolArray
+    handed_exits: BoolArray
+    delivered_rows: BoolArray
+    delivered_exits: BoolArray
+
+    @classmethod
+    def of(cls, publish: BoolArray, exits: int) -> _Results:
+        n = len(publish)
+        return cls(
+            rows=publish.copy(),
+            exits=np.ones(exits, dtype=bool),
+            stored=np.zeros(n, dtype=bool),
+            handed_rows=np.zeros(n, dtype=bool),
+            handed_exits=np.zeros(exits, dtype=bool),
+            delivered_rows=np.zeros(n, dtype=bool),
+            delivered_exits=np.zeros(exits, dtype=bool),
+        )
+
+    def undelivered(self, exits_left: BoolArray) -> tuple[BoolArray, BoolArray]:
+        """Rows stored and exits applied whose records are not delivered yet."""
+        return (
+            self.rows & self.stored & ~self.delivered_rows,
+            self.exits & ~exits_left & ~self.delivered_exits,
+        )
+
+    def drop(self, rows: BoolArray, exits: BoolArray) -> None:
+        self.rows &= ~rows
+        self.exits &= ~exits
 
 
 @dataclass
@@ -174,11 +225,16 @@ class _Pending:
     committed: set[int] = field(default_factory=set)
     dropped: set[int] = field(default_factory=set)
     store_reported: bool = False
+    results: _Results | None = None
 
     def store_blocked(self) -> set[int]:
-        """Partitions whose store part is not done (UNKNOWN in it: every partition)."""
+        """Partitions whose store (or results) part is not done (UNKNOWN in it: every
+        partition)."""
         left = self.row_partition[self.rows_left].tolist()
         left += self.exit_partition[self.exits_left].tolist()
+        if self.results is not None:
+            rows, exits = self.results.undelivered(self.exits_left)
+            left += self.row_partition[rows].tolist() + self.exit_partition[exits].tolist()
         return set(left)
 
     def store_done(self) -> bool:
@@ -204,7 +260,15 @@ class _Pending:
     def complete(self) -> bool:
         live_log = set(self.batch.changelog) - self.dropped
         live_offsets = set(self.batch.offsets) - self.dropped
-        return self.store_done() and live_log <= self.flushed and live_offsets <= self.committed
+        delivered = self.results is None or not any(
+            m.any() for m in self.results.undelivered(self.exits_left)
+        )
+        return (
+            self.store_done()
+            and delivered
+            and live_log <= self.flushed
+            and live_offsets <= self.committed
+        )
 
 
 @dataclass
@@ -240,6 +304,7 @@ class Checkpoint:
         flush_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        results: ResultsLog | None = None,
     ) -> None:
         if backoff_s <= 0 or backoff_max_s < backoff_s:
             raise ValueError(
@@ -249,6 +314,7 @@ class Checkpoint:
         self.writer = writer
         self.changelog = changelog
         self.committer = committer
+        self.results = results
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.flush_timeout_s = flush_timeout_s
@@ -290,6 +356,8 @@ class Checkpoint:
             return ""
         if not p.store_done():
             return "store"
+        if p.results is not None and any(m.any() for m in p.results.undelivered(p.exits_left)):
+            return "results"
         if set(p.batch.changelog) - p.dropped - p.flushed:
             return "changelog"
         return "commit"
@@ -305,10 +373,12 @@ class Checkpoint:
         offsets: Mapping[int, int] | None = None,
         event_time_ms: npt.ArrayLike = (),
         ttl_s: npt.ArrayLike | None = None,
+        publish: npt.ArrayLike | None = None,
     ) -> None:
         """Take a computed micro-batch: its lists (with a TTL per row, or None for the store's
         own), the queries that left the head set, the head-state rows it changed and the next
-        engagement offset per partition it covers."""
+        engagement offset per partition it covers. `publish`: the rows that go to the results
+        topic once stored (None: all; retired lists do not)."""
         if self._pending is not None:
             raise RuntimeError("a micro-batch is already pending: flush() it before adding one")
         offsets = {int(p): int(o) for p, o in (offsets or {}).items()}
@@ -323,15 +393,23 @@ class Checkpoint:
             event_time_ms=_ids(event_time_ms),
             ttl_s=None if ttl_s is None else _ids(ttl_s),
             added_s=self._wall_clock(),
+            publish=None if publish is None else np.asarray(publish, dtype=bool).reshape(-1),
         )
         if batch.ttl_s is not None and len(batch.ttl_s) != len(lists):
             raise ValueError(f"ttl_s has {len(batch.ttl_s)} rows, the lists {len(lists)}")
+        if batch.publish is not None and len(batch.publish) != len(lists):
+            raise ValueError(f"publish has {len(batch.publish)} rows, the lists {len(lists)}")
         self._pending = _Pending(
             batch=batch,
             row_partition=self.partitions.of(lists.query_ids),
             exit_partition=self.partitions.of(exits),
             rows_left=np.ones(len(lists), dtype=bool),
             exits_left=np.ones(len(exits), dtype=bool),
+            results=None
+            if self.results is None
+            else _Results.of(
+                np.ones(len(lists), bool) if batch.publish is None else batch.publish, len(exits)
+            ),
         )
 
     def _split(self, state: State | None, offsets: Mapping[int, int]) -> dict[int, State]:
@@ -351,6 +429,7 @@ class Checkpoint:
         p = self._pending
         if p is not None:
             hint = self._store(p, report)
+            self._publish(p, report)
             self._append(p, report)
             self._flush_changelog(p, report)
             for part, offset in p.to_commit().items():
@@ -376,6 +455,8 @@ class Checkpoint:
                 report.store_error = str(exc)
                 return exc.retry_after
             done = result.stored | result.stale
+            if p.results is not None:
+                p.results.stored[rows[result.stored]] = True
             refused = np.zeros_like(done) if result.permanent is None else result.permanent & ~done
             p.rows_left[rows[done | refused]] = False
             report.stored_ids = lists.query_ids[done]
@@ -400,6 +481,35 @@ class Checkpoint:
             p.store_reported = True
             report.stored_batch = p.batch
         return 0.0
+
+    def _publish(self, p: _Pending, report: FlushReport) -> None:
+        """Hand the newly stored lists and applied exits to the results topic, then one flush;
+        what was not delivered is flushed again by the next attempt."""
+        r = p.results
+        if r is None or self.results is None:
+            return
+        rows = np.flatnonzero(r.rows & r.stored & ~r.handed_rows)
+        exits = np.flatnonzero(r.exits & ~p.exits_left & ~r.handed_exits)
+        if len(rows) or len(exits):
+            try:
+                self.results.publish(p.batch.lists.take(rows), p.batch.exited[exits])
+            except Exception as exc:
+                report.errors.append(f"results topic publish: {exc!r}")
+                return
+            r.handed_rows[rows] = True
+            r.handed_exits[exits] = True
+        if (
+            not (r.handed_rows & ~r.delivered_rows).any()
+            and not (r.handed_exits & ~r.delivered_exits).any()
+        ):
+            return
+        try:
+            self.results.flush(self.flush_timeout_s)
+        except Exception as exc:
+            report.errors.append(f"results topic flush: {exc!r}")
+            return
+        r.delivered_rows |= r.handed_rows
+        r.delivered_exits |= r.handed_exits
 
     def _append(self, p: _Pending, report: FlushReport) -> None:
         for part in p.to_append():
@@ -484,8 +594,12 @@ class Checkpoint:
             report = self.flush()
         p = self._pending
         if p is not None:
-            p.rows_left &= ~np.isin(p.row_partition, list(gone))
-            p.exits_left &= ~np.isin(p.exit_partition, list(gone))
+            rows_gone = np.isin(p.row_partition, list(gone))
+            exits_gone = np.isin(p.exit_partition, list(gone))
+            p.rows_left &= ~rows_gone
+            p.exits_left &= ~exits_gone
+            if p.results is not None:
+                p.results.drop(rows_gone, exits_gone)
             p.dropped |= gone & (set(p.batch.changelog) | set(p.batch.offsets))
             if p.complete():
                 self._pending = None

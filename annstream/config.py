@@ -85,6 +85,10 @@ class KafkaConfig:
     max_message_bytes: int = 1_000_000
     max_event_skew_s: float = 600.0
     head_state_restore_timeout_s: float = 60.0
+    create_topics: bool = False
+    topic_partitions: int = -1
+    topic_replication: int = -1
+    compression_type: str = "lz4"
     client: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -459,6 +463,7 @@ HEAD_EXIT_POLICIES = ("expire", "delete")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 STORE_URL_FORMS = "sqlite:///path or aerospike://host:port/namespace/set"
 REGISTRY_URL_SCHEMES = ("http://", "https://", "mock://")
+COMPRESSION_TYPES = ("none", "gzip", "snappy", "lz4", "zstd")
 MAX_TTL_S = 10 * 365 * 86_400
 """Aerospike's TTL cap (10 years); -2 keeps a record's TTL, -1 never expires, 0 = default."""
 _TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -502,7 +507,26 @@ def _problems(cfg: Config) -> Iterator[str]:
         yield bad(
             "kafka", "results_topic", "a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -) or empty"
         )
+    topics = {
+        key: getattr(k, key)
+        for key in (
+            "ad_topic",
+            "engagement_topic",
+            "dead_letter_topic",
+            "head_state_topic",
+            "results_topic",
+        )
+        if getattr(k, key)
+    }
+    for key, topic in topics.items():
+        same = [other for other, t in topics.items() if t == topic and other < key]
+        if same:
+            yield bad("kafka", key, f"must differ from kafka.{same[0]}: each topic has one use")
     yield from positive("kafka", "head_state_restore_timeout_s")
+    yield from one_of("kafka", "compression_type", COMPRESSION_TYPES)
+    for key in ("topic_partitions", "topic_replication"):
+        if getattr(k, key) == 0 or getattr(k, key) < -1:
+            yield bad("kafka", key, "must be -1 (the broker's default) or >= 1")
     urls = [u.strip() for u in k.schema_registry_url.split(",") if u.strip()]
     if any(not u.startswith(REGISTRY_URL_SCHEMES) for u in urls):
         yield bad(

@@ -6,8 +6,9 @@ caller's overrides, all spelled as librdkafka / confluent-kafka spell them (`ena
 `ConfigError` naming it. Defaults are chosen for at-least-once delivery (offsets stored or
 committed only after the results they cover are stored), for the embedded Tansu broker's timing
 (short session timeout, short fetch wait), and for interoperability: producers hash keys with
-murmur2 like Java, Kafka Streams and Connect producers, and their message limit is
-`kafka.max_message_bytes`. librdkafka's own log lines and errors go through `logging`, so
+murmur2 like Java, Kafka Streams and Connect producers, they compress with
+`kafka.compression_type` (lz4: a client that is not librdkafka needs an LZ4 codec to read the
+topics), and their message limit is `kafka.max_message_bytes`. librdkafka's own log lines and errors go through `logging`, so
 `--log-json` output stays JSON.
 """
 
@@ -29,10 +30,12 @@ from annstream.events import Rejection
 from annstream.logs import redact_text
 
 __all__ = [
+    "DEAD_LETTER_REASONS",
     "DeadLetterMarks",
     "DeadLetterPublisher",
     "client_logging",
     "consumer_config",
+    "dead_letter_reason",
     "headers_dict",
     "make_consumer",
     "make_producer",
@@ -59,7 +62,6 @@ _PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
     "acks": "all",
     "linger.ms": 5,
-    "compression.type": "lz4",
     "partitioner": "murmur2_random",
     "log_level": 4,
 }
@@ -142,12 +144,14 @@ def consumer_config(
 
 def producer_config(cfg: KafkaConfig, **overrides: Any) -> dict[str, Any]:
     """The producer settings: defaults (murmur2 partitioner, `message.max.bytes` =
-    kafka.max_message_bytes), then cfg.client, then `overrides`."""
+    kafka.max_message_bytes, `compression.type` = kafka.compression_type), then cfg.client,
+    then `overrides`."""
     return {
         **_PRODUCER_DEFAULTS,
         **client_logging(),
         "bootstrap.servers": cfg.bootstrap_servers,
         "message.max.bytes": cfg.max_message_bytes,
+        "compression.type": cfg.compression_type,
         **cfg.client,
         **overrides,
     }
@@ -177,6 +181,39 @@ def make_producer(cfg: KafkaConfig, **overrides: Any) -> Producer:
 
 Source = tuple[str, int]
 """A source topic and partition."""
+
+_REASON_LABELS = (
+    ("empty message", "null_value"),
+    ("over kafka.max_message_bytes", "too_large"),
+    ("unknown schema id", "unknown_schema"),
+    ("cannot resolve schema id", "unknown_schema"),
+    ("schema, expected", "unknown_schema"),
+    ("truncated message", "not_avro"),
+    ("bad magic byte", "not_avro"),
+    ("corrupt avro payload", "not_avro"),
+    ("trailing bytes", "not_avro"),
+    ("wrong dimension", "dimension"),
+    ("whole number of float32", "dimension"),
+    ("nan or inf", "non_finite"),
+    ("zero embedding", "zero_vector"),
+    ("event time", "event_time"),
+    (" id -", "negative_id"),
+    ("operation", "operation"),
+    ("without an embedding", "operation"),
+    ("weight", "weight"),
+)
+
+
+DEAD_LETTER_REASONS = (*dict.fromkeys(label for _, label in _REASON_LABELS), "other")
+"""Every label `dead_letter_reason` returns."""
+
+
+def dead_letter_reason(reason: str) -> str:
+    """The bounded label of a refusal reason (the metric's `reason`): the reasons themselves
+    carry ids, sizes and times."""
+    text = reason.lower()
+    return next((label for needle, label in _REASON_LABELS if needle in text), "other")
+
 
 _TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 _MAX_REASON = 2000
@@ -236,7 +273,9 @@ class DeadLetterPublisher:
     is logged and counted in `failed`, and the stream goes on.
 
     `delivered` holds, per source (topic, partition), the offset after the last record whose
-    dead letter was delivered: what `DeadLetterMarks` commits.
+    dead letter was delivered: what `DeadLetterMarks` commits. `reasons` counts the letters
+    per `dead_letter_reason` label (sent or not), `failed` those lost, `references` those sent
+    without their value: the service's metrics follow these totals.
     """
 
     def __init__(self, producer: Producer, topic: str, queue_wait_s: float = 10.0) -> None:
@@ -246,6 +285,7 @@ class DeadLetterPublisher:
         self.count = 0
         self.references = 0
         self.failed = 0
+        self.reasons: dict[str, int] = {}
         self.delivered: dict[Source, int] = {}
         self._resend: list[_Letter] = []
 
@@ -297,6 +337,9 @@ class DeadLetterPublisher:
     def _send(self, letter: _Letter, deadline: float) -> None:
         """Queue one letter; waits for room in the producer's queue until `deadline` (shared
         by the letters of one call, so a full queue costs one wait, not one per letter)."""
+        if not letter.reference:
+            label = dead_letter_reason(letter.reason)
+            self.reasons[label] = self.reasons.get(label, 0) + 1
         while True:
             try:
                 self.producer.produce(

@@ -5,7 +5,8 @@ can live in one process, as in tests) and takes plain numbers and arrays: it kno
 the service. The owner thread calls its `observe_*` methods; `MetricsServer` serves them from a
 daemon thread (prometheus_client metrics are thread-safe; the rest is guarded by a lock).
 
-Consumer lag is the cached high watermark minus the position. The cached watermark is the
+Consumer lag is the cached high watermark minus the position (`ConsumerLag`: what was
+processed, else the fetch position, else the committed offset). The cached watermark is the
 one the last fetch response carried (librdkafka keeps it per partition, no extra request), so
 it lags the true end by at most one fetch; it is unknown (-1001) until the first fetch of a
 partition, and such partitions are left out. Broker-queried end offsets
@@ -26,17 +27,29 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from confluent_kafka import Consumer, TopicPartition
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import HistogramMetricFamily, Metric
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from annstream.kafka import DEAD_LETTER_REASONS
 
 __all__ = [
     "BATCH_BUCKETS_S",
     "CONTENT_TYPE",
+    "COUNTERS",
+    "ConsumerLag",
     "FRESHNESS_BUCKETS_S",
     "MetricsServer",
     "ServiceMetrics",
+    "build_labels",
     "consumer_lag",
 ]
 
@@ -45,18 +58,83 @@ logger = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 FRESHNESS_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 BATCH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_WINDOW = 10_000
-_COUNTERS = (
-    "ad_events",
-    "engagement_events",
-    "upserts",
-    "deletes",
-    "records_written",
-    "store_errors",
-    "dead_letters",
-    "snapshots",
-)
+_WINDOW = 100_000
 _UNKNOWN_OFFSET = -1001
+
+
+class ConsumerLag:
+    """partition -> messages behind the cached high watermark, for one consumer of `topic`
+    (partitions not yet fetched are left out).
+
+    The position of a partition is, in this order: what the caller processed (`positions`,
+    partition -> next offset), the consumer's fetch position (ahead of processing by what
+    librdkafka has buffered), the group's committed offset, the low watermark. After a
+    restart or rebalance a quiet partition has no fetch position until a message arrives;
+    its committed offset (looked up once per assignment, not per call) is where it resumes,
+    so a caught-up partition reads 0, not its whole retained history. A failed lookup leaves
+    the partition out for `retry_s` rather than report a lag it does not have.
+    """
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        topic: str,
+        timeout_s: float = 2.0,
+        retry_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.consumer = consumer
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self._clock = clock
+        self._committed: dict[int, int] = {}
+        self._retry_at = 0.0
+
+    def _lookup_committed(self, partitions: list[int]) -> bool:
+        """Fill the committed offsets of `partitions`; False when the broker did not answer."""
+        if self._clock() < self._retry_at:
+            return False
+        try:
+            tps = self.consumer.committed(
+                [TopicPartition(self.topic, p) for p in partitions], self.timeout_s
+            )
+        except KafkaException as exc:
+            self._retry_at = self._clock() + self.retry_s
+            logger.debug("committed offsets of %s not read for its lag: %s", self.topic, exc)
+            return False
+        for tp in tps:
+            if tp.error is None:
+                self._committed[int(tp.partition)] = int(tp.offset)
+        return True
+
+    def __call__(
+        self, partitions: Iterable[int], positions: Mapping[int, int] | None = None
+    ) -> dict[int, int]:
+        parts = sorted(int(p) for p in partitions)
+        for p in set(self._committed) - set(parts):  # given up: looked up again if regained
+            del self._committed[p]
+        known = {p: int(o) for p, o in (positions or {}).items() if int(o) >= 0}
+        ask = [p for p in parts if p not in known]
+        if ask:
+            fetched = self.consumer.position([TopicPartition(self.topic, p) for p in ask])
+            known.update({int(tp.partition): int(tp.offset) for tp in fetched if tp.offset >= 0})
+        unknown = [p for p in parts if p not in known and p not in self._committed]
+        answered = not unknown or self._lookup_committed(unknown)
+        out: dict[int, int] = {}
+        for p in parts:
+            low, high = self.consumer.get_watermark_offsets(
+                TopicPartition(self.topic, p), cached=True
+            )
+            if high < 0:
+                continue
+            pos = known.get(p, self._committed.get(p, _UNKNOWN_OFFSET))
+            if pos < 0:
+                if p in unknown and not answered:
+                    continue
+                pos = max(int(low), 0)
+            out[p] = max(int(high) - pos, 0)
+        return out
 
 
 def consumer_lag(
@@ -65,29 +143,8 @@ def consumer_lag(
     partitions: Iterable[int],
     positions: Mapping[int, int] | None = None,
 ) -> dict[int, int]:
-    """partition -> messages behind the cached high watermark (partitions not yet fetched
-    are left out).
-
-    `positions` (partition -> next offset to process) is what the caller has processed; a
-    partition missing from it falls back to the consumer's fetch position, which runs ahead
-    of processing by what librdkafka has buffered, then to the low watermark.
-    """
-    parts = sorted(int(p) for p in partitions)
-    known = dict(positions or {})
-    ask = [p for p in parts if p not in known]
-    if ask:
-        fetched = consumer.position([TopicPartition(topic, p) for p in ask])
-        known.update({int(tp.partition): int(tp.offset) for tp in fetched})
-    out: dict[int, int] = {}
-    for p in parts:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
-        if high < 0:
-            continue
-        pos = int(known.get(p, _UNKNOWN_OFFSET))
-        if pos < 0:
-            pos = max(int(low), 0)
-        out[p] = max(int(high) - pos, 0)
-    return out
+    """One `ConsumerLag` reading (no lookups kept between calls)."""
+    return ConsumerLag(consumer, topic)(partitions, positions)
 
 
 class _ArrayHistogram(Collector):
@@ -130,8 +187,161 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+_REBALANCES = ("assigned", "revoked", "lost")
+# name (without _total): (help, label names[, the label values exported from the start])
+COUNTERS: dict[str, tuple[Any, ...]] = {
+    "ad_events": ("Ad events consumed (valid and invalid)", ()),
+    "engagement_events": ("Engagement events consumed (valid and invalid)", ()),
+    "micro_batches": ("Micro-batches computed", ()),
+    "upserts": ("Ads inserted or replaced in the index", ()),
+    "deletes": ("Ads deleted from the index", ()),
+    "records_written": ("Neighbour lists written to the store", ()),
+    "store_errors": (
+        "Store calls that failed and are retried, by what was asked: write (the store was "
+        "unavailable), rows (some lists not stored), head_exits, verify, recall_sample",
+        ("reason",),
+        ("write", "rows", "head_exits", "verify", "recall_sample"),
+    ),
+    "store_refused": (
+        "Neighbour lists the store refused for good (not retried), by reason",
+        ("reason",),
+    ),
+    "store_rewrites": (
+        "Stored lists found missing or older than stored (wiped store), rewritten",
+        (),
+    ),
+    "dead_letters": (
+        "Invalid events sent to the dead-letter topic, by reason (kafka.dead_letter_reason)",
+        ("reason",),
+        DEAD_LETTER_REASONS,
+    ),
+    "dead_letters_failed": ("Dead letters that could not be written (logged, not retried)", ()),
+    "dead_letters_references": (
+        "Dead letters sent without their value (the record was over the message limit)",
+        (),
+    ),
+    "dead_letters_replayed": (
+        "Invalid ad events read again after a replay and not dead-lettered again",
+        (),
+    ),
+    "results_published": (
+        "Records delivered to the results topic: list, tombstone, too_large (not sent)",
+        ("kind",),
+        ("list", "tombstone", "too_large"),
+    ),
+    "snapshots": ("Index snapshots written", ()),
+    "rebalances": (
+        "Engagement partition assignments changed: assigned, revoked, lost",
+        ("kind",),
+        _REBALANCES,
+    ),
+    "rebalance_partitions": (
+        "Engagement partitions gained (assigned) or given up (revoked, lost)",
+        ("kind",),
+        _REBALANCES,
+    ),
+}
+"""Every counter of the service: its one store is `_Counters`, which /metrics, /status and
+the service's `stats` (the demo's summary) all read."""
+
+Labels = tuple[str, ...]
+
+
+class _Counters(Collector):
+    """The counters' values, exported as Prometheus counters (`<name>_total`) and readable as
+    numbers. `inc` adds; `track` follows a running total kept elsewhere (never backwards)."""
+
+    def __init__(self, prefix: str, specs: Mapping[str, tuple[Any, ...]]) -> None:
+        self.prefix = prefix
+        self.specs = {name: (spec[0], tuple(spec[1])) for name, spec in specs.items()}
+        self._values: dict[str, dict[Labels, float]] = {}
+        for name, spec in specs.items():
+            known = spec[2] if len(spec) > 2 else ()
+            self._values[name] = {(value,): 0.0 for value in known} if spec[1] else {(): 0.0}
+        self._lock = threading.Lock()
+
+    def _key(self, name: str, labels: Mapping[str, str]) -> Labels:
+        names = self.specs[name][1]
+        if set(labels) != set(names):
+            raise ValueError(f"counter {name} takes the labels {names}, got {sorted(labels)}")
+        return tuple(str(labels[n]) for n in names)
+
+    def inc(self, name: str, n: float = 1, **labels: str) -> None:
+        if n < 0:
+            raise ValueError(f"{name} must not be negative, got {n}: pass the increment")
+        key = self._key(name, labels)
+        if n:
+            with self._lock:
+                values = self._values[name]
+                values[key] = values.get(key, 0.0) + n
+
+    def track(self, name: str, total: float, **labels: str) -> None:
+        key = self._key(name, labels)
+        with self._lock:
+            values = self._values[name]
+            values[key] = max(values.get(key, 0.0), float(total))
+
+    def value(self, name: str, **labels: str) -> float:
+        """One series, or the sum over every series of `name` when no label is given."""
+        with self._lock:
+            values = self._values[name]
+            if not labels:
+                return float(sum(values.values()))
+            return float(values.get(self._key(name, labels), 0.0))
+
+    def totals(self) -> dict[str, float]:
+        with self._lock:
+            return {name: float(sum(v.values())) for name, v in self._values.items()}
+
+    def by_label(self, name: str) -> dict[str, float]:
+        """The series of `name` that counted something, by label value."""
+        with self._lock:
+            return {",".join(k): v for k, v in self._values[name].items() if v}
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            values = {name: dict(v) for name, v in self._values.items()}
+        for name, (doc, labels) in self.specs.items():
+            family = CounterMetricFamily(f"{self.prefix}{name}", doc, labels=list(labels))
+            for key, v in sorted(values[name].items()):
+                family.add_metric(list(key), v)
+            yield family
+
+
+def build_labels() -> dict[str, str]:
+    """What `annstream_build_info` carries: the versions that decide the service's behaviour."""
+    import platform
+
+    import confluent_kafka
+
+    try:
+        from importlib import metadata
+
+        version = metadata.version("annstream")
+    except Exception:
+        from annstream import __version__ as version
+    try:
+        import faiss
+
+        faiss_version = str(faiss.__version__)
+    except Exception:
+        faiss_version = "unknown"
+    return {
+        "version": version,
+        "python": platform.python_version(),
+        "librdkafka": confluent_kafka.libversion()[0],
+        "confluent_kafka": confluent_kafka.version()[0],
+        "faiss": faiss_version,
+    }
+
+
 class ServiceMetrics:
-    """Every metric of one service, on its own registry, plus the state /status reports."""
+    """Every metric of one service, on its own registry, plus the state /status reports.
+
+    Counters live in one place (`COUNTERS`, read with `value`/`totals`); freshness samples in
+    one window (`freshness`). The registry also carries prometheus_client's process metrics
+    (`process_resident_memory_bytes`, CPU, open files) and `annstream_build_info`.
+    """
 
     def __init__(
         self,
@@ -153,13 +363,19 @@ class ServiceMetrics:
         self._recall_at: float | None = None
         self._index: dict[str, float] = {}
         self._head_queries = 0
-        self._micro_batches = 0
+        self.last_batch_s = 0.0
         self._lag: dict[str, dict[int, int]] = {}
-        self._totals: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
         self._fresh = np.full(_WINDOW, np.nan, dtype="float64")
-        self._fresh_next = 0
+        self._fresh_seen = 0
         r = self.registry
 
+        self.counters = _Counters("annstream_", COUNTERS)
+        r.register(self.counters)
+        ProcessCollector(registry=r)
+        self.build_info = Info(
+            "annstream_build", "Versions of annstream and its engines", registry=r
+        )
+        self.build_info.info(build_labels())
         self.lag = Gauge(
             "annstream_consumer_lag",
             "Messages behind the cached high watermark, per topic partition",
@@ -172,12 +388,18 @@ class ServiceMetrics:
             buckets=BATCH_BUCKETS_S,
             registry=r,
         )
-        self.freshness = _ArrayHistogram(
+        self.store_write_seconds = Histogram(
+            "annstream_store_write_seconds",
+            "Wall time of one store write call (a micro-batch's lists, or what is left of them)",
+            buckets=BATCH_BUCKETS_S,
+            registry=r,
+        )
+        self.freshness_histogram = _ArrayHistogram(
             "annstream_freshness_seconds",
             "Ad event time to its micro-batch being stored",
             FRESHNESS_BUCKETS_S,
         )
-        r.register(self.freshness)
+        r.register(self.freshness_histogram)
         self.index_ads = Gauge("annstream_index_ads", "Ads in the live index", registry=r)
         self.index_imbalance = Gauge(
             "annstream_index_imbalance",
@@ -193,43 +415,12 @@ class ServiceMetrics:
         self.head_queries = Gauge(
             "annstream_head_queries", "Head queries whose neighbour lists are kept", registry=r
         )
-        self.ad_events = Counter(
-            "annstream_ad_events", "Ad events consumed (valid and invalid)", registry=r
-        )
-        self.engagement_events = Counter(
-            "annstream_engagement_events", "Engagement events consumed", registry=r
-        )
-        self.upserts = Counter(
-            "annstream_upserts", "Ads inserted or replaced in the index", registry=r
-        )
-        self.deletes = Counter("annstream_deletes", "Ads deleted from the index", registry=r)
-        self.records_written = Counter(
-            "annstream_records_written", "Neighbour lists written to the store", registry=r
-        )
-        self.store_errors = Counter(
-            "annstream_store_errors", "Micro-batch writes the store refused or missed", registry=r
-        )
-        self.store_refused = Counter(
-            "annstream_store_refused",
-            "Neighbour lists the store refused for good (not retried), by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.store_rewrites = Counter(
-            "annstream_store_rewrites",
-            "Stored lists found missing or older than stored (wiped store), rewritten",
-            registry=r,
-        )
         self.store_accepting = Gauge(
             "annstream_store_accepting_writes",
             "1 while the store accepts writes, 0 while writes fail and are retried",
             registry=r,
         )
         self.store_accepting.set(1)
-        self.dead_letters = Counter(
-            "annstream_dead_letters", "Messages sent to the dead-letter topic", registry=r
-        )
-        self.snapshots = Counter("annstream_snapshots", "Index snapshots written", registry=r)
         self.snapshot_age = Gauge(
             "annstream_snapshot_age_seconds",
             "Seconds since the last snapshot was written (NaN before the first)",
@@ -242,48 +433,56 @@ class ServiceMetrics:
             registry=r,
         )
         self.recall.set(math.nan)
+        self.recall_target = Gauge(
+            "annstream_recall_target",
+            "The recall@K under which the service warns (service.recall_warn_below)",
+            registry=r,
+        )
+        self.recall_target.set(math.nan)
 
     # ---- observations (owner thread) ---------------------------------------------------
 
-    def _count(self, counter: Counter, name: str, n: float) -> None:
-        if n < 0:
-            raise ValueError(f"{name} must not be negative, got {n}: pass the increment")
-        if n:
-            counter.inc(n)
-            with self._lock:
-                self._totals[name] = self._totals.get(name, 0) + n
+    def value(self, name: str, **labels: str) -> float:
+        """A counter's value (summed over its labels unless some are given)."""
+        return self.counters.value(name, **labels)
+
+    def totals(self) -> dict[str, float]:
+        return self.counters.totals()
 
     def heartbeat(self) -> None:
         """The loop is alive: call once per step (feeds /healthz)."""
         self._last_step = self._clock()
 
     def observe_consumed(self, ad_events: int = 0, engagement_events: int = 0) -> None:
-        self._count(self.ad_events, "ad_events", ad_events)
-        self._count(self.engagement_events, "engagement_events", engagement_events)
+        self.counters.inc("ad_events", ad_events)
+        self.counters.inc("engagement_events", engagement_events)
 
     def observe_batch(self, duration_s: float, *, upserts: int = 0, deletes: int = 0) -> None:
         """One micro-batch computed: its wall time and the index changes it applied."""
         self.batch_seconds.observe(duration_s)
-        self._count(self.upserts, "upserts", upserts)
-        self._count(self.deletes, "deletes", deletes)
-        with self._lock:
-            self._micro_batches += 1
+        self.last_batch_s = float(duration_s)
+        self.counters.inc("micro_batches")
+        self.counters.inc("upserts", upserts)
+        self.counters.inc("deletes", deletes)
 
     def observe_stored(self, freshness_s: npt.ArrayLike, records: int) -> None:
         """A micro-batch reached the store: ad event -> stored delays (s), lists written."""
         v = np.asarray(freshness_s, dtype="float64").reshape(-1)
-        self.freshness.observe(v)
-        self._count(self.records_written, "records_written", records)
+        self.freshness_histogram.observe(v)
+        self.counters.inc("records_written", records)
         self.observe_store_ok()
         with self._lock:
             tail = v[-_WINDOW:]
-            idx = (self._fresh_next + np.arange(tail.size)) % _WINDOW
+            idx = (self._fresh_seen + np.arange(tail.size)) % _WINDOW
             self._fresh[idx] = tail
-            self._fresh_next = int((self._fresh_next + tail.size) % _WINDOW)
+            self._fresh_seen += v.size
 
-    def observe_store_error(self, error: str = "", n: int = 1) -> None:
+    def observe_store_write(self, seconds: float) -> None:
+        self.store_write_seconds.observe(seconds)
+
+    def observe_store_error(self, error: str = "", n: int = 1, reason: str = "write") -> None:
         """A store call failed (retried later): the store is not accepting writes."""
-        self._count(self.store_errors, "store_errors", n)
+        self.counters.inc("store_errors", n, reason=reason)
         self.store_accepting.set(0)
         with self._lock:
             if self._store_down_since is None:
@@ -299,16 +498,16 @@ class ServiceMetrics:
     def observe_refused(self, reasons: Mapping[str, int]) -> None:
         """Neighbour lists refused for good, counted per reason label."""
         for reason, n in reasons.items():
-            self.store_refused.labels(reason).inc(n)
+            self.counters.inc("store_refused", n, reason=reason)
 
     def observe_rewrites(self, n: int) -> None:
-        if n:
-            self.store_rewrites.inc(n)
+        self.counters.inc("store_rewrites", n)
 
     def observe_checkpoint(
         self, waiting_for: str, failing_for_s: float | None, retry_in_s: float, error: str
     ) -> None:
-        """Where the pending micro-batch is in store -> changelog -> commit ('' = none)."""
+        """Where the pending micro-batch is in store -> results -> changelog -> commit
+        ('' = none)."""
         since = None if failing_for_s is None else self._clock() - failing_for_s
         with self._lock:
             self._checkpoint = {
@@ -318,8 +517,30 @@ class ServiceMetrics:
                 "last_error": error if waiting_for else None,
             }
 
-    def observe_dead_letters(self, n: int) -> None:
-        self._count(self.dead_letters, "dead_letters", n)
+    def observe_dead_letters(self, n: int, reason: str = "other") -> None:
+        """`n` invalid events dead-lettered for `reason` (a bounded label)."""
+        self.counters.inc("dead_letters", n, reason=reason)
+
+    def track_dead_letters(
+        self, reasons: Mapping[str, int], failed: int, references: int, replayed: int
+    ) -> None:
+        """The running totals of a dead-letter publisher (and of replayed records skipped)."""
+        for reason, n in reasons.items():
+            self.counters.track("dead_letters", n, reason=reason)
+        self.counters.track("dead_letters_failed", failed)
+        self.counters.track("dead_letters_references", references)
+        self.counters.track("dead_letters_replayed", replayed)
+
+    def track_results(self, records: int, tombstones: int, too_large: int) -> None:
+        """The running totals of the results-topic publisher."""
+        self.counters.track("results_published", records, kind="list")
+        self.counters.track("results_published", tombstones, kind="tombstone")
+        self.counters.track("results_published", too_large, kind="too_large")
+
+    def observe_rebalance(self, kind: str, partitions: int) -> None:
+        """Engagement partitions `assigned`, `revoked` or `lost`."""
+        self.counters.inc("rebalances", kind=kind)
+        self.counters.inc("rebalance_partitions", partitions, kind=kind)
 
     def observe_index(self, ads: int, imbalance: float, memory_bytes: int, version: int) -> None:
         self.index_ads.set(ads)
@@ -339,6 +560,10 @@ class ServiceMetrics:
         with self._lock:
             self._head_queries = int(n)
 
+    @property
+    def head_query_count(self) -> int:
+        return self._head_queries
+
     def observe_lag(self, topic: str, lags: Mapping[int, int]) -> None:
         """The lag of every partition of `topic` this process reads; others are dropped."""
         with self._lock:
@@ -350,13 +575,46 @@ class ServiceMetrics:
             self.lag.labels(topic, str(p)).set(v)
 
     def observe_snapshot(self, at: float | None = None) -> None:
-        self._count(self.snapshots, "snapshots", 1)
+        self.counters.inc("snapshots")
         self._last_snapshot = self._clock() if at is None else at
+
+    def observe_recall_target(self, target: float) -> None:
+        self.recall_target.set(target)
 
     def observe_recall(self, recall: float, k: int) -> None:
         self.recall.set(recall)
         with self._lock:
             self._recall, self._recall_k, self._recall_at = float(recall), int(k), self._clock()
+
+    # ---- freshness -----------------------------------------------------------------------
+
+    def freshness_mark(self) -> int:
+        """How many freshness samples were observed so far: pass it to `freshness(since=)`."""
+        with self._lock:
+            return self._fresh_seen
+
+    def freshness_since(self, mark: int) -> tuple[npt.NDArray[np.float64], int]:
+        """(samples in seconds observed after `mark`, the new mark); at most the last
+        `_WINDOW` of them (older ones have left the window)."""
+        with self._lock:
+            seen = self._fresh_seen
+            n = min(seen - mark, _WINDOW, seen)
+            idx = (seen - n + np.arange(max(n, 0))) % _WINDOW
+            return self._fresh[idx].copy(), seen
+
+    def freshness(self, since: int | None = None) -> dict[str, Any]:
+        """p50 and p99 (seconds, None without samples) of the ad event -> stored delay over
+        the window, or over what came after `since` (a `freshness_mark()`)."""
+        if since is None:
+            with self._lock:
+                values = self._fresh[np.isfinite(self._fresh)]
+        else:
+            values, _ = self.freshness_since(since)
+            values = values[np.isfinite(values)]
+        if not values.size:
+            return {"p50": None, "p99": None, "window": 0}
+        p50, p99 = np.percentile(values, [50, 99]).tolist()
+        return {"p50": p50, "p99": p99, "window": int(values.size)}
 
     # ---- reading (any thread) ----------------------------------------------------------
 
@@ -407,13 +665,14 @@ class ServiceMetrics:
         return doc
 
     def status(self) -> dict[str, Any]:
-        """The /status document: lag, freshness, recall, index, head queries, micro-batches."""
+        """The /status document: lag, freshness, recall, index, head queries, micro-batches,
+        every counter (the same numbers /metrics exports)."""
+        totals = self.counters.totals()
         with self._lock:
-            fresh = self._fresh[np.isfinite(self._fresh)]
             lag = {t: {str(p): v for p, v in sorted(d.items())} for t, d in self._lag.items()}
             doc: dict[str, Any] = {
                 "uptime_s": round(self._clock() - self._started, 3),
-                "micro_batches": self._micro_batches,
+                "micro_batches": int(totals["micro_batches"]),
                 "head_queries": self._head_queries,
                 "index": dict(self._index),
                 "recall": {
@@ -423,13 +682,16 @@ class ServiceMetrics:
                 },
             }
         doc["lag"] = {"total": sum(sum(d.values()) for d in self._lag.values()), "partitions": lag}
-        p50, p99 = np.percentile(fresh, [50, 99]).tolist() if fresh.size else [None, None]
-        doc["freshness_s"] = {"p50": p50, "p99": p99, "window": int(fresh.size)}
+        doc["freshness_s"] = self.freshness()
         doc["snapshot_age_s"] = _finite(self._snapshot_age())
         doc["store"] = self._store_state(self._clock())
         with self._lock:
             doc["checkpoint"] = dict(self._checkpoint)
-            doc["counters"] = dict(self._totals)
+        doc["counters"] = totals
+        doc["by_reason"] = {
+            name: self.counters.by_label(name)
+            for name in ("dead_letters", "store_errors", "store_refused")
+        }
         return doc
 
 

@@ -31,6 +31,7 @@ from annstream.logs import add_secret, redact_text
 __all__ = [
     "AD_SUBJECT",
     "ENGAGEMENT_SUBJECT",
+    "HEAD_STATE_SUBJECT",
     "NEIGHBOUR_SUBJECT",
     "ConfluentSchemaRegistry",
     "LocalSchemaRegistry",
@@ -48,10 +49,12 @@ logger = logging.getLogger(__name__)
 AD_SUBJECT = "annstream.ads-value"
 ENGAGEMENT_SUBJECT = "annstream.engagements-value"
 NEIGHBOUR_SUBJECT = "annstream.neighbours-value"
+HEAD_STATE_SUBJECT = "annstream.head-state-value"
 _SUBJECT_FILES = {
     AD_SUBJECT: "ad_event.avsc",
     ENGAGEMENT_SUBJECT: "engagement_event.avsc",
     NEIGHBOUR_SUBJECT: "neighbour_list.avsc",
+    HEAD_STATE_SUBJECT: "head_state.avsc",
 }
 _HEADER = struct.Struct(">bI")
 HEADER_SIZE = _HEADER.size
@@ -172,6 +175,7 @@ def topic_subjects(kafka: KafkaConfig) -> dict[str, str]:
         NEIGHBOUR_SUBJECT: f"{kafka.results_topic}-value"
         if kafka.results_topic
         else NEIGHBOUR_SUBJECT,
+        HEAD_STATE_SUBJECT: f"{kafka.head_state_topic}-value",
     }
 
 

@@ -12,6 +12,11 @@ record (the read end, known without trusting the broker's end offsets), then rep
 committed snapshot to the barrier: at most about twice the state, however long the service
 has run. Nothing relies on retention or compaction; on Kafka the topic deletes records older
 than a retention well above `SNAPSHOT_MAX_AGE_S` (`TOPIC_CONFIG`, docs/deploy.md).
+
+Records are Avro (schemas/head_state.avsc: the row count and, per column, its numpy dtype, the
+shape of one row and the raw bytes) in the Confluent wire format, with the schema id of the
+topic's subject, so a Confluent deserializer reads the topic like the others; the snapshot
+markers and the engagement offset are headers.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import fastavro
 import numpy as np
 import numpy.typing as npt
 from confluent_kafka import (
@@ -43,6 +49,16 @@ from confluent_kafka import (
 from annstream.config import KafkaConfig
 from annstream.errors import BrokerError
 from annstream.kafka import headers_dict, make_consumer, message_error
+from annstream.schemas import (
+    HEAD_STATE_SUBJECT,
+    LocalSchemaRegistry,
+    SchemaRegistry,
+    frame,
+    load_schema,
+    open_registry,
+    unframe,
+)
+from annstream.topics import TOPIC_CONFIGS
 
 __all__ = [
     "SNAPSHOT_MAX_AGE_S",
@@ -50,6 +66,7 @@ __all__ = [
     "TOPIC_CONFIG",
     "HeadStateLog",
     "RestoreStats",
+    "barrier_value",
     "decode_state",
     "encode_state",
     "producer_message_limit",
@@ -62,7 +79,7 @@ PartitionState = Callable[[int], State]
 
 SNAPSHOT_MIN_BYTES = 1 << 20
 SNAPSHOT_MAX_AGE_S = 86_400.0
-TOPIC_CONFIG = {"cleanup.policy": "delete", "retention.ms": str(7 * 86_400_000)}
+TOPIC_CONFIG = TOPIC_CONFIGS["head_state_topic"]
 LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
 
 _OFFSET_HEADER = "annstream.engagement-offset"
@@ -78,34 +95,99 @@ _QUEUE_POLL_S = 0.05
 
 # ---- record format ---------------------------------------------------------------------
 
-
-@functools.lru_cache(maxsize=64)
-def _header(columns: tuple[tuple[str, str, tuple[int, ...]], ...]) -> bytes:
-    header = json.dumps([[k, dtype, list(shape)] for k, dtype, shape in columns]).encode()
-    return _MAGIC + struct.pack("<I", len(header)) + header
+Column = tuple[str, str, tuple[int, ...]]
 
 
-def encode_state(state: State) -> bytes:
-    """Rows as one record: magic, a JSON list of (name, dtype, shape of one row), the row
-    count, then each column's raw bytes."""
+@functools.lru_cache(maxsize=1)
+def _schema() -> dict[str, Any]:
+    return load_schema("head_state.avsc")
+
+
+@functools.lru_cache(maxsize=1)
+def _local_id() -> int:
+    return LocalSchemaRegistry().id_for(HEAD_STATE_SUBJECT)
+
+
+def _framed(record: dict[str, Any], schema_id: int) -> bytes:
+    buf = io.BytesIO()
+    buf.write(frame(schema_id, b""))
+    fastavro.schemaless_writer(buf, _schema(), record)
+    return buf.getvalue()
+
+
+def encode_state(state: State, schema_id: int | None = None) -> bytes:
+    """Rows as one Avro record (schemas/head_state.avsc) in the Confluent wire format: the row
+    count, then per column its name, dtype, the shape of one row and its raw bytes.
+    `schema_id`: the id registered for the topic's subject (default: the shipped registry's)."""
     rows = len(state["query_ids"])
     columns = []
-    data = []
     for k, v in state.items():
         if v.ndim == 0 or len(v) != rows:
             raise ValueError(f"encode_state: column {k!r} needs one entry per query id")
-        columns.append((k, v.dtype.str, v.shape[1:]))
-        data.append(v.tobytes())
-    return b"".join([_header(tuple(columns)), struct.pack("<Q", rows), *data])
+        columns.append(
+            {
+                "name": k,
+                "dtype": v.dtype.str,
+                "shape": list(v.shape[1:]),
+                "data": np.ascontiguousarray(v).tobytes(),
+            }
+        )
+    return _framed(
+        {"rows": rows, "columns": columns}, _local_id() if schema_id is None else schema_id
+    )
 
 
-def decode_state(blob: bytes) -> State:
-    """The columns of one record (also the npz records of earlier versions); no pickles."""
+def barrier_value(schema_id: int | None = None) -> bytes:
+    """A record with no rows and no columns: the value of a restore barrier."""
+    return _framed({"rows": 0, "columns": []}, _local_id() if schema_id is None else schema_id)
+
+
+def _columns(record: dict[str, Any]) -> State:
+    rows = int(record["rows"])
+    out: State = {}
+    for column in record["columns"]:
+        name, dtype_str, data = column["name"], column["dtype"], column["data"]
+        dtype = np.dtype(dtype_str)
+        shape = (rows, *(int(s) for s in column["shape"]))
+        if dtype.kind not in _KINDS or min(shape) < 0:
+            raise ValueError(f"head-state column {name!r}: unsupported {dtype_str} {shape}")
+        if len(data) != math.prod(shape) * dtype.itemsize:
+            raise ValueError(
+                f"head-state column {name!r} holds {len(data)} bytes, {shape} {dtype_str} "
+                f"needs {math.prod(shape) * dtype.itemsize}"
+            )
+        out[str(name)] = np.frombuffer(data, dtype).reshape(shape)
+    return out
+
+
+def decode_state(blob: bytes, registry: SchemaRegistry | None = None) -> State:
+    """The columns of one record; the writer schema of an id other than the shipped one is
+    looked up in `registry`. Records of earlier versions (raw columns, npz) still decode;
+    nothing is unpickled."""
     if blob.startswith(_NPZ_MAGIC):
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    if not blob.startswith(_MAGIC):
-        raise ValueError("not a head-state record (unknown magic)")
+    if blob.startswith(_MAGIC):
+        return _decode_raw(blob)
+    schema_id, payload = unframe(blob)
+    ours = _schema()
+    writer = ours
+    if schema_id != _local_id() and registry is not None:
+        writer = registry.schema(schema_id)
+    buf = io.BytesIO(payload)
+    try:
+        record = fastavro.schemaless_reader(buf, writer, ours if writer is not ours else None)
+    except (EOFError, ValueError, TypeError, IndexError, StopIteration) as exc:
+        raise ValueError(f"not a head-state record ({type(exc).__name__}: {exc})") from None
+    if buf.tell() != len(payload):
+        raise ValueError("head-state record has trailing bytes")
+    if not isinstance(record, dict):
+        raise ValueError("not a head-state record")
+    return _columns(record)
+
+
+def _decode_raw(blob: bytes) -> State:
+    """The raw-column records written before the changelog was Avro."""
     at = len(_MAGIC) + 4
     (size,) = struct.unpack_from("<I", blob, len(_MAGIC))
     columns = json.loads(blob[at : at + size])
@@ -128,6 +210,15 @@ def decode_state(blob: bytes) -> State:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _overhead(columns: tuple[Column, ...]) -> int:
+    """Bytes of a record of these columns beyond their data: framing, names, dtypes, shapes
+    and the (up to 10-byte) varints of the row count and each column's length."""
+    empty = {name: np.empty((0, *shape), dtype=np.dtype(dtype)) for name, dtype, shape in columns}
+    empty.setdefault("query_ids", np.empty(0, np.int64))
+    return len(encode_state(empty)) + 10 * (len(columns) + 1)
+
+
 def producer_message_limit(cfg: KafkaConfig) -> int:
     """The largest record the producer accepts: librdkafka's `message.max.bytes` (1,000,000
     unless set in `kafka.client`). Not `kafka.max_message_bytes`: that bounds the events the
@@ -143,8 +234,8 @@ def _chunks(state: State, max_bytes: int, row: int) -> Iterator[State]:
     """Row ranges of `state` (`row` bytes a row) whose records fit in `max_bytes` (at least
     one, maybe empty)."""
     n = len(state["query_ids"])
-    columns = tuple((k, v.dtype.str, v.shape[1:]) for k, v in state.items())
-    rows = (max_bytes - len(_header(columns)) - 8 - _RECORD_MARGIN) // max(row, 1)
+    columns = tuple((k, v.dtype.str, tuple(v.shape[1:])) for k, v in state.items())
+    rows = (max_bytes - _overhead(columns) - _RECORD_MARGIN) // max(row, 1)
     if n <= rows:
         yield state
         return
@@ -229,8 +320,11 @@ class HeadStateLog:
         producer: Producer,
         partition_state: PartitionState,
         max_message_bytes: int | None = None,
+        registry: SchemaRegistry | None = None,
     ) -> None:
         self.cfg = cfg
+        self.registry = registry or open_registry(cfg)
+        self.schema_id = self.registry.id_for(HEAD_STATE_SUBJECT)
         self.topic = cfg.head_state_topic
         self.producer = producer
         self.partition_state = partition_state
@@ -260,7 +354,7 @@ class HeadStateLog:
             self._append_snapshot(partition, self.partition_state(partition), headers, log)
             return
         for chunk in _chunks(state, self.max_message_bytes, row):
-            value = encode_state(chunk)
+            value = encode_state(chunk, self.schema_id)
             log.delta_bytes += len(value)
             self._send([(value, partition, headers, None)])
 
@@ -278,7 +372,9 @@ class HeadStateLog:
         log: _PartitionLog,
     ) -> None:
         row = _row_bytes(state)
-        values = [encode_state(c) for c in _chunks(state, self.max_message_bytes, row)]
+        values = [
+            encode_state(c, self.schema_id) for c in _chunks(state, self.max_message_bytes, row)
+        ]
         sid = uuid.uuid4().hex[:16]
         self._snapshots[sid] = _Snapshot(partition, len(values))
         self._send(
@@ -399,7 +495,7 @@ class HeadStateLog:
         self.producer.produce(
             self.topic,
             key=_BARRIER_KEY,
-            value=uuid.uuid4().bytes,
+            value=barrier_value(self.schema_id),
             partition=partition,
             on_delivery=on_delivery,
         )
@@ -468,7 +564,7 @@ class HeadStateLog:
                         continue
                     value = m.value() or b""
                     try:
-                        state = decode_state(value)
+                        state = decode_state(value, self.registry)
                     except ValueError as exc:
                         logger.error(
                             "skipping head-state record %s[%d]@%d: %s",

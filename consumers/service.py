@@ -22,38 +22,38 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 
 from annstream.ad_metadata import AdMetadata
-from annstream.broker import create_topics
 from annstream.checkpoint import Checkpoint, FlushReport
 from annstream.codec import AdCodec, EngagementCodec
-from annstream.config import Config, KafkaConfig
+from annstream.config import Config
 from annstream.drift import BackgroundRetrainer, DriftMonitor
 from annstream.errors import StoreError
 from annstream.events import AdBatch, EngagementBatch
 from annstream.heads import HeadQueryTracker
 from annstream.heap import trim_heap
 from annstream.index import LiveIvfIndex
-from annstream.kafka import DeadLetterPublisher, client_logging, make_producer
-from annstream.metrics import MetricsServer, ServiceMetrics, consumer_lag
+from annstream.kafka import DeadLetterPublisher, make_producer
+from annstream.metrics import ConsumerLag, MetricsServer, ServiceMetrics
 from annstream.recall import RecallMonitor
 from annstream.refresher import MicroBatcher, Refresher
+from annstream.results import ResultsPublisher
 from annstream.schemas import open_registry
 from annstream.sink import NeighbourSink, refusal_reason
 from annstream.snapshot import SnapshotPolicy, load_latest_snapshot, write_snapshot
 from annstream.store import open_store
 from annstream.store.base import NeighbourStore
-from annstream.store.record import NeighbourLists
+from annstream.store.record import NeighbourLists, UpsertResult
+from annstream.topics import ensure_topics
 from annstream.verifier import StoreVerifier
 from consumers.ads import AdStream
 from consumers.engagements import EngagementStream, PartitionListener
-from consumers.head_state import TOPIC_CONFIG, HeadStateLog
+from consumers.head_state import HeadStateLog
 
 __all__ = ["RefresherService", "ServiceStats", "snapshot_dir"]
 
@@ -66,29 +66,79 @@ JoinGroup = Callable[[PartitionListener], EngagementStream]
 """Creates the engagement consumer (joins the group) once the service can take partitions."""
 
 
-@dataclass
 class ServiceStats:
-    """Counters of a running service (also the demo's summary and the metrics' source)."""
+    """The counters of a running service, read from its metrics: the one place they are
+    counted, which /metrics, /status and the demo's summary read too."""
 
-    ad_events: int = 0
-    engagement_events: int = 0
-    dead_letters: int = 0
-    micro_batches: int = 0
-    records_written: int = 0
-    head_queries: int = 0
-    store_failures: int = 0
-    refused: int = 0
-    rewrites: int = 0
-    snapshots: int = 0
-    last_batch_s: float = 0.0
-    freshness_ms: list[float] = field(default_factory=list)
-    started_at: float = field(default_factory=time.time)
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
 
-    def freshness(self) -> dict[str, float]:
-        if not self.freshness_ms:
-            return {"p50": float("nan"), "p99": float("nan")}
-        a = np.asarray(self.freshness_ms)
-        return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
+    def _n(self, name: str) -> int:
+        return int(self.metrics.value(name))
+
+    @property
+    def ad_events(self) -> int:
+        return self._n("ad_events")
+
+    @property
+    def engagement_events(self) -> int:
+        return self._n("engagement_events")
+
+    @property
+    def dead_letters(self) -> int:
+        return self._n("dead_letters")
+
+    @property
+    def micro_batches(self) -> int:
+        return self._n("micro_batches")
+
+    @property
+    def records_written(self) -> int:
+        return self._n("records_written")
+
+    @property
+    def store_failures(self) -> int:
+        return self._n("store_errors")
+
+    @property
+    def refused(self) -> int:
+        return self._n("store_refused")
+
+    @property
+    def rewrites(self) -> int:
+        return self._n("store_rewrites")
+
+    @property
+    def snapshots(self) -> int:
+        return self._n("snapshots")
+
+    @property
+    def head_queries(self) -> int:
+        return self.metrics.head_query_count
+
+    @property
+    def last_batch_s(self) -> float:
+        return self.metrics.last_batch_s
+
+
+class _TimedWriter:
+    """The sink, with the wall time of each store write observed by the metrics."""
+
+    def __init__(self, sink: NeighbourSink, metrics: ServiceMetrics) -> None:
+        self.sink = sink
+        self.metrics = metrics
+
+    def write(
+        self, lists: NeighbourLists, ttl_s: npt.NDArray[np.int64] | None = None
+    ) -> UpsertResult:
+        t0 = time.perf_counter()
+        try:
+            return self.sink.write(lists, ttl_s)
+        finally:
+            self.metrics.observe_store_write(time.perf_counter() - t0)
+
+    def head_exits(self, query_ids: npt.NDArray[np.int64]) -> None:
+        self.sink.head_exits(query_ids)
 
 
 def snapshot_dir(template: str) -> str:
@@ -96,21 +146,12 @@ def snapshot_dir(template: str) -> str:
     return template.replace("{hostname}", socket.gethostname())
 
 
-def _ensure_head_state_topic(k: KafkaConfig) -> None:
-    """The changelog topic, with as many partitions as the engagement topic."""
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient(
-        {"bootstrap.servers": k.bootstrap_servers, "log_level": 3, **client_logging(), **k.client}
-    )
-    meta = admin.list_topics(k.engagement_topic, timeout=10).topics[k.engagement_topic]
-    create_topics(
-        k.bootstrap_servers,
-        [k.head_state_topic],
-        partitions=max(1, len(meta.partitions)),
-        client=k.client,
-        config=TOPIC_CONFIG,
-    )
+def _store_reason(report: FlushReport) -> str:
+    """The `reason` label of a failed store step: the whole call (write), some rows, exits."""
+    error = report.store_error or ""
+    if error.startswith("head exits"):
+        return "head_exits"
+    return "rows" if " neighbour lists not stored" in error else "write"
 
 
 class RefresherService:
@@ -130,9 +171,9 @@ class RefresherService:
         ad_meta: AdMetadata | None = None,
         metrics: ServiceMetrics | None = None,
         metrics_server: MetricsServer | None = None,
+        results: ResultsPublisher | None = None,
     ) -> None:
         self.cfg = cfg
-        self.stats = ServiceStats()
         self.store = store
         self.ads = ads
         self.head_log = head_log
@@ -140,18 +181,22 @@ class RefresherService:
         self.index = index
         self.ad_meta = ad_meta or AdMetadata()
         self.metrics = metrics or ServiceMetrics()
+        self.stats = ServiceStats(self.metrics)
+        self.metrics.observe_recall_target(cfg.service.recall_warn_below)
         self.metrics_server = metrics_server
         self.snapshot_dir = snapshot_dir(cfg.snapshot.dir)
         self._join_group = join_group
         self._version = version
         self.sink = NeighbourSink(store, cfg.store)
         self.checkpoint = Checkpoint(
-            self.sink,
+            _TimedWriter(self.sink, self.metrics),
             head_log,
             backoff_s=cfg.store.retry_backoff_s,
             backoff_max_s=cfg.store.retry_backoff_max_s,
             flush_timeout_s=cfg.service.flush_timeout_s,
+            results=results,
         )
+        self.results = results
         self.tracker = HeadQueryTracker(cfg.heads, cfg.index.dim, cfg.kafka.max_event_skew_s)
         self.engagements: EngagementStream | None = None
         self.refresher: Refresher | None = None
@@ -161,6 +206,8 @@ class RefresherService:
         self._eng_offsets: dict[int, int] = {}
         self._rebalanced = False
         self._closed = False
+        self._lags: dict[str, ConsumerLag] = {}
+        self._replayed = 0
         self.batcher = MicroBatcher(cfg.refresh)
         self.snapshot_policy = SnapshotPolicy(cfg.snapshot)
         self.drift = DriftMonitor(cfg.drift, cfg.index.dim)
@@ -172,19 +219,15 @@ class RefresherService:
 
     @classmethod
     def from_config(cls, cfg: Config, store: NeighbourStore | None = None) -> RefresherService:
-        """Create the topics, open the store (unless given), load the newest snapshot (or
-        train from `index.training_file`), start the metrics server: a service ready to run."""
+        """Check (or create) the topics, open the store (unless given), load the newest
+        snapshot (or train from `index.training_file`), start the metrics server: a service
+        ready to run."""
         k = cfg.kafka
-        create_topics(
-            k.bootstrap_servers,
-            [k.ad_topic, k.engagement_topic, k.dead_letter_topic],
-            client=k.client,
-            config=TOPIC_CONFIG,
-        )
-        _ensure_head_state_topic(k)
+        ensure_topics(k)
         registry = open_registry(k)
         producer = make_producer(k)
         dead_letters = DeadLetterPublisher(producer, k.dead_letter_topic)
+        results = ResultsPublisher(producer, k.results_topic, registry) if k.results_topic else None
         store = store or open_store(cfg.store.url, cfg.store)
         limit = k.max_message_bytes
         ad_codec = AdCodec(registry, cfg.index.dim, cfg.index.metric, limit)
@@ -227,13 +270,14 @@ class RefresherService:
             store=store,
             ads=AdStream(k, ad_codec, dead_letters, offsets),
             join_group=join_group,
-            head_log=HeadStateLog(k, producer, partition_state),
+            head_log=HeadStateLog(k, producer, partition_state, registry=registry),
             producer=producer,
             index=index,
             version=version,
             ad_meta=ad_meta,
             metrics=metrics,
             metrics_server=server,
+            results=results,
         )
         return service
 
@@ -277,6 +321,7 @@ class RefresherService:
 
     def partitions_assigned(self, partitions: list[int]) -> dict[int, int]:
         """Rebuild the head state of gained partitions; returns where to resume each one."""
+        self.metrics.observe_rebalance("assigned", len(partitions))
         start: dict[int, int] = {}
         for p in partitions:
             states, applied = self.head_log.restore(p)
@@ -293,6 +338,7 @@ class RefresherService:
         the rest dropped; their head queries and buffered events are forgotten and will be
         re-read by the new owner."""
         gone = list(set(partitions))
+        self.metrics.observe_rebalance("lost" if lost else "revoked", len(gone))
         self._eng_buf = [
             (b.take(~np.isin(p, gone)), p[~np.isin(p, gone)]) for b, p in self._eng_buf
         ]
@@ -321,11 +367,10 @@ class RefresherService:
             if cp.pending:
                 return
         polled = self.ads.poll(self.cfg.refresh.batch_events, timeout_s)
-        self.stats.ad_events += polled.messages
-        self.stats.dead_letters += polled.rejected
         self.metrics.observe_consumed(ad_events=polled.messages)
-        self.metrics.observe_dead_letters(polled.rejected)
+        self._replayed += polled.already_dead_lettered
         if self.index is None:
+            self._track_publishers()
             if len(polled.batch):
                 self._training.append(polled.batch)
                 self._train_from_buffer()
@@ -335,14 +380,12 @@ class RefresherService:
         events = len(polled.batch)
         if self.engagements is not None:
             ep = self.engagements.poll(self.cfg.refresh.batch_events, 0 if events else timeout_s)
-            self.stats.engagement_events += ep.messages
-            self.stats.dead_letters += ep.rejected
             self.metrics.observe_consumed(engagement_events=ep.messages)
-            self.metrics.observe_dead_letters(ep.rejected)
             if len(ep.batch):
                 self._eng_buf.append((ep.batch, ep.partitions))
             self._eng_offsets.update(ep.offsets)
             events += ep.messages
+        self._track_publishers()
         self.batcher.add(events)
         busy = self._ad_buf or self._eng_buf or self._eng_offsets or self._rebalanced
         if self.batcher.due() and (busy or self.retrainer.running or self.refresher_pending):
@@ -422,14 +465,12 @@ class RefresherService:
             offsets=eng_offsets,
             event_time_ms=ads.event_time_ms,
             ttl_s=ttl if len(retired) else None,
+            publish=np.arange(len(lists)) < len(result.query_ids) if len(retired) else None,
         )
         self.snapshot_policy.record(len(ads))
-        self.stats.micro_batches += 1
-        self.stats.head_queries = len(self.refresher)
         self._flush()
-        self.stats.last_batch_s = time.perf_counter() - t0
         self.drift.observe(net.upsert_vectors)
-        self._observe_batch(len(net.upsert_ids), len(net.delete_ids))
+        self._observe_batch(time.perf_counter() - t0, len(net.upsert_ids), len(net.delete_ids))
         if self.stats.micro_batches % TRIM_EVERY_BATCHES == 0:
             trim_heap()
         if self.drift.after_batch(self.index) is not None:
@@ -446,25 +487,19 @@ class RefresherService:
         """Metrics, stats and the verifier's record of what one flush achieved."""
         cp = self.checkpoint
         if report.store_error is not None:
-            self.stats.store_failures += 1
-            self.metrics.observe_store_error(report.store_error)
+            self.metrics.observe_store_error(report.store_error, reason=_store_reason(report))
         elif report.store_asked:
             self.metrics.observe_store_ok()
         if len(report.stored_ids):
             self.verifier.stored(report.stored_ids, report.stored_versions)
         if report.refused:
-            self.stats.refused += len(report.refused)
             self.metrics.observe_refused(Counter(map(refusal_reason, report.refused.values())))
             self.verifier.forget(np.fromiter(report.refused, np.int64, len(report.refused)))
         stored = report.stored_batch
         if stored is not None:
             stored_at = time.time() * 1000
             age_ms = stored_at - stored.event_time_ms
-            self.stats.records_written += len(stored.lists)
             self.metrics.observe_stored(age_ms / 1000.0, len(stored.lists))
-            if len(age_ms):
-                self.stats.freshness_ms.extend(age_ms.tolist())
-                del self.stats.freshness_ms[:-100_000]
         failing = None if cp.failing_since is None else time.monotonic() - cp.failing_since
         self.metrics.observe_checkpoint(cp.waiting_for(), failing, cp.retry_in(), cp.last_error)
 
@@ -476,7 +511,7 @@ class RefresherService:
                     self.store, self.index, self.refresher.head_ids(), self.tracker.vectors
                 )
             except StoreError as exc:
-                self.metrics.observe_store_error(f"recall sample: {exc}")
+                self.metrics.observe_store_error(f"recall sample: {exc}", reason="recall_sample")
                 logger.warning("recall sample skipped, the store cannot be read: %s", exc)
                 recall = None
             if recall is not None:
@@ -490,14 +525,12 @@ class RefresherService:
         try:
             lost = self.verifier.check(self.store, self.refresher.head_ids())
         except StoreError as exc:
-            self.stats.store_failures += 1
-            self.metrics.observe_store_error(f"verify: {exc}")
+            self.metrics.observe_store_error(f"verify: {exc}", reason="verify")
             logger.warning("store verification skipped, the store cannot be read: %s", exc)
             return
         self.metrics.observe_store_ok()
         if not len(lost):
             return
-        self.stats.rewrites += len(lost)
         self.metrics.observe_rewrites(len(lost))
         scores, ids = self.refresher.topk(lost)
         self.checkpoint.add(self._lists(lost, ids, scores, self._next_version()))
@@ -516,7 +549,6 @@ class RefresherService:
             arrays=self.ad_meta.state(),
         )
         self.snapshot_policy.written()
-        self.stats.snapshots += 1
         self.metrics.observe_snapshot()
 
     def run(
@@ -586,18 +618,36 @@ class RefresherService:
         """Head queries still waiting for their full recompute after a retrain."""
         return self.refresher is not None and self.refresher.pending_full > 0
 
-    def _observe_batch(self, upserts: int, deletes: int) -> None:
+    def _observe_batch(self, seconds: float, upserts: int, deletes: int) -> None:
         m, index = self.metrics, self.index
-        assert index is not None
-        m.observe_batch(self.stats.last_batch_s, upserts=upserts, deletes=deletes)
+        assert index is not None and self.refresher is not None
+        m.observe_batch(seconds, upserts=upserts, deletes=deletes)
         m.observe_index(index.ntotal, index.imbalance(), index.memory_bytes(), index.version)
-        m.observe_head_queries(self.stats.head_queries)
+        m.observe_head_queries(len(self.refresher))
+        self._track_publishers()
         c = self.ads.consumer
         parts = [tp.partition for tp in c.assignment()]
-        m.observe_lag(self.ads.topic, consumer_lag(c, self.ads.topic, parts, self.ads.offsets))
+        m.observe_lag(self.ads.topic, self._lag(c, self.ads.topic)(parts, self.ads.offsets))
         if self.engagements is not None:
             e = self.engagements
-            m.observe_lag(e.topic, consumer_lag(e.consumer, e.topic, sorted(e.assigned)))
+            m.observe_lag(e.topic, self._lag(e.consumer, e.topic)(sorted(e.assigned)))
+
+    def _track_publishers(self) -> None:
+        """The metrics follow the dead-letter and results publishers' running totals."""
+        letters = self.ads.dead_letters
+        self.metrics.track_dead_letters(
+            letters.reasons, letters.failed, letters.references, self._replayed
+        )
+        if self.results is not None:
+            r = self.results
+            self.metrics.track_results(r.records, r.tombstones, r.too_large)
+
+    def _lag(self, consumer: Consumer, topic: str) -> ConsumerLag:
+        """The lag reader of `consumer` (kept: it remembers committed offsets it looked up)."""
+        lag = self._lags.get(topic)
+        if lag is None or lag.consumer is not consumer:
+            lag = self._lags[topic] = ConsumerLag(consumer, topic)
+        return lag
 
     def _maybe_retrain(self) -> None:
         """Start a background retrain when the drift monitor says the quantizer went stale."""

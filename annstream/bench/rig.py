@@ -303,6 +303,7 @@ class ServiceRig:
                 "kafka": {
                     "bootstrap_servers": self.broker.bootstrap_servers,
                     "group_id": f"annstream-load-{uuid.uuid4().hex[:8]}",
+                    "create_topics": True,
                 },
                 "index": {
                     "dim": o.dim,
@@ -395,7 +396,7 @@ class ServiceRig:
         """Stream for `duration_s`, sampling every `sample_every_s`, then drain (bounded)."""
         s = self.service
         phase = Phase(ad_rate, engagement_rate, duration_s, sample_every_s)
-        s.stats.freshness_ms.clear()
+        fresh_mark = s.metrics.freshness_mark()
         ads0, eng0 = s.stats.ad_events, s.stats.engagement_events
         batches0, records0 = s.stats.micro_batches, s.stats.records_written
         window = FreshnessHistogram()
@@ -407,14 +408,14 @@ class ServiceRig:
             return feeder.sent(lane) if lane in feeder.lanes else 0
 
         def observe() -> None:
-            nonlocal last_batches
+            nonlocal last_batches, fresh_mark
             if s.stats.micro_batches != last_batches:
                 last_batches = s.stats.micro_batches
                 phase.batch_s_sum += s.stats.last_batch_s
                 phase.batch_s_max = max(phase.batch_s_max, s.stats.last_batch_s)
-            if s.stats.freshness_ms:
-                window.add(s.stats.freshness_ms)
-                s.stats.freshness_ms.clear()
+            fresh, fresh_mark = s.metrics.freshness_since(fresh_mark)
+            if fresh.size:
+                window.add((fresh * 1000.0).tolist())
 
         start = time.monotonic()
         feeder.start()

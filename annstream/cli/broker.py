@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import threading
 from types import FrameType
 
-from annstream.broker import EmbeddedBroker, create_topics
+from annstream.broker import EmbeddedBroker
 from annstream.config import load_config
+from annstream.topics import ensure_topics
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -22,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--partitions",
         type=int,
         default=3,
-        help="partitions of the annstream topics created at start (default 3)",
+        help="partitions of the annstream topics created at start (default 3; the head-state "
+        "changelog gets as many as the engagement topic)",
     )
     parser.add_argument("--config", help="TOML config file naming the topics to create")
 
@@ -37,12 +40,17 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     with EmbeddedBroker(args.host, args.port) as broker:
-        topics = [cfg.ad_topic, cfg.engagement_topic, cfg.dead_letter_topic, cfg.results_topic]
-        create_topics(broker.bootstrap_servers, topics, partitions=args.partitions)
+        here = dataclasses.replace(
+            cfg,
+            bootstrap_servers=broker.bootstrap_servers,
+            create_topics=True,
+            topic_partitions=args.partitions,
+        )
+        topics = ensure_topics(here)
         print(broker.bootstrap_servers, flush=True)
         print(
             f"embedded broker ready (pid {broker.pid}); topics: "
-            f"{', '.join(t for t in topics if t)}; Ctrl-C to stop",
+            f"{', '.join(topics)}; Ctrl-C to stop",
             flush=True,
         )
         stop.wait()

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(
             env={},
             overrides={
-                "kafka": {"bootstrap_servers": broker.bootstrap_servers},
+                "kafka": {"bootstrap_servers": broker.bootstrap_servers, "create_topics": True},
                 "index": {
                     "dim": dim,
                     "nlist": args.nlist,
@@ -209,13 +209,14 @@ def run(args: argparse.Namespace) -> int:
         feeder = _feeder(args, cfg, pool)
         progress = _progress(service, feeder, args.ads, args.json)
         stream_start = [0.0]
+        fresh_mark = [0]
 
         def done(s: RefresherService) -> bool:
             next(progress)
             if feeder.error is not None:
                 raise feeder.error
             if s.engagements is not None and s.engagements.assigned and feeder.ident is None:
-                s.stats.freshness_ms.clear()
+                fresh_mark[0] = s.metrics.freshness_mark()
                 stream_start[0] = time.monotonic()
                 feeder.start()
             finished = (
@@ -254,7 +255,11 @@ def run(args: argparse.Namespace) -> int:
         "recall_at_k": round(recall, 4),
         "k": args.k,
         "recall_sample": len(sample),
-        "freshness_ms": {key: round(v, 1) for key, v in stats.freshness().items()},
+        "freshness_ms": {
+            key: None if v is None else round(1000 * v, 1)
+            for key, v in service.metrics.freshness(since=fresh_mark[0]).items()
+            if key != "window"
+        },
         "events_per_s": round(
             (feeder.sent("ads") + feeder.sent("engagements")) / max(elapsed, 1e-9), 1
         ),

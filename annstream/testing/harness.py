@@ -255,6 +255,7 @@ def service_settings(
             "dead_letter_topic": topics.dead_letters,
             "head_state_topic": topics.head_state,
             "group_id": group,
+            "create_topics": True,
         },
         "index": {
             "dim": DIM,

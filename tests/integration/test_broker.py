@@ -110,5 +110,5 @@ def test_create_topics_without_a_kafka_broker_is_a_broker_error() -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         address = f"127.0.0.1:{listener.getsockname()[1]}"
-        with pytest.raises(BrokerError, match=f"no Kafka broker answered at {address}"):
+        with pytest.raises(BrokerError, match=f"Kafka: no broker answered at {address}"):
             create_topics(address, ["t"], timeout_s=2)

@@ -121,6 +121,10 @@ def test_huge_and_far_future_messages_on_both_topics_are_dead_lettered_and_the_r
         assert service.stats.dead_letters == len(bad)
         letters_out = service.ads.dead_letters
         assert letters_out.failed == 0 and letters_out.references == 4
+        m = service.metrics  # the same totals, by reason, on /metrics
+        assert m.value("dead_letters", reason="too_large") == 4
+        assert m.value("dead_letters", reason="event_time") == 2
+        assert m.value("dead_letters_references") == 4 and m.value("dead_letters_failed") == 0
         assert problems(service.store, work, build_oracle(training, work.live)) == []
         assert service.index is not None
         np.testing.assert_array_equal(service.index.ids(), sorted(work.live))

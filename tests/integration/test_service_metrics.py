@@ -104,6 +104,15 @@ def test_service_metrics_move_and_recall_matches_exact(
         for name, (b0, b1, b2) in moved.items():
             assert b0 < b1 < b2, (name, b0, b1, b2)
         assert _value(after, "annstream_dead_letters_total") == 2
+        assert _value(after, "annstream_dead_letters_total", reason="not_avro") == 1
+        assert _value(after, "annstream_dead_letters_total", reason="unknown_schema") == 1
+        assert _value(after, "annstream_rebalances_total", kind="assigned") >= 1
+        assert _value(after, "annstream_store_write_seconds_count") >= 1
+        assert _value(after, "process_resident_memory_bytes") > 50e6
+        assert _value(after, "annstream_build_info") == 1
+        # /status reads the same counters as /metrics (and as service.stats)
+        assert status["counters"]["ad_events"] == _value(after, "annstream_ad_events_total")
+        assert status["counters"]["dead_letters"] == service.stats.dead_letters == 2
         assert _value(after, "annstream_store_errors_total") == 0
         assert _value(middle, "annstream_index_ads") < _value(after, "annstream_index_ads")
         assert _value(after, "annstream_index_ads") == index_size(service)

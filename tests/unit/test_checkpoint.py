@@ -86,13 +86,37 @@ class Committer:
         self.paused = False
 
 
+class Results:
+    """The results topic: publishes are queued, a flush delivers them (or fails)."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[int, NeighbourLists | None]] = []
+        self.delivered: dict[int, NeighbourLists | None] = {}  # the latest per query (compacted)
+        self.flush_fails = False
+        self.log: list[str] = []
+
+    def publish(self, lists: NeighbourLists, exited: npt.NDArray[np.int64]) -> None:
+        self.queued += [(int(q), lists.take(np.array([i]))) for i, q in enumerate(lists.query_ids)]
+        self.queued += [(int(q), None) for q in exited.tolist()]
+
+    def flush(self, timeout_s: float) -> None:
+        if self.flush_fails:
+            raise BrokerError(f"{len(self.queued)} records not yet delivered to the results topic")
+        self.delivered.update(self.queued)
+        self.log += [f"{q}:{'tombstone' if v is None else 'list'}" for q, v in self.queued]
+        self.queued = []
+
+
 class Rig:
-    def __init__(self, backoff_s: float = 0.2, backoff_max_s: float = 3.0) -> None:
+    def __init__(
+        self, backoff_s: float = 0.2, backoff_max_s: float = 3.0, results: bool = False
+    ) -> None:
         self.clock = Clock()
         self.store = InMemoryStore(StoreConfig(url="memory://"))
         self.sink = NeighbourSink(self.store, self.store.cfg)
         self.changelog = Changelog()
         self.committer = Committer()
+        self.results = Results()
         self.cp = Checkpoint(
             self.sink,
             self.changelog,
@@ -100,6 +124,7 @@ class Rig:
             backoff_s=backoff_s,
             backoff_max_s=backoff_max_s,
             clock=self.clock,
+            results=self.results if results else None,
         )
         self.rng = np.random.default_rng(7)
         self.version = 0
@@ -144,11 +169,16 @@ class Rig:
         return bool(self.store.lookup(self.queries(partition)).found.all())
 
     def check_invariant(self) -> None:
-        """A committed offset is covered by stored lists and a durable changelog record."""
+        """A committed offset is covered by stored lists, delivered results (when a results
+        topic is on) and a durable changelog record; a changelog record by the results too."""
         log = self.changelog.offsets()
         for p, offset in self.committer.committed.items():
             assert self.stored(p), f"partition {p} committed with lists not stored"
             assert log.get(p, -1) >= offset, f"partition {p} committed past its changelog"
+        if self.cp.results is not None:
+            for p in log:
+                missing = set(self.queries(p).tolist()) - set(self.results.delivered)
+                assert not missing, f"partition {p} in the changelog, results not delivered"
 
 
 OFFSETS = {0: 11, 1: 21, 2: 31}
@@ -410,3 +440,78 @@ def test_checkpoint_positive_ttls_count_down_while_the_write_waits() -> None:
     assert rig.store.lookup(qids).found.tolist() == [False, True, True]
     with pytest.raises(ValueError, match="ttl_s has 1 rows"):
         rig.cp.add(rig.lists(qids), ttl_s=np.array([5]))
+
+
+# ---- the results topic ---------------------------------------------------------------------
+
+
+def _published_equals_stored(rig: Rig, query_ids: npt.NDArray[np.int64]) -> None:
+    stored = rig.store.lookup(query_ids)
+    for i, q in enumerate(query_ids.tolist()):
+        record = rig.results.delivered[q]
+        assert record is not None, f"query {q}: tombstone"
+        np.testing.assert_array_equal(record.ids[0], stored.ids[i])
+        np.testing.assert_array_equal(record.scores[0], stored.scores[i])
+        assert record.versions[0] == stored.versions[i]
+
+
+def test_checkpoint_publishes_results_after_the_store_and_before_the_changelog() -> None:
+    rig = Rig(results=True)
+    qids = rig.queries(0)
+    rig.add(OFFSETS, exited=qids[:2])
+    assert rig.cp.flush().completed
+    assert rig.committer.committed == OFFSETS
+    everyone = np.concatenate([rig.queries(p) for p in PARTITIONS])
+    _published_equals_stored(rig, everyone[~np.isin(everyone, qids[:2])])
+    assert rig.results.delivered[int(qids[0])] is None  # exited: a tombstone, after its list
+    assert rig.results.log.index(f"{qids[0]}:tombstone") > rig.results.log.index(f"{qids[0]}:list")
+    rig.check_invariant()
+
+
+def test_checkpoint_results_not_delivered_hold_back_changelog_and_commit() -> None:
+    rig = Rig(results=True)
+    rig.results.flush_fails = True
+    rig.add(OFFSETS)
+    for _ in range(3):
+        report = rig.cp.flush()
+        assert any("results topic flush" in e for e in report.errors)
+        assert rig.cp.waiting_for() == "results" and rig.committer.paused
+        assert rig.changelog.appends == 0 and rig.committer.committed == {}
+        rig.check_invariant()
+        rig.clock.now += rig.cp.retry_in()
+    assert rig.store.calls["upsert"] == 1  # stored once; only the delivery is retried
+    rig.results.flush_fails = False
+    assert rig.cp.flush().completed
+    assert rig.committer.committed == OFFSETS
+    _published_equals_stored(rig, np.concatenate([rig.queries(p) for p in PARTITIONS]))
+    rig.check_invariant()
+
+
+def test_checkpoint_publishes_only_stored_live_lists() -> None:
+    """Rows the store refused, stale rows and retired lists (`publish` False) are not
+    published, and none of them holds the micro-batch back."""
+    rig = Rig(results=True)
+    refused = rig.queries(2)[[0, 5]]
+    rig.store.fail(refused, permanent=True, reason="result 13 record too big")
+    qids = np.concatenate([rig.queries(p) for p in PARTITIONS])
+    lists = rig.lists(qids)
+    retired = np.zeros(len(qids), bool)
+    retired[:3] = True
+    rig.cp.add(lists, head_state=rig.state(qids), offsets=OFFSETS, publish=~retired)
+    assert rig.cp.flush().completed and rig.committer.committed == OFFSETS
+    assert set(rig.results.delivered) == set(qids[~retired].tolist()) - set(refused.tolist())
+    # a replay of older versions: stale in the store, so not published again
+    rig.version = -1  # version 0, below the stored 1
+    rig.cp.add(rig.lists(qids[3:6]))
+    rig.results.log.clear()
+    assert rig.cp.flush().completed and rig.results.log == []
+
+
+def test_checkpoint_revoke_drops_the_results_of_revoked_partitions() -> None:
+    rig = Rig(results=True)
+    rig.results.flush_fails = True
+    rig.add(OFFSETS)
+    rig.cp.flush()
+    _, report = rig.cp.revoke([0, 1, 2], lost=False)
+    assert report.completed and not rig.cp.pending
+    assert rig.committer.committed == {} and rig.changelog.appends == 0

@@ -214,6 +214,15 @@ def test_config_secrets_read_are_masked_in_any_later_message(tmp_path: Path) -> 
         ("snapshot", "keep", 0, "snapshot.keep = 0: must be > 0"),
         ("kafka", "ad_topic", "ads topic", "kafka.ad_topic = 'ads topic': a Kafka topic name"),
         ("kafka", "schema_registry_url", "sr:8081", "kafka.schema_registry_url = 'sr:8081': use"),
+        ("kafka", "compression_type", "lz5", "kafka.compression_type = 'lz5': use one of none"),
+        ("kafka", "topic_partitions", 0, "kafka.topic_partitions = 0: must be -1"),
+        ("kafka", "topic_replication", -3, "kafka.topic_replication = -3: must be -1"),
+        (
+            "kafka",
+            "results_topic",
+            "annstream.ads",
+            "kafka.results_topic = 'annstream.ads': must differ from kafka.ad_topic",
+        ),
         (
             "kafka",
             "schema_registry_key_location",

@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from annstream.config import Config, load_config
+from annstream.metrics import ServiceMetrics
+from annstream.topics import TOPIC_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -166,10 +168,23 @@ def test_topics_created_by_kafka_init_are_those_the_service_uses(
         kafka.engagement_topic,
         kafka.head_state_topic,
         kafka.dead_letter_topic,
+        "$RESULTS_TOPIC",  # only when set (kafka.results_topic is off here)
     }
+    assert not cfg.kafka.create_topics  # kafka-init creates them; the service only checks
     # One head-state changelog partition per engagement partition.
     assert created[kafka.head_state_topic][:2] == created[kafka.engagement_topic][:2]
-    assert "cleanup.policy=compact" in created[kafka.ad_topic]
+    # The topic settings are those the service uses when it creates a topic itself.
+    settings = {
+        kafka.ad_topic: "ad_topic",
+        kafka.engagement_topic: "engagement_topic",
+        kafka.head_state_topic: "head_state_topic",
+        kafka.dead_letter_topic: "dead_letter_topic",
+        "$RESULTS_TOPIC": "results_topic",
+    }
+    for topic, args in created.items():
+        pairs = zip(args[1:], args[:-1], strict=True)
+        configs = dict(a.split("=", 1) for a, flag in pairs if flag == "--config")
+        assert configs == TOPIC_CONFIGS[settings[topic]], topic
     assert _env(init)["BOOTSTRAP"] == kafka.bootstrap_servers
     assert init["restart"] == "no"
 
@@ -264,6 +279,42 @@ def test_prometheus_scrapes_every_refresher_replica(services: dict[str, dict[str
     assert dict((t, s) for s, t in _mounts(prometheus))[flags["--storage.tsdb.path"]] == (
         "prometheus-data"
     )
+
+
+def _exported_names() -> set[str]:
+    """Every sample name a service's /metrics can show (a fresh registry, histograms with
+    their _bucket/_sum/_count, counters with _total)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = list(text_string_to_metric_families(ServiceMetrics().render().decode()))
+    names = {f.name for f in families} | {s.name for f in families for s in f.samples}
+    return names | {f"{f.name}_total" for f in families if f.type == "counter"}
+
+
+def test_alert_rules_parse_are_loaded_and_name_exported_metrics(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    prometheus = services["prometheus"]
+    flags = dict(f.split("=", 1) for f in prometheus["command"])
+    config = yaml.safe_load(_bind_source(prometheus, flags["--config.file"]).read_text("utf-8"))
+    (rule_file,) = config["rule_files"]
+    rules_doc = yaml.safe_load(_bind_source(prometheus, rule_file).read_text("utf-8"))
+    rules = [r for group in rules_doc["groups"] for r in group["rules"]]
+    names = {r["alert"] for r in rules}
+    for wanted in ("ConsumerLagGrowing", "FreshnessP99High", "RecallBelowTarget", "StoreErrors"):
+        assert f"Annstream{wanted}" in names
+    exported = _exported_names() | {"up"}
+    for rule in rules:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        expr = rule["expr"]
+        assert expr.count("(") == expr.count(")") and expr.count("[") == expr.count("]")
+        assert rule["labels"]["severity"] in {"page", "warn"}
+        assert rule["annotations"]["summary"]
+        if "for" in rule:
+            assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["for"]
+        metrics = set(re.findall(r"\b((?:annstream|process)_[a-z_]+|up)\b", expr))
+        assert metrics, rule["alert"]
+        assert metrics <= exported, (rule["alert"], metrics - exported)
 
 
 def test_service_config_points_at_the_compose_services(

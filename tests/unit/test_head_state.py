@@ -8,6 +8,8 @@ no code with the log's merge.
 
 from __future__ import annotations
 
+import json
+import struct
 import threading
 import time
 import uuid
@@ -157,7 +159,13 @@ def test_head_state_record_round_trip_and_refusals() -> None:
     buf = io.BytesIO()
     np.savez(buf, **state)  # type: ignore[arg-type]
     np.testing.assert_array_equal(decode_state(buf.getvalue())["vectors"], state["vectors"])
+    # the raw-column records written before the changelog was Avro still restore
+    header = json.dumps([[k, v.dtype.str, list(v.shape[1:])] for k, v in state.items()]).encode()
+    raw = b"ANNHS1\n" + struct.pack("<I", len(header)) + header + struct.pack("<Q", 3)
+    raw += b"".join(v.tobytes() for v in state.values())
+    np.testing.assert_array_equal(decode_state(raw)["vectors"], state["vectors"])
     blob = encode_state(state)
+    assert blob[0] == 0 and int.from_bytes(blob[1:5], "big") == 5  # Confluent framing, id 5
     for bad in (b"garbage", blob[:-3], blob + b"x"):
         with pytest.raises(ValueError):
             decode_state(bad)

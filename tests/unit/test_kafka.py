@@ -11,13 +11,14 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, Message, TopicPartition
 
-from annstream.config import KafkaConfig
+from annstream.config import COMPRESSION_TYPES, KafkaConfig
 from annstream.errors import ConfigError
 from annstream.events import Rejection
 from annstream.kafka import (
     DeadLetterPublisher,
     client_logging,
     consumer_config,
+    dead_letter_reason,
     make_consumer,
     make_producer,
     producer_config,
@@ -55,6 +56,10 @@ def test_producer_settings_hash_keys_like_java_and_use_the_configured_message_li
     )
     mine = producer_config(KafkaConfig(client={"partitioner": "consistent_random"}))
     assert mine["partitioner"] == "consistent_random"
+    assert conf["compression.type"] == "lz4"
+    assert producer_config(KafkaConfig(compression_type="zstd"))["compression.type"] == "zstd"
+    for codec in COMPRESSION_TYPES:  # librdkafka takes every value the config allows
+        make_producer(KafkaConfig(compression_type=codec))
 
 
 def test_override_keys_are_passed_as_spelled_so_client_callbacks_work() -> None:
@@ -184,3 +189,52 @@ def test_a_full_queue_costs_one_wait_per_poll_not_one_per_dead_letter() -> None:
     assert (letters.count, letters.failed) == (1, 19)
     letters.flush(5)
     assert letters.failed == 20 and letters.delivered == {}
+
+
+def test_every_refusal_of_the_codecs_has_a_bounded_reason_label() -> None:
+    """The dead-letter metric's `reason` label: each codec refusal maps to a named label
+    (never `other`), and the label carries no id, size or time."""
+    import numpy as np
+
+    from annstream.codec import AdCodec, EngagementCodec
+    from annstream.events import AdBatch, EngagementBatch
+    from annstream.schemas import frame, open_registry
+
+    dim, now = 384, 1_764_000_000_000
+    registry = open_registry()
+    ads, wide = AdCodec(registry, dim, max_message_bytes=4_000), AdCodec(registry, dim + 1)
+    engagements = EngagementCodec(registry, dim)
+    vec = np.ones((1, dim), "float32")
+    nan = vec.copy()
+    nan[0, 5] = np.nan
+    one = np.array([7])
+    valid = ads.encode(AdBatch.upserts(one, vec, now))[0]
+    cases = {
+        "null_value": None,
+        "not_avro": b"\x05" + valid[1:],
+        "unknown_schema": frame(987_654, valid[5:]),
+        "too_large": valid[:5] + bytes(4_100),
+        "dimension": wide.encode(AdBatch.upserts(one, np.ones((1, dim + 1), "float32"), now))[0],
+        "non_finite": ads.encode(AdBatch.upserts(one, nan, now))[0],
+        "zero_vector": ads.encode(AdBatch.upserts(one, 0 * vec, now))[0],
+        "negative_id": ads.encode(AdBatch.upserts(np.array([-4]), vec, now))[0],
+        "event_time": ads.encode(AdBatch.upserts(one, vec, now + 10**9))[0],
+    }
+    for label, value in cases.items():
+        _, rejected = ads.decode([value], now_ms=now, max_skew_s=600)
+        assert len(rejected) == 1, label
+        assert dead_letter_reason(rejected[0].reason) == label, rejected[0].reason
+    truncated = valid[: len(valid) // 2]
+    assert dead_letter_reason(ads.decode([truncated])[1][0].reason) == "not_avro"
+    eng = EngagementBatch(
+        one,
+        one,
+        np.zeros(1, "uint8"),
+        np.full(1, -2.0, "float32"),
+        np.full(1, now),
+        vec,
+        np.ones(1, bool),
+    )
+    _, rejected = engagements.decode(engagements.encode(eng), now_ms=now)
+    assert dead_letter_reason(rejected[0].reason) == "weight"
+    assert dead_letter_reason("something new") == "other"

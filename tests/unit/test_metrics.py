@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from annstream.metrics import MetricsServer, ServiceMetrics, consumer_lag
+from annstream.metrics import ConsumerLag, MetricsServer, ServiceMetrics, consumer_lag
 
 NAMES = {
     "annstream_consumer_lag",
@@ -100,6 +100,64 @@ def test_metrics_registry_holds_every_metric_with_values(
     m.observe_lag("ads", {1: 3})
     s = _samples(m.render().decode())
     assert ("annstream_consumer_lag", (("partition", "0"), ("topic", "ads"))) not in s
+
+
+def test_one_counter_source_for_metrics_and_status() -> None:
+    """Issue 15 item 12: every counter is kept once; /metrics and /status show the same
+    numbers, with the reason labels and the running totals of the publishers."""
+    m = ServiceMetrics()
+    m.observe_consumed(ad_events=10, engagement_events=4)
+    m.observe_batch(0.2, upserts=3)
+    m.observe_store_error("timeout", reason="write")
+    m.observe_store_error("2 of 9 neighbour lists not stored", reason="rows")
+    m.track_dead_letters({"non_finite": 2, "not_avro": 1}, failed=1, references=0, replayed=5)
+    m.track_dead_letters({"non_finite": 1}, failed=0, references=0, replayed=5)  # never back
+    m.track_results(records=7, tombstones=2, too_large=0)
+    m.observe_rebalance("assigned", 3)
+    m.observe_rebalance("revoked", 1)
+    m.observe_store_write(0.004)
+    s = _samples(m.render().decode())
+    doc = m.status()
+    assert s[("annstream_dead_letters_total", (("reason", "non_finite"),))] == 2
+    assert s[("annstream_dead_letters_total", (("reason", "not_avro"),))] == 1
+    assert s[("annstream_store_errors_total", (("reason", "rows"),))] == 1
+    assert s[("annstream_results_published_total", (("kind", "tombstone"),))] == 2
+    assert s[("annstream_rebalance_partitions_total", (("kind", "assigned"),))] == 3
+    assert s[("annstream_dead_letters_replayed_total", ())] == 5
+    assert s[("annstream_store_write_seconds_count", ())] == 1
+    for name, value in doc["counters"].items():
+        series = [v for (n, _), v in s.items() if n == f"annstream_{name}_total"]
+        assert sum(series) == value, name
+    assert doc["counters"]["dead_letters"] == 3 and doc["counters"]["micro_batches"] == 1
+    assert doc["by_reason"]["store_errors"] == {"write": 1, "rows": 1}
+    assert m.value("dead_letters", reason="not_avro") == 1
+    with pytest.raises(ValueError, match="takes the labels"):
+        m.counters.inc("dead_letters", 1)
+
+
+def test_process_and_build_metrics_are_on_the_private_registry() -> None:
+    from annstream import __version__
+
+    s = _samples(ServiceMetrics().render().decode())
+    assert s[("process_resident_memory_bytes", ())] > 10_000_000
+    info = [labels for (name, labels), _ in s.items() if name == "annstream_build_info"]
+    assert len(info) == 1
+    labels = dict(info[0])
+    assert labels["version"] == __version__ and labels["librdkafka"].count(".") >= 2
+    assert {"python", "faiss", "confluent_kafka"} <= set(labels)
+
+
+def test_freshness_since_a_mark_and_over_the_window() -> None:
+    m = ServiceMetrics()
+    m.observe_stored([1.0, 2.0, 3.0], records=1)
+    mark = m.freshness_mark()
+    assert mark == 3
+    m.observe_stored([10.0, 20.0], records=1)
+    values, mark2 = m.freshness_since(mark)
+    assert values.tolist() == [10.0, 20.0] and mark2 == 5
+    assert m.freshness(since=mark)["p50"] == pytest.approx(15.0)
+    assert m.freshness()["window"] == 5 and m.freshness()["p50"] == 3.0
+    assert m.freshness(since=m.freshness_mark()) == {"p50": None, "p99": None, "window": 0}
 
 
 def test_metrics_registries_are_independent() -> None:
@@ -221,6 +279,58 @@ def test_consumer_lag_uses_cached_watermarks(
         assert consumer_lag(consumer, topic, [0, 1]) == {0: 0, 1: 0}
     finally:
         consumer.close()
+
+
+def test_consumer_lag_of_a_quiet_partition_after_a_restart_is_from_its_committed_offset(
+    bootstrap: str, topic_factory: Callable[..., str]
+) -> None:
+    """Issue 15 item 2: a restarted member had no fetch position on a quiet partition and
+    reported its whole history (high - low) as lag although its committed offset was the end."""
+    topic = topic_factory("quiet", partitions=2)
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for i in range(300):
+        producer.produce(topic, value=b"x", partition=0 if i < 200 else 1)
+    producer.flush(10)
+    conf: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": f"quiet-{topic}",
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "fetch.wait.max.ms": 50,
+    }
+    first = Consumer(conf)
+    first.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in (0, 1)])
+    got, deadline = 0, time.monotonic() + 30
+    while got < 300 and time.monotonic() < deadline:
+        got += len(first.consume(300, 0.5))
+    assert got == 300
+    first.commit(offsets=[TopicPartition(topic, 0, 200), TopicPartition(topic, 1, 60)])
+    # partition 1 gets its last 40 records again after the restart (a fetch position); 0 none
+    first.close()
+
+    restarted = Consumer(conf)  # resumes from the committed offsets; nothing new arrives
+    try:
+        restarted.assign([TopicPartition(topic, p) for p in (0, 1)])
+        deadline = time.monotonic() + 30
+        watermarks: list[int] = []
+        while time.monotonic() < deadline:
+            polled = restarted.consume(100, 0.2)
+            watermarks = [
+                restarted.get_watermark_offsets(TopicPartition(topic, p), cached=True)[1]
+                for p in (0, 1)
+            ]
+            if min(watermarks) >= 0 and len(polled) == 0:
+                break
+        assert watermarks == [200, 100]
+        positions = restarted.position([TopicPartition(topic, p) for p in (0, 1)])
+        assert positions[0].offset < 0  # the quiet partition: no position
+        lag = ConsumerLag(restarted, topic)
+        assert lag([0, 1]) == {0: 0, 1: 0}
+        assert lag([0, 1], {0: 150}) == {0: 50, 1: 0}
+        assert lag([1], {1: 90}) == {1: 10}  # partition 0 given up: its lookup is forgotten
+        assert consumer_lag(restarted, topic, [0, 1]) == {0: 0, 1: 0}
+    finally:
+        restarted.close()
 
 
 def test_status_command_prints_the_document(

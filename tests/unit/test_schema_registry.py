@@ -23,6 +23,7 @@ from annstream.events import AdBatch, EngagementBatch
 from annstream.schemas import (
     AD_SUBJECT,
     ENGAGEMENT_SUBJECT,
+    HEAD_STATE_SUBJECT,
     NEIGHBOUR_SUBJECT,
     ConfluentSchemaRegistry,
     LocalSchemaRegistry,
@@ -81,11 +82,12 @@ def _round_trip(registry: object) -> None:
 
 
 def test_subjects_follow_the_configured_topics() -> None:
-    kafka = KafkaConfig(**TOPICS, results_topic="prod.neighbours")
+    kafka = KafkaConfig(**TOPICS, results_topic="prod.neighbours", head_state_topic="prod.hs")
     assert topic_subjects(kafka) == {
         AD_SUBJECT: "prod.ads.v2-value",
         ENGAGEMENT_SUBJECT: "prod.engagements-value",
         NEIGHBOUR_SUBJECT: "prod.neighbours-value",
+        HEAD_STATE_SUBJECT: "prod.hs-value",
     }
     assert topic_subjects(KafkaConfig())[NEIGHBOUR_SUBJECT] == "annstream.neighbours-value"
 
