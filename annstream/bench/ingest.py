@@ -162,7 +162,7 @@ def _ingest_pass(
     )
     poll_s = apply_s = 0.0
     decode = _Timed(stream.codec.decode)
-    stream.codec.decode = decode  # type: ignore[method-assign,assignment]
+    stream.codec.decode = decode  # type: ignore[method-assign]
     rejected = 0
     try:
         clock = _Clock(total)
