@@ -106,7 +106,17 @@ class KafkaConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """The live Faiss IVF index: `metric` is cosine (normalised inner product), ip or l2."""
+    """The live Faiss IVF index: `metric` is cosine (normalised inner product), ip or l2.
+
+    Without a snapshot or `training_file`, the first index is trained on the ads consumed: at
+    `train_size` ads, or on what is there once the ad topic is caught up (the end offsets taken
+    at start reached) or `train_wait_s` seconds after start, whichever comes first, but never
+    on fewer than `nlist` ads (it keeps waiting and says so in the log and /status).
+    `recall_target` (0 = off), e.g. 0.95: the service raises nprobe from its stored-recall
+    monitor (recall@refresh.k) until the target holds, recomputing every list at
+    `refresh.full_recompute_per_batch` a micro-batch, and halves nlist at a retrain when nprobe
+    reaches a quarter of the lists.
+    """
 
     dim: int = 50
     metric: str = "cosine"
@@ -116,7 +126,9 @@ class IndexConfig:
     pq_m: int = 10
     pq_nbits: int = 8
     train_size: int = 50_000
+    train_wait_s: float = 300.0
     training_file: str = ""
+    recall_target: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -543,6 +555,8 @@ def _problems(cfg: Config) -> Iterator[str]:
     yield from one_of("index", "kind", INDEX_KINDS)
     if 0 < i.nlist < i.nprobe:
         yield bad("index", "nprobe", f"must be <= index.nlist ({i.nlist}), the lists there are")
+    yield from at_least("index", 0, "train_wait_s")
+    yield from fraction("index", "recall_target")
     if 0 < i.train_size < i.nlist:
         yield bad("index", "train_size", f"must be >= index.nlist ({i.nlist}) to train the lists")
     if i.kind == "ivfpq":

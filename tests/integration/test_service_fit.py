@@ -1,0 +1,137 @@
+"""The service fitting its index to the data (issue 12, bring-your-own vectors): the first
+training on what is there, and the recall-target loop moving nprobe, against the real broker."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+import pytest
+
+from annstream.events import AdBatch
+from annstream.testing.harness import (
+    N_ADS,
+    Feed,
+    Topics,
+    service_settings,
+    step_until,
+    to_config,
+    workload,
+)
+from consumers.service import RefresherService
+
+pytest_plugins = ["service_harness"]
+
+
+def _settings(
+    bootstrap: str, topics: Topics, tmp_path: Path, **sections: dict[str, object]
+) -> dict[str, dict[str, object]]:
+    group = f"fit-{uuid.uuid4().hex[:8]}"
+    out = service_settings(
+        bootstrap, topics, Path(), f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "snap", group
+    )
+    out["index"] = {**out["index"], "training_file": "", "train_size": 50_000}
+    for name, values in sections.items():
+        out[name] = {**out.get(name, {}), **values}
+    return out
+
+
+def test_first_training_waits_for_nlist_ads_then_trains_once_the_ad_topic_is_caught_up(
+    bootstrap: str, topics: Topics, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """50,000 ads configured, 2,000 published: the service trains on them once it has read
+    the topic to its end at start, and says in /status what it waits for before."""
+    work = workload(seed=3)
+    initial = [b for b in work.steps if isinstance(b, AdBatch)][: N_ADS // 250]
+    feed = Feed(bootstrap, topics)
+    few = initial[0].take(initial[0].ad_ids < 11)  # 10 ads: fewer than nlist 16
+    feed.send(few)
+    feed.flush()
+    service = RefresherService.from_config(to_config(_settings(bootstrap, topics, tmp_path)))
+    try:
+        with caplog.at_level(logging.INFO, logger="consumers.service"):
+            step_until([service], lambda: service.stats.ad_events >= 10, "10 ads consumed")
+            service.step()
+        training = service.metrics.status()["training"]
+        assert service.index is None and training["state"] == "waiting"
+        assert "10 of 50,000 ads, waiting for at least 16" in training["message"]
+        assert any("index.nlist 16 needs them" in r.getMessage() for r in caplog.records)
+        for b in initial:
+            feed.send(b)
+        feed.flush()
+        step_until([service], lambda: service.index is not None, "the index trained")
+        training = service.metrics.status()["training"]
+        assert training["state"] == "trained" and "caught up" in training["reason"]
+        assert training["ads"] == N_ADS
+        step_until([service], lambda: service.index.ntotal == N_ADS, "the ads indexed")  # type: ignore[union-attr]
+    finally:
+        service.shutdown()
+
+
+def test_first_training_after_train_wait_s_when_the_end_is_unknown(
+    bootstrap: str, topics: Topics, tmp_path: Path
+) -> None:
+    """The end offsets could not be read at start: training waits `index.train_wait_s`."""
+    work = workload(seed=3)
+    feed = Feed(bootstrap, topics)
+    for b in [b for b in work.steps if isinstance(b, AdBatch)][:4]:
+        feed.send(b)
+    feed.flush()
+    settings = _settings(bootstrap, topics, tmp_path, index={"train_wait_s": 1.0})
+    service = RefresherService.from_config(to_config(settings))
+    service.ads.start_ends = None  # as when the broker did not answer the end offsets
+    try:
+        step_until([service], lambda: service.stats.ad_events >= 1_000, "1,000 ads consumed")
+        if service.index is None:
+            message = service.metrics.status()["training"]["message"]
+            assert "waiting for the ad topic to be caught up or" in message
+        step_until([service], lambda: service.index is not None, "trained after the wait", 20)
+        assert "index.train_wait_s (1 s) passed" in service.metrics.status()["training"]["reason"]
+    finally:
+        service.shutdown()
+
+
+def test_recall_target_moves_nprobe_from_1_until_the_stored_lists_reach_it(
+    bootstrap: str, topics: Topics, training_file: Path, tmp_path: Path
+) -> None:
+    """Started at nprobe 1 with index.recall_target 0.95: the service raises nprobe from its
+    own stored-recall samples, recomputing every list, until the target holds."""
+    work = workload(seed=4)
+    settings = _settings(
+        bootstrap,
+        topics,
+        tmp_path,
+        index={"training_file": str(training_file), "nprobe": 1, "recall_target": 0.95},
+        refresh={"nprobe": 0, "full_recompute_per_batch": 100},
+        service={"recall_every_batches": 3, "recall_sample": 200},
+    )
+    feed = Feed(bootstrap, topics)
+    for b in work.steps:
+        feed.send(b)
+    feed.flush()
+    service = RefresherService.from_config(to_config(settings))
+    try:
+        assert service.tuner is not None and service.metrics.status()["tuning"]["nprobe"] == 1
+        tuner = service.tuner
+        step_until(
+            [service],
+            lambda: tuner.last is not None and tuner.last >= 0.95,
+            "stored recall at the target",
+            guard_s=60,
+        )
+        first, last = tuner.history[0], tuner.history[-1]
+        print(f"recall target 0.95: (nlist, nprobe, recall) {first} -> {last}; {tuner.history}")
+        assert first[1] == 1 and first[2] < 0.95
+        assert last[2] >= 0.95 and last[1] > 1
+        assert service.refresher is not None and service.refresher.nprobe == last[1]
+        status = service.metrics.status()
+        assert status["tuning"]["recall_target"] == 0.95
+        assert status["tuning"]["nprobe"] == last[1]
+        assert status["recall"]["value"] == pytest.approx(last[2])
+        metrics = service.metrics.render().decode()
+        assert "annstream_recall_target 0.95" in metrics
+        assert f"annstream_nprobe {float(last[1])}" in metrics
+        assert "annstream_recall_warn_below 0.75" in metrics
+    finally:
+        service.shutdown()
