@@ -115,7 +115,7 @@ class IndexConfig:
     `recall_target` (0 = off), e.g. 0.95: the service raises nprobe from its stored-recall
     monitor (recall@refresh.k) until the target holds, recomputing every list at
     `refresh.full_recompute_per_batch` a micro-batch, and halves nlist at a retrain when nprobe
-    reaches a quarter of the lists.
+    reaches a quarter of the lists; the nprobe reached is kept in snapshots.
     """
 
     dim: int = 50

@@ -251,6 +251,8 @@ class RefresherService:
             logger.warning(
                 "snapshot %s has no ad metadata: campaign ids unknown until re-upserted", snap.path
             )
+        if snap is not None and cfg.index.recall_target and "nprobe" in snap.meta:
+            snap.index.nprobe = max(snap.index.nprobe, int(snap.meta["nprobe"]))
         if index is None and cfg.index.training_file:
             vectors = np.load(cfg.index.training_file)
             index = LiveIvfIndex.train(cfg.index, np.ascontiguousarray(vectors, "float32"))
@@ -354,6 +356,9 @@ class RefresherService:
             logger.warning("%s", text)
         target = self.cfg.index.recall_target or None
         if target is not None:
+            if self.index.nprobe > nprobe:  # tuned before a restart (snapshot meta)
+                nprobe = min(self.index.nprobe, nlist)
+                self.refresher.set_nprobe(nprobe)
             self.tuner = NprobeTuner(target, nprobe, nlist)
         self.metrics.observe_tuning(target, nprobe, nlist, warnings)
 
@@ -590,7 +595,7 @@ class RefresherService:
             self.snapshot_dir,
             self.index,
             offsets,
-            {"version": self._version},
+            {"version": self._version, "nprobe": self.index.nprobe},
             keep=self.cfg.snapshot.keep,
             arrays=self.ad_meta.state(),
         )

@@ -96,7 +96,8 @@ def test_recall_target_moves_nprobe_from_1_until_the_stored_lists_reach_it(
     bootstrap: str, topics: Topics, training_file: Path, tmp_path: Path
 ) -> None:
     """Started at nprobe 1 with index.recall_target 0.95: the service raises nprobe from its
-    own stored-recall samples, recomputing every list, until the target holds."""
+    own stored-recall samples, recomputing every list (and halves nlist at a retrain once
+    nprobe reached a quarter of the lists), until the target holds; a restart keeps it."""
     work = workload(seed=4)
     settings = _settings(
         bootstrap,
@@ -135,3 +136,10 @@ def test_recall_target_moves_nprobe_from_1_until_the_stored_lists_reach_it(
         assert "annstream_recall_warn_below 0.75" in metrics
     finally:
         service.shutdown()
+    restarted = RefresherService.from_config(to_config(settings))  # the tuned nprobe is kept
+    try:
+        assert restarted.index is not None and int(restarted.index.ivf.nlist) == last[0]
+        assert restarted.refresher is not None and restarted.refresher.nprobe == last[1]
+        assert restarted.tuner is not None and restarted.tuner.nprobe == last[1]
+    finally:
+        restarted.shutdown()

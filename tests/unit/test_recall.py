@@ -127,3 +127,24 @@ def test_monitor_samples_a_subset_and_skips_nothing_to_sample(world: World) -> N
     assert monitor.after_batch(store, index, qids[:0], vectors) is None
     with pytest.raises(ValueError, match="warn_below"):
         RecallMonitor(every_batches=1, sample=7, k=K, warn_below=2.0)
+
+
+def test_monitor_sweeps_the_exact_side_a_slice_per_batch_and_measures_when_asked(
+    world: World,
+) -> None:
+    """The exact side no longer scans every list at once on the owner thread: with a zero
+    time slice it takes one slice of lists (16 of 32) per stored micro-batch; the figure
+    equals the one-shot measurement. `request()` starts one whatever every_batches says."""
+    index, store, _, _, qids, queries = world
+
+    def vectors(ids: np.ndarray) -> np.ndarray:
+        return queries[ids - 100]
+
+    monitor = RecallMonitor(every_batches=0, sample=N_QUERIES, k=K, warn_below=0.0, slice_s=0.0)
+    assert monitor.after_batch(store, index, qids, vectors) is None and not monitor.measuring
+    monitor.request()
+    assert monitor.measuring
+    assert monitor.after_batch(store, index, qids, vectors) is None and monitor.measuring
+    got = monitor.after_batch(store, index, qids, vectors)
+    assert got is not None and not monitor.measuring
+    assert got == pytest.approx(stored_recall(store, index, qids, queries, K), abs=1e-12)
