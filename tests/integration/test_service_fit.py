@@ -4,6 +4,7 @@ training on what is there, and the recall-target loop moving nprobe, against the
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from pathlib import Path
 
@@ -72,13 +73,14 @@ def test_first_training_waits_for_nlist_ads_then_trains_once_the_ad_topic_is_cau
 def test_first_training_after_train_wait_s_when_the_end_is_unknown(
     bootstrap: str, topics: Topics, tmp_path: Path
 ) -> None:
-    """The end offsets could not be read at start: training waits `index.train_wait_s`."""
+    """The end offsets could not be read at start: training waits `index.train_wait_s`, then
+    warns that nlist is too large for what it trained on."""
     work = workload(seed=3)
     feed = Feed(bootstrap, topics)
     for b in [b for b in work.steps if isinstance(b, AdBatch)][:4]:
         feed.send(b)
     feed.flush()
-    settings = _settings(bootstrap, topics, tmp_path, index={"train_wait_s": 1.0})
+    settings = _settings(bootstrap, topics, tmp_path, index={"train_wait_s": 1.0, "nlist": 32})
     service = RefresherService.from_config(to_config(settings))
     service.ads.start_ends = None  # as when the broker did not answer the end offsets
     try:
@@ -87,7 +89,12 @@ def test_first_training_after_train_wait_s_when_the_end_is_unknown(
             message = service.metrics.status()["training"]["message"]
             assert "waiting for the ad topic to be caught up or" in message
         step_until([service], lambda: service.index is not None, "trained after the wait", 20)
-        assert "index.train_wait_s (1 s) passed" in service.metrics.status()["training"]["reason"]
+        status = service.metrics.status()
+        assert "index.train_wait_s (1 s) passed" in status["training"]["reason"]
+        # at most 1,000 ads in 32 lists: the fit warning names the setting and a value
+        (warning,) = status["tuning"]["fit_warnings"]
+        assert re.match(r"index\.nlist = 32 is far from [\d,]+ ads \(\d+ per list", warning)
+        assert "suggest index.nlist = " in warning and "annstream tune" in warning
     finally:
         service.shutdown()
 
