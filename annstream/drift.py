@@ -147,6 +147,11 @@ class DriftMonitor:
         self._requested = False
         self._on_heads = False
 
+    @property
+    def checking(self) -> bool:
+        """A check is under way or asked for (it needs more micro-batches)."""
+        return self._sweep is not None or self._requested
+
     def request_check(self) -> None:
         """Measure at the next micro-batch (the stored recall fell under its warning)."""
         if self.cfg.enabled and not self._requested and self._sweep is None:

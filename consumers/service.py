@@ -434,7 +434,12 @@ class RefresherService:
         self._track_publishers()
         self.batcher.add(events)
         busy = self._ad_buf or self._eng_buf or self._eng_offsets or self._rebalanced
-        working = self.retrainer.running or self.refresher_pending or self.recall_monitor.measuring
+        working = (
+            self.retrainer.running
+            or self.refresher_pending
+            or self.recall_monitor.measuring
+            or self.drift.checking
+        )
         if self.batcher.due() and (busy or working):
             self.micro_batch()
         elif self.batcher.due():

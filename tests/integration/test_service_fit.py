@@ -8,11 +8,15 @@ import re
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from annstream.events import AdBatch
+from annstream.events import NO_ID, AdBatch, EngagementBatch
 from annstream.testing.harness import (
+    ENTER,
     N_ADS,
+    QUERY_BASE,
+    T0,
     Feed,
     Topics,
     service_settings,
@@ -21,6 +25,7 @@ from annstream.testing.harness import (
     workload,
 )
 from consumers.service import RefresherService
+from producers.sources import clustered_vectors
 
 pytest_plugins = ["service_harness"]
 
@@ -150,3 +155,71 @@ def test_recall_target_moves_nprobe_from_1_until_the_stored_lists_reach_it(
         assert restarted.tuner is not None and restarted.tuner.nprobe == last[1]
     finally:
         restarted.shutdown()
+
+
+def test_new_region_ads_some_head_queries_probe_lower_stored_recall_and_the_warning_retrains(
+    bootstrap: str, topics: Topics, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12: 90 ads of a new region, near a third of the head queries. Drift is judged on
+    the head queries, and the stored-recall warning asks for the check (scheduled checks
+    are off here): it sees the drop from its post-training baseline and retrains."""
+    dim = 64
+    old = clustered_vectors(4_000, dim, np.random.default_rng(1))
+    new = clustered_vectors(90, dim, np.random.default_rng(4), mixture_seed=1)
+    head_vectors = np.concatenate(
+        [
+            clustered_vectors(134, dim, np.random.default_rng(2)),
+            clustered_vectors(66, dim, np.random.default_rng(3), mixture_seed=1),
+        ]
+    )
+    training_file = tmp_path / "training.npy"
+    np.save(training_file, old)
+    settings = _settings(
+        bootstrap,
+        topics,
+        tmp_path,
+        index={"training_file": str(training_file), "dim": dim, "nlist": 64, "nprobe": 8},
+        refresh={"nprobe": 8},
+        drift={"enabled": True, "check_every_batches": 100_000, "recall_sample": 200},
+        service={"recall_every_batches": 1, "recall_sample": 200, "recall_warn_below": 0.99},
+    )
+    feed = Feed(bootstrap, topics, dim=dim)
+    feed.send(AdBatch.upserts(np.arange(1, 4_001), old, T0))
+    n = len(head_vectors)
+    feed.send(
+        EngagementBatch(
+            query_ids=QUERY_BASE + np.arange(n, dtype="int64"),
+            item_ids=np.full(n, NO_ID, "int64"),
+            event_types=np.zeros(n, "uint8"),
+            weights=np.full(n, ENTER, "float32"),
+            event_time_ms=np.full(n, T0, "int64"),
+            vectors=head_vectors,
+            has_vector=np.ones(n, bool),
+        )
+    )
+    feed.flush()
+    service = RefresherService.from_config(to_config(settings))
+    try:
+        step_until(
+            [service],
+            lambda: service.drift.baseline is not None and service.idle,
+            "the drift baseline on the head queries",
+        )
+        assert service.refresher is not None and len(service.refresher) == n
+        baseline, version = service.drift.baseline, service.index.version  # type: ignore[union-attr]
+        with caplog.at_level(logging.INFO):
+            feed.send(AdBatch.upserts(np.arange(10_001, 10_091), new, T0))
+            feed.flush()
+            step_until(
+                [service],
+                lambda: service.index is not None and service.index.version > version,
+                "a retrain swapped in",
+            )
+        texts = [r.getMessage() for r in caplog.records]
+        assert any("drift check requested by the stored-recall warning" in t for t in texts)
+        (drift,) = [t for t in texts if t.startswith("index drift:")]
+        stored = [t.split(" over ")[0] for t in texts if t.startswith("stored recall@")]
+        print(f"head-query baseline {baseline:.3f}; {drift}; {stored[:3]}")
+        assert "dropped more than drift.recall_drop" in drift
+    finally:
+        service.shutdown()

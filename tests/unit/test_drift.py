@@ -220,7 +220,7 @@ def test_new_region_ads_only_some_head_queries_probe_are_detected_on_head_querie
     index = LiveIvfIndex.train(cfg, old)
     index.upsert(np.arange(4000), old)
     dcfg = DriftConfig(recall_sample=200, check_every_batches=1000)
-    on_heads = DriftMonitor(dcfg, d, seed=0)
+    on_heads = DriftMonitor(dcfg, d, seed=0, sweep_slice_s=60.0)  # one slice: whole sweeps
     on_ads = DriftMonitor(dcfg, d, seed=0)
     for m in (on_heads, on_ads):
         m.observe(old)

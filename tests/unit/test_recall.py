@@ -105,6 +105,7 @@ def test_monitor_measures_every_n_batches_and_warns(
 
     cfg = ServiceConfig(recall_every_batches=3, recall_sample=N_QUERIES, recall_warn_below=0.99)
     monitor = RecallMonitor.from_config(cfg, k=K)
+    monitor.slice_s = 60.0  # whole sweeps: one call measures, however loaded the machine
     with caplog.at_level(logging.WARNING, logger="annstream.recall"):
         results = [monitor.after_batch(store, index, qids, vectors) for _ in range(6)]
     assert results[0] is None and results[1] is None and results[3] is None
@@ -121,7 +122,7 @@ def test_monitor_samples_a_subset_and_skips_nothing_to_sample(world: World) -> N
         seen.append(ids)
         return queries[ids - 100]
 
-    monitor = RecallMonitor(every_batches=1, sample=7, k=K, warn_below=0.0)
+    monitor = RecallMonitor(every_batches=1, sample=7, k=K, warn_below=0.0, slice_s=60.0)
     r = monitor.after_batch(store, index, qids, vectors)
     assert r is not None and len(seen[0]) == 7 and len(set(seen[0].tolist())) == 7
     assert monitor.after_batch(store, index, qids[:0], vectors) is None
