@@ -350,7 +350,7 @@ class RefresherService:
         assert self.index is not None and self.refresher is not None
         nlist, nprobe = int(self.index.ivf.nlist), self.refresher.nprobe
         key = "refresh.nprobe" if self.cfg.refresh.nprobe else "index.nprobe"
-        n = self.index.ntotal + sum(len(b) for b in self._ad_buf)
+        n = max(self.index.ntotal, self._training_upserts)  # trained on: not yet indexed
         warnings = fit_warnings(n, nlist, nprobe, self.cfg.refresh.k, key)
         for text in warnings:
             logger.warning("%s", text)
@@ -360,6 +360,7 @@ class RefresherService:
                 nprobe = min(self.index.nprobe, nlist)
                 self.refresher.set_nprobe(nprobe)
             self.tuner = NprobeTuner(target, nprobe, nlist)
+            self._tune_settling = True  # measure as soon as the first lists are stored
         self.metrics.observe_tuning(target, nprobe, nlist, warnings)
 
     # ---- rebalance (called by EngagementStream inside consume) -------------------------
@@ -558,9 +559,9 @@ class RefresherService:
     def _after_durable(self) -> None:
         """A micro-batch is durable: sample recall, snapshot when due."""
         if self.refresher is not None and self.index is not None:
-            if self._tune_settling and not self.refresher_pending:
-                self._tune_settling = False
-                self.recall_monitor.request()
+            monitor = self.recall_monitor
+            if self._tune_settling and not self.refresher_pending and not monitor.measuring:
+                monitor.request()  # until a settled figure came in
             try:
                 recall = self.recall_monitor.after_batch(
                     self.store, self.index, self.refresher.head_ids(), self.tracker.vectors
@@ -733,17 +734,21 @@ class RefresherService:
             if recall < self.recall_monitor.warn_below:
                 self.drift.request_check()
             return
-        step = tuner.observe(recall, settled=not self.refresher_pending)
+        settled = not self.refresher_pending
+        self._tune_settling = self._tune_settling and not settled
+        step = tuner.observe(recall, settled=settled)
         if step is None:
             return
-        logger.warning("%s", step.reason)
         if step.retrain_nlist is not None:
             if self.retrainer.running or len(self.drift.reservoir) < step.retrain_nlist:
                 tuner.retrain_asked = False  # asked again at the next measurement
                 return
-            sample = self.drift.reservoir.sample()
-            self.retrainer.start(self.index, sample, nlist=step.retrain_nlist)
+            logger.warning("%s", step.reason)
+            self.retrainer.start(
+                self.index, self.drift.reservoir.sample(), nlist=step.retrain_nlist
+            )
             return
+        logger.warning("%s", step.reason)
         self.refresher.set_nprobe(step.nprobe)
         self.index.nprobe = step.nprobe
         self._tune_settling = True
@@ -763,7 +768,8 @@ class RefresherService:
         if self.tuner is not None:
             self.tuner.index_changed(int(new.ivf.nlist), self.refresher.nprobe)
             self._tune_settling = True
-            self.metrics.observe_tuning(self.tuner.target, new.nprobe, int(new.ivf.nlist))
+            nprobe = self.refresher.nprobe
+            self.metrics.observe_tuning(self.tuner.target, nprobe, int(new.ivf.nlist))
         trim_heap()
 
     @property

@@ -62,16 +62,17 @@ def test_fit_warnings_name_the_setting_and_a_value() -> None:
     warnings = fit_warnings(30_000, 1024, 32, 100)
     assert len(warnings) == 2
     assert warnings[0].startswith("index.nlist = 1024 is far from 30,000 ads (29 per list")
-    assert "suggest index.nlist = 256" in warnings[0]
+    assert "suggest index.nlist = 256 (and nprobe = 64)" in warnings[0]
     assert "annstream tune --k 100" in warnings[0]
     assert warnings[1].startswith("index.nprobe = 32 of 1024 lists scans ~938 ads per query")
-    assert "suggest index.nprobe = 64" in warnings[1]
+    assert "suggest index.nprobe = 256" in warnings[1]  # 29 ads per list: lower nlist first
     too_few_lists = fit_warnings(10_000_000, 64, 8, 10)
     assert len(too_few_lists) == 1 and "over 4096: every probe scans" in too_few_lists[0]
     assert fit_warnings(50_000, 512, 32, 100) == []
     assert fit_warnings(0, 1024, 32, 100) == []
     assert "refresh.nprobe = 1" in fit_warnings(50_000, 512, 1, 100, "refresh.nprobe")[0]
-    assert suggest_nprobe(50_000, 512, 100) == 16
+    assert suggest_nprobe(50_000, 512, 100) == 64
+    assert suggest_nprobe(100_000, 256, 10) == 16  # at least 1/16 of the lists
 
 
 def test_tuner_raises_nprobe_until_the_target_then_asks_for_a_smaller_nlist() -> None:
