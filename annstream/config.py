@@ -145,8 +145,11 @@ class SnapshotConfig:
 class DriftConfig:
     """When to retrain the coarse quantizer in the background.
 
-    Recall is judged against the first measurement of the same index (right after training or
-    start-up): a drop of `recall_drop` triggers a retrain. nprobe, not drift, limits the absolute
+    Recall (recall@refresh.k of the IVF against exact search) is measured on `recall_sample`
+    head queries, what is served (on reservoir ads before there are any), every
+    `check_every_batches` micro-batches and at once when a stored-recall sample falls under
+    `service.recall_warn_below`. It is judged against the first measurement of the same index
+    (right after training or start-up): a drop of `recall_drop` triggers a retrain. nprobe, not drift, limits the absolute
     figure, and retraining cannot raise it; `recall_threshold` (0 = off) adds an absolute floor.
     """
 

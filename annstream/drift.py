@@ -3,10 +3,12 @@
 The owner thread of the index drives everything between micro-batches:
 
     monitor.observe(ad_vectors)                 # every upserted ad feeds the reservoir
-    monitor.after_batch(index)                  # measures every `check_every_batches`
+    monitor.after_batch(index, head_sample)     # every `check_every_batches`, or when
+                                                # request_check() was called (the stored-
+                                                # recall warning): recall of head queries
     due, reason = monitor.should_retrain()
     if due and not retrainer.running:
-        retrainer.start(index, monitor.reservoir.sample())
+        retrainer.start(index, monitor.reservoir.sample())   # nlist=: another list count
     new = retrainer.poll(index)
     if new is not None:                         # version + 1: recompute every head query
         index = new

@@ -317,7 +317,8 @@ class RefresherService:
         """Train the coarse quantizer on the buffered ads once the `TrainingGate` says so (at
         shutdown, `force`: on what is there, if enough), then index them."""
         gate = self.training_gate
-        ready, why = gate.decide(self._training_upserts, self.ads.caught_up())
+        caught_up = self.ads.caught_up()
+        ready, why = gate.decide(self._training_upserts, caught_up)  # events: an upper bound
         if not ready and not force:
             self._report_training(why)
             return
@@ -325,9 +326,11 @@ class RefresherService:
         net = ads.net()
         n = len(net.upsert_ids)
         self._training, self._training_upserts = [ads], n
-        if n < gate.need:
-            self._report_training(gate.decide(n, False)[1], force=True)
+        ready, why = gate.decide(n, caught_up)
+        if n < gate.need or not (ready or force):
+            self._report_training(why, force=True)
             return
+        why = why if ready else f"shutting down with {n:,} ads"
         logger.info("training the index on %d ads: %s", n, why)
         self.index = LiveIvfIndex.train(self.cfg.index, net.upsert_vectors)
         self._training = []
