@@ -729,13 +729,13 @@ class RefresherService:
             return np.empty((0, self.cfg.index.dim), dtype="float32")
 
     def _tune(self, recall: float) -> None:
-        """A stored-recall figure: the recall-target loop moves nprobe (or nlist at a
-        retrain); without a target, a figure under the warning asks for a drift check now."""
+        """A stored-recall figure: under the warning it asks for a drift check now (a drifted
+        quantizer is retrained); the recall-target loop moves nprobe (or nlist at a retrain)."""
         assert self.refresher is not None and self.index is not None
+        if recall < self.recall_monitor.warn_below:
+            self.drift.request_check()
         tuner = self.tuner
         if tuner is None:
-            if recall < self.recall_monitor.warn_below:
-                self.drift.request_check()
             return
         settled = not self.refresher_pending
         self._tune_settling = self._tune_settling and not settled
