@@ -611,6 +611,12 @@ def _problems(cfg: Config) -> Iterator[str]:
         "service", "shutdown_timeout_s", "flush_timeout_s", "recall_sample", "health_stale_s"
     )
     yield from at_least("service", 0, "recall_every_batches")
+    if i.recall_target > 0 and sv.recall_every_batches == 0:
+        yield bad(
+            "index",
+            "recall_target",
+            "needs stored-recall samples: set service.recall_every_batches > 0",
+        )
     yield from fraction("service", "recall_warn_below")
 
 
