@@ -123,7 +123,11 @@ class TrainingGate:
     def __init__(self, cfg: IndexConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.train_size = cfg.train_size
         self.need = min_training_ads(cfg)
-        self.nlist = cfg.nlist
+        self.needed_by = (
+            f"index.nlist {cfg.nlist}"
+            if self.need == cfg.nlist
+            else f"index.pq_nbits {cfg.pq_nbits} (2^nbits codewords)"
+        )
         self.wait_s = cfg.train_wait_s
         self._clock = clock
         self.started = clock()
@@ -135,8 +139,7 @@ class TrainingGate:
         if ads < self.need:
             return False, (
                 f"training: {ads:,} of {self.train_size:,} ads, waiting for at least "
-                f"{self.need:,} (index.nlist {self.nlist} needs them; lower index.nlist to "
-                "train on fewer)"
+                f"{self.need:,} ({self.needed_by} needs them; lower it to train on fewer)"
             )
         if caught_up:
             return True, f"the ad topic is caught up at {ads:,} ads"

@@ -30,7 +30,7 @@ def test_gate_trains_at_train_size_or_caught_up_or_after_the_wait_never_under_nl
     gate = TrainingGate(IndexConfig(nlist=1024, train_size=50_000, train_wait_s=300), clock)
     assert gate.decide(50_000, False)[0]
     ready, why = gate.decide(1_000, True)
-    assert not ready and "waiting for at least 1,024 (index.nlist 1024" in why
+    assert not ready and "waiting for at least 1,024 (index.nlist 1024 needs them" in why
     ready, why = gate.decide(12_000, False)
     assert not ready
     assert why == (
@@ -44,7 +44,12 @@ def test_gate_trains_at_train_size_or_caught_up_or_after_the_wait_never_under_nl
 
 
 def test_ivfpq_needs_its_codebook_size_to_train() -> None:
-    assert min_training_ads(IndexConfig(nlist=16, kind="ivfpq", pq_nbits=8)) == 256
+    pq = IndexConfig(nlist=16, kind="ivfpq", pq_nbits=8)
+    assert min_training_ads(pq) == 256
+    assert (
+        "at least 256 (index.pq_nbits 8 (2^nbits codewords) needs them"
+        in (TrainingGate(pq).decide(100, True)[1])
+    )
     assert min_training_ads(IndexConfig(nlist=16)) == 16
 
 
