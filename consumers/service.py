@@ -35,7 +35,7 @@ from annstream.codec import AdCodec, EngagementCodec
 from annstream.config import Config
 from annstream.drift import BackgroundRetrainer, DriftMonitor
 from annstream.errors import StoreError
-from annstream.events import OP_UPSERT, AdBatch, EngagementBatch
+from annstream.events import AdBatch, EngagementBatch
 from annstream.heads import HeadQueryTracker
 from annstream.heap import trim_heap
 from annstream.index import LiveIvfIndex
@@ -203,7 +203,7 @@ class RefresherService:
         self.engagements: EngagementStream | None = None
         self.refresher: Refresher | None = None
         self._training: list[AdBatch] = []
-        self._training_upserts = 0
+        self._training_ads = 0
         self._training_logged_at = -math.inf
         self.training_gate = TrainingGate(cfg.index)
         self.tuner: NprobeTuner | None = None
@@ -318,14 +318,14 @@ class RefresherService:
         shutdown, `force`: on what is there, if enough), then index them."""
         gate = self.training_gate
         caught_up = self.ads.caught_up()
-        ready, why = gate.decide(self._training_upserts, caught_up)  # events: an upper bound
+        ready, why = gate.decide(self._training_ads, caught_up)  # events: an upper bound
         if not ready and not force:
             self._report_training(why)
             return
         ads = AdBatch.concat(self._training, self.cfg.index.dim)
         net = ads.net()
         n = len(net.upsert_ids)
-        self._training, self._training_upserts = [ads], n
+        self._training, self._training_ads = [ads], n
         ready, why = gate.decide(n, caught_up)
         if n < gate.need or not (ready or force):
             self._report_training(why, force=True)
@@ -341,7 +341,7 @@ class RefresherService:
     def _report_training(self, waiting_for: str, force: bool = False) -> None:
         """Say what the first training waits for: /status always, the log every 30 s."""
         self.metrics.observe_training(
-            {"state": "waiting", "ads": self._training_upserts, "message": waiting_for}
+            {"state": "waiting", "ads": self._training_ads, "message": waiting_for}
         )
         now = time.monotonic()
         if force or now - self._training_logged_at >= 30.0:
@@ -353,7 +353,7 @@ class RefresherService:
         assert self.index is not None and self.refresher is not None
         nlist, nprobe = int(self.index.ivf.nlist), self.refresher.nprobe
         key = "refresh.nprobe" if self.cfg.refresh.nprobe else "index.nprobe"
-        n = max(self.index.ntotal, self._training_upserts)  # trained on: not yet indexed
+        n = max(self.index.ntotal, self._training_ads)  # trained on: not yet indexed
         warnings = fit_warnings(n, nlist, nprobe, self.cfg.refresh.k, key)
         for text in warnings:
             logger.warning("%s", text)
@@ -422,7 +422,7 @@ class RefresherService:
             self._track_publishers()
             if len(polled.batch):
                 self._training.append(polled.batch)
-                self._training_upserts += int((polled.batch.ops == OP_UPSERT).sum())
+                self._training_ads += len(polled.batch)  # an upper bound: netted to train
             self._train_from_buffer()
             return
         if len(polled.batch):
