@@ -1,5 +1,6 @@
 """The service at real embedding sizes (issue 12): d = 384 through a restart (snapshot, head-state
-changelog, refresher, store round trip) and one end-to-end run at d = 768, on clustered
+changelog, refresher, SQLite round trip) and one end-to-end run at d = 768 into Aerospike (the
+real client against the test server), on clustered
 vectors (a Gaussian mixture), checked against the same independent oracle as the d = 16 tests."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import numpy as np
 
 from annstream.events import AdBatch, EngagementBatch
 from annstream.snapshot import load_latest_snapshot
+from annstream.testing.aerospike_server import AerospikeTestServer
 from annstream.testing.harness import (
     ICFG,
     Feed,
@@ -98,35 +100,38 @@ def test_service_at_384_dimensions_restarts_from_its_snapshot_and_changelog(
     assert committed_offsets(bootstrap, topics.engagements, group) == feed.engagement_ends
 
 
-def test_end_to_end_at_768_dimensions_on_clustered_vectors(
+def test_end_to_end_at_768_dimensions_on_clustered_vectors_into_aerospike(
     bootstrap: str, topics: Topics, tmp_path: Path
 ) -> None:
+    """The real Aerospike client against the test server: lists of 768-d ads round-trip."""
     dim = 768
     work = workload(seed=6, engagements=1_500, stream_ads=300, ads=1_500, queries=200, dim=dim)
     assert any(isinstance(b, EngagementBatch) for b in work.steps)
     assert all(b.dim == dim for b in work.steps if isinstance(b, AdBatch))
     training_file, training = _training(tmp_path, dim)
-    db = tmp_path / "store.db"
-    settings = service_settings(
-        bootstrap,
-        topics,
-        training_file,
-        f"sqlite:///{db}",
-        tmp_path / "snap",
-        f"d768-{uuid.uuid4().hex[:8]}",
-        dim=dim,
-    )
-    feed = Feed(bootstrap, topics, dim=dim)
-    for b in work.steps:
-        feed.send(b)
-    feed.flush()
-    service = RefresherService.from_config(to_config(settings))
-    try:
-        _run_until_consumed(service, feed.messages[topics.ads], feed.messages[topics.engagements])
-        assert service.index is not None and service.index.dim == dim
-        assert int(service.index.ivf.nlist) == ICFG.nlist
-        np.testing.assert_array_equal(service.index.ids(), sorted(work.live))
-        assert sqlite_query_ids(db) == set(work.heads.tolist())
-        assert problems(service.store, work, build_oracle(training, work.live)) == []
-    finally:
-        service.shutdown()
+    with AerospikeTestServer(namespaces=["test"]) as server:
+        settings = service_settings(
+            bootstrap,
+            topics,
+            training_file,
+            f"aerospike://{server.url_host}/test/neighbours",
+            tmp_path / "snap",
+            f"d768-{uuid.uuid4().hex[:8]}",
+            dim=dim,
+        )
+        feed = Feed(bootstrap, topics, dim=dim)
+        for b in work.steps:
+            feed.send(b)
+        feed.flush()
+        service = RefresherService.from_config(to_config(settings))
+        try:
+            _run_until_consumed(
+                service, feed.messages[topics.ads], feed.messages[topics.engagements]
+            )
+            assert service.index is not None and service.index.dim == dim
+            assert int(service.index.ivf.nlist) == ICFG.nlist
+            np.testing.assert_array_equal(service.index.ids(), sorted(work.live))
+            assert service.store.lookup(work.heads).missing.size == 0
+            assert problems(service.store, work, build_oracle(training, work.live)) == []
+        finally:
+            service.shutdown()
