@@ -1,7 +1,7 @@
-"""The service at real embedding sizes (issue 12): d = 384 through a restart (snapshot, head-state
-changelog, refresher, SQLite round trip) and one end-to-end run at d = 768 into Aerospike (the
-real client against the test server), on clustered
-vectors (a Gaussian mixture), checked against the same independent oracle as the d = 16 tests."""
+"""The service at real embedding sizes (issue 12): d = 384 through a restart (snapshot,
+head-state changelog, refresher, SQLite round trip) and one end-to-end run at d = 768 into
+Aerospike (the real client against the test server), on clustered vectors (a Gaussian
+mixture), checked against the same independent oracle as the d = 16 tests."""
 
 from __future__ import annotations
 
