@@ -110,8 +110,9 @@ class IndexConfig:
 
     Without a snapshot or `training_file`, the first index is trained on the ads consumed: at
     `train_size` ads, or on what is there once the ad topic is caught up (the end offsets taken
-    at start reached) or `train_wait_s` seconds after start, whichever comes first, but never
-    on fewer than `nlist` ads (it keeps waiting and says so in the log and /status).
+    at start reached, when the topic held ads then) or `train_wait_s` seconds after start,
+    whichever comes first, but never on fewer than `nlist` ads (it keeps waiting and says so
+    in the log and /status).
     `recall_target` (0 = off), e.g. 0.95: the service raises nprobe from its stored-recall
     monitor (recall@refresh.k) until the target holds, recomputing every list at
     `refresh.full_recompute_per_batch` a micro-batch, and halves nlist at a retrain when nprobe

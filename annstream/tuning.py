@@ -132,8 +132,11 @@ class TrainingGate:
         self._clock = clock
         self.started = clock()
 
-    def decide(self, ads: int, caught_up: bool) -> tuple[bool, str]:
-        """(train now, why or what it waits for) for `ads` buffered ads."""
+    def decide(self, ads: int, caught_up: bool | None) -> tuple[bool, str]:
+        """(train now, why or what it waits for) for `ads` buffered ads. `caught_up` None:
+        the ad topic held nothing to catch up with at start (or the broker did not say), so
+        only `train_size` or the wait apply (a service started before the ads are produced
+        does not train on the first few)."""
         if ads >= self.train_size:
             return True, f"{ads:,} ads reached index.train_size {self.train_size:,}"
         if ads < self.need:
@@ -146,9 +149,10 @@ class TrainingGate:
         left = self.wait_s - (self._clock() - self.started)
         if left <= 0:
             return True, f"index.train_wait_s ({self.wait_s:g} s) passed at {ads:,} ads"
-        return False, (
-            f"training: {ads:,} of {self.train_size:,} ads, waiting for the ad topic to be "
-            f"caught up or {left:.0f} s"
+        what = "the ad topic to be caught up" if caught_up is not None else "more ads"
+        return (
+            False,
+            f"training: {ads:,} of {self.train_size:,} ads, waiting for {what} or {left:.0f} s",
         )
 
 

@@ -78,6 +78,7 @@ class AdStream:
             make_consumer(cfg, group_id=f"{cfg.group_id}.ads.dead-letters"), self.topic
         )
         self.offsets: dict[int, int] = dict(offsets or {})
+        self.offsets_at_start = dict(self.offsets)
         self.start_ends: dict[int, tuple[int, int]] | None = None
         self._assign()
 
@@ -117,6 +118,17 @@ class AdStream:
             logger.warning("end offsets of %s not read (%s): training waits", self.topic, exc)
             return None
         return out
+
+    @property
+    def backlog_at_start(self) -> int | None:
+        """Messages the topic held past this stream's start positions when it started (None:
+        the broker did not say)."""
+        if self.start_ends is None:
+            return None
+        return sum(
+            max(0, high - self.offsets_at_start.get(p, low))
+            for p, (low, high) in self.start_ends.items()
+        )
 
     def caught_up(self) -> bool:
         """Every partition is read up to its end offset at start and to the high watermark

@@ -317,7 +317,7 @@ class RefresherService:
         """Train the coarse quantizer on the buffered ads once the `TrainingGate` says so (at
         shutdown, `force`: on what is there, if enough), then index them."""
         gate = self.training_gate
-        caught_up = self.ads.caught_up()
+        caught_up = self.ads.caught_up() if self.ads.backlog_at_start else None
         ready, why = gate.decide(self._training_ads, caught_up)  # events: an upper bound
         if not ready and not force:
             self._report_training(why)

@@ -38,6 +38,8 @@ def test_gate_trains_at_train_size_or_caught_up_or_after_the_wait_never_under_nl
     )
     ready, why = gate.decide(12_000, True)
     assert ready and "caught up at 12,000 ads" in why
+    ready, why = gate.decide(12_000, None)  # nothing to catch up with at start
+    assert not ready and why.endswith("waiting for more ads or 300 s")
     clock.t += 300
     ready, why = gate.decide(12_000, False)
     assert ready and "index.train_wait_s (300 s) passed" in why
