@@ -213,8 +213,12 @@ class RecallMonitor:
         if not sweep.step(self.slice_s):
             return None
         self._sweep = None
-        true_ids = sweep.exact_ids()
-        return self._report(_stored_against(store, self._picked, true_ids, self.k), len(true_ids))
+        still = np.isin(self._picked, as_query_ids(head_ids))  # left meanwhile: not counted
+        if not still.any():
+            return None
+        true_ids = sweep.exact_ids()[still]
+        recall = _stored_against(store, self._picked[still], true_ids, self.k)
+        return self._report(recall, len(true_ids))
 
     def _pick(
         self, index: LiveIvfIndex, head_ids: npt.ArrayLike, vectors: VectorLookup
