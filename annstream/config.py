@@ -248,7 +248,9 @@ class ServiceConfig:
     """The long-running process: metrics port (0 = off), logging, shutdown bound.
 
     Every `recall_every_batches` micro-batches (0 = never) `recall_sample` head queries' stored
-    lists are compared with an exact search; a recall@K under `recall_warn_below` is logged.
+    lists are compared with an exact search (swept a 20 ms slice of lists per stored
+    micro-batch); a recall@K under `recall_warn_below` is logged and asks for a drift check
+    at once; `index.recall_target` steers nprobe from the same samples.
     The default suits the default index (IVF1024, nprobe 32: recall@100 ~0.82 on GloVe); set it
     from `annstream tune --k K --target T` together with nprobe.
     `/healthz` turns 503 when no loop step was seen for `health_stale_s`, or when the store has
