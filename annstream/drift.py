@@ -15,17 +15,17 @@ The owner thread of the index drives everything between micro-batches:
         monitor.reset()
 
 Concurrency: the live Faiss index is touched by the owner thread only, and never for long.
-The recall check's exact side (every list scanned for the sample queries: about a second at a
-million ads) is a sweep over the lists, a time slice per micro-batch (`sweep_slice_s`); ads
-changed during the sweep can bias the estimate by about the share of the catalogue changed in
-that time, the same way for the baseline and later checks. `start()` turns on the index's
-journal and starts training the new quantizer on the sample in a background thread; each
-`poll()` copies a time slice of the live lists (ids and vectors) in the owner thread, and once
-the copy is complete the background thread adds it to a brand-new index it alone owns. A later
-`poll()` replays the journal (updates applied since the start; the copy may hold an ad twice,
-moved between lists, and the replay settles it) and hands the new index back. The copy costs
-(4d + 8) bytes per ad for the duration; the owner thread never stalls for the whole copy or
-re-add (seconds at millions of ads), only for a slice and the replay.
+The recall check's exact side (every ad scanned for the sample queries: about a second at a
+million ads) is a sweep over the lists (ids under IVFPQ), a time slice per micro-batch
+(`sweep_slice_s`); ads changed during the sweep can bias the estimate by about the share of the
+catalogue changed in that time, the same way for the baseline and later checks. `start()`
+turns on the index's journal and starts training the new quantizer on the sample in a
+background thread; each `poll()` copies a time slice of the live lists (ids and vectors) in the
+owner thread, and once the copy is complete the background thread adds it to a brand-new index
+it alone owns. A later `poll()` replays the journal (updates applied since the start; the copy
+may hold an ad twice, moved between lists, and the replay settles it) and hands the new index
+back. The copy costs (4d + 8) bytes per ad for the duration; the owner thread never stalls for
+the whole copy or re-add (seconds at millions of ads), only for a slice and the replay.
 """
 
 from __future__ import annotations
@@ -121,10 +121,10 @@ class DriftMonitor:
     """List imbalance and sampled recall@k (IVF at the live nprobe vs exact) of the live index.
 
     Recall queries are what is served: a sample of the head queries (`queries(n)`, passed by
-    the service), or, with none yet, the reservoir of recent ads. The exact side scans every list,
+    the service), or, with none yet, the reservoir of recent ads. The exact side scans every ad,
     about recall_sample x ntotal x d multiply-adds per check, in slices of `sweep_slice_s`
-    per micro-batch (`after_batch`) under IVFFlat, at once under IVFPQ (its exact vectors sit
-    in one list) and in `check`.
+    per micro-batch in `after_batch` (an `ExactSweep`: IVFFlat lists, IVFPQ id chunks), at
+    once in `check`.
     """
 
     def __init__(
@@ -194,7 +194,7 @@ class DriftMonitor:
                 return None
             self._requested = False
             x = self._queries(queries)
-            if index.cfg.kind != "ivfflat" or not index.ntotal or not x.shape[0]:
+            if not index.ntotal or not x.shape[0]:
                 return self._measure(index, x)
             sweep = self._sweep = ExactSweep(index, x, min(self.k, index.ntotal))
         if not sweep.step(self.sweep_slice_s):

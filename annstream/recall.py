@@ -3,10 +3,10 @@
 The figure covers every way a stored list can go wrong at once: IVF approximation (nprobe),
 incremental-refresh drift, a missed write, a stale version. It is measured in the thread that
 owns the index (exact search reads the index), after micro-batches reached the store. The
-exact side scans every list (about a second for 100 queries at a million 384-d ads), so under
-IVFFlat it is an `ExactSweep`: a time slice of lists per stored micro-batch, the store read
-once the sweep is done. Ads changed during the sweep bias the figure by about the share of the
-catalogue changed meanwhile; IVFPQ (exact vectors in one list) is measured at once.
+exact side scans every ad (about a second for 100 queries at a million 384-d ads), so it is an
+`ExactSweep`: a time slice of the ads per stored micro-batch (IVFFlat lists, or id chunks of
+the IVFPQ exact store), the store read once the sweep is done. Ads changed during the sweep
+bias the figure by about the share of the catalogue changed meanwhile.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from annstream.ann import recall_at_k
+from annstream.ann import knn_exact, recall_at_k
 from annstream.config import ServiceConfig
 from annstream.index import LiveIvfIndex
 from annstream.store.base import NeighbourStore, as_query_ids
@@ -32,13 +32,16 @@ logger = logging.getLogger(__name__)
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
 VectorLookup = Callable[[I64], npt.ArrayLike]
+_ID_CHUNK = 16_384
 
 
 class ExactSweep:
-    """The exact top-k of sample queries, a slice of IVFFlat lists at a time.
+    """The exact top-k of sample queries, a slice of the ads at a time: IVFFlat lists (their
+    vectors are exact), or, under IVFPQ, chunks of the ids live at the start read from the
+    exact vector store.
 
     Keeps 2k candidates per query (deleted ones are dropped at the end); finished when every
-    list was scanned once.
+    list (or id) was scanned once.
     """
 
     def __init__(self, index: LiveIvfIndex, queries: F32, k: int) -> None:
@@ -51,9 +54,13 @@ class ExactSweep:
         self.ids = np.full((n, self.keep), -1, dtype="int64")
         self.next_list = 0
         self.lists_per_call = 16
+        self._ids: I64 | None = None if index.cfg.kind == "ivfflat" else index.ids()
+        self._next_row = 0
 
     def step(self, budget_s: float) -> bool:
-        """Scan lists for about `budget_s` seconds; True once every list was scanned."""
+        """Scan for about `budget_s` seconds (at least one slice); True once all was scanned."""
+        if self._ids is not None:
+            return self._step_ids(budget_s, self._ids)
         ivf = self.index.ivf
         nlist, n = int(ivf.nlist), self.queries.shape[0]
         t0 = time.perf_counter()
@@ -74,6 +81,22 @@ class ExactSweep:
         finally:
             ivf.nprobe = was
         return self.next_list >= nlist
+
+    def _step_ids(self, budget_s: float, ids: I64) -> bool:
+        t0 = time.perf_counter()
+        while self._next_row < len(ids):
+            chunk = ids[self._next_row : self._next_row + _ID_CHUNK]
+            self._next_row += _ID_CHUNK
+            chunk = chunk[self.index.contains(chunk)]
+            if len(chunk):
+                vectors = self.index.vectors(chunk)
+                scores, found = knn_exact(
+                    vectors, chunk, self.queries, self.keep, self.index.metric
+                )
+                self._merge(scores, found)
+            if time.perf_counter() - t0 >= budget_s:
+                break
+        return self._next_row >= len(ids)
 
     def _merge(self, scores: F32, ids: I64) -> None:
         s = np.concatenate([self.scores, scores], axis=1)
@@ -206,8 +229,6 @@ class RecallMonitor:
             if picked is None:
                 return None
             pick, x = picked
-            if index.cfg.kind != "ivfflat":
-                return self._report(stored_recall(store, index, pick, x, self.k), pick.size)
             sweep = self._sweep = ExactSweep(index, x, self.k)
             self._picked = pick
         if not sweep.step(self.slice_s):

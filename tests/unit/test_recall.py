@@ -155,3 +155,26 @@ def test_monitor_sweeps_the_exact_side_a_slice_per_batch_and_measures_when_asked
     got = monitor.after_batch(store, index, qids[10:], vectors)
     want = stored_recall(store, index, qids[10:], queries[10:], K)
     assert got == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_exact_sweep_under_ivfpq_reads_the_exact_store_in_id_chunks(metric: str) -> None:
+    """IVFPQ keeps its exact vectors in one list: the sweep goes by chunks of the ids live at
+    its start instead (ads deleted meanwhile dropped), and equals the one-shot exact search."""
+    from annstream import recall
+
+    rng = np.random.default_rng(8)
+    ads = rng.standard_normal((40_000, DIM)).astype("float32")
+    cfg = IndexConfig(dim=DIM, metric=metric, kind="ivfpq", nlist=32, nprobe=2, pq_m=4)
+    index = LiveIvfIndex.train(cfg, ads[:5_000])
+    index.upsert(np.arange(40_000), ads)
+    queries = rng.standard_normal((20, DIM)).astype("float32")
+    sweep = recall.ExactSweep(index, queries, K)
+    steps = 1
+    while not sweep.step(0.0):
+        steps += 1
+        if steps == 2:
+            index.delete(np.arange(0, 40_000, 7))
+    assert steps == -(-40_000 // recall._ID_CHUNK)
+    _, want = index.search_exact(queries, K)
+    np.testing.assert_array_equal(np.sort(sweep.exact_ids(), axis=1), np.sort(want, axis=1))
