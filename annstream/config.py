@@ -106,7 +106,18 @@ class KafkaConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """The live Faiss IVF index: `metric` is cosine (normalised inner product), ip or l2."""
+    """The live Faiss IVF index: `metric` is cosine (normalised inner product), ip or l2.
+
+    Without a snapshot or `training_file`, the first index is trained on the ads consumed: at
+    `train_size` ads, or on what is there once the ad topic is caught up (the end offsets taken
+    at start reached, when the topic held ads then) or `train_wait_s` seconds after start,
+    whichever comes first, but never on fewer than `nlist` ads (it keeps waiting and says so
+    in the log and /status).
+    `recall_target` (0 = off), e.g. 0.95: the service raises nprobe from its stored-recall
+    monitor (recall@refresh.k) until the target holds, recomputing every list at
+    `refresh.full_recompute_per_batch` a micro-batch, and halves nlist at a retrain when nprobe
+    reaches a quarter of the lists; the nprobe reached is kept in snapshots.
+    """
 
     dim: int = 50
     metric: str = "cosine"
@@ -116,7 +127,9 @@ class IndexConfig:
     pq_m: int = 10
     pq_nbits: int = 8
     train_size: int = 50_000
+    train_wait_s: float = 300.0
     training_file: str = ""
+    recall_target: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -133,8 +146,11 @@ class SnapshotConfig:
 class DriftConfig:
     """When to retrain the coarse quantizer in the background.
 
-    Recall is judged against the first measurement of the same index (right after training or
-    start-up): a drop of `recall_drop` triggers a retrain. nprobe, not drift, limits the absolute
+    Recall (recall@refresh.k of the IVF against exact search) is measured on `recall_sample`
+    head queries, what is served (on reservoir ads before there are any), every
+    `check_every_batches` micro-batches and at once when a stored-recall sample falls under
+    `service.recall_warn_below`. It is judged against the first measurement of the same index
+    (right after training or start-up): a drop of `recall_drop` triggers a retrain. nprobe, not drift, limits the absolute
     figure, and retraining cannot raise it; `recall_threshold` (0 = off) adds an absolute floor.
     """
 
@@ -232,7 +248,9 @@ class ServiceConfig:
     """The long-running process: metrics port (0 = off), logging, shutdown bound.
 
     Every `recall_every_batches` micro-batches (0 = never) `recall_sample` head queries' stored
-    lists are compared with an exact search; a recall@K under `recall_warn_below` is logged.
+    lists are compared with an exact search (swept a 20 ms slice of lists per stored
+    micro-batch); a recall@K under `recall_warn_below` is logged and asks for a drift check
+    at once; `index.recall_target` steers nprobe from the same samples.
     The default suits the default index (IVF1024, nprobe 32: recall@100 ~0.82 on GloVe); set it
     from `annstream tune --k K --target T` together with nprobe.
     `/healthz` turns 503 when no loop step was seen for `health_stale_s`, or when the store has
@@ -543,6 +561,8 @@ def _problems(cfg: Config) -> Iterator[str]:
     yield from one_of("index", "kind", INDEX_KINDS)
     if 0 < i.nlist < i.nprobe:
         yield bad("index", "nprobe", f"must be <= index.nlist ({i.nlist}), the lists there are")
+    yield from at_least("index", 0, "train_wait_s")
+    yield from fraction("index", "recall_target")
     if 0 < i.train_size < i.nlist:
         yield bad("index", "train_size", f"must be >= index.nlist ({i.nlist}) to train the lists")
     if i.kind == "ivfpq":
@@ -594,6 +614,12 @@ def _problems(cfg: Config) -> Iterator[str]:
         "service", "shutdown_timeout_s", "flush_timeout_s", "recall_sample", "health_stale_s"
     )
     yield from at_least("service", 0, "recall_every_batches")
+    if i.recall_target > 0 and sv.recall_every_batches == 0:
+        yield bad(
+            "index",
+            "recall_target",
+            "needs stored-recall samples: set service.recall_every_batches > 0",
+        )
     yield from fraction("service", "recall_warn_below")
 
 

@@ -3,36 +3,39 @@
 The owner thread of the index drives everything between micro-batches:
 
     monitor.observe(ad_vectors)                 # every upserted ad feeds the reservoir
-    monitor.after_batch(index)                  # measures every `check_every_batches`
+    monitor.after_batch(index, head_sample)     # every `check_every_batches`, or when
+                                                # request_check() was called (the stored-
+                                                # recall warning): recall of head queries
     due, reason = monitor.should_retrain()
     if due and not retrainer.running:
-        retrainer.start(index, monitor.reservoir.sample())
+        retrainer.start(index, monitor.reservoir.sample())   # nlist=: another list count
     new = retrainer.poll(index)
     if new is not None:                         # version + 1: recompute every head query
         index = new
         monitor.reset()
 
 Concurrency: the live Faiss index is touched by the owner thread only, and never for long.
-The recall check's exact side (every list scanned for the sample queries: about a second at a
-million ads) is a sweep over the lists, a time slice per micro-batch (`sweep_slice_s`); ads
-changed during the sweep can bias the estimate by about the share of the catalogue changed in
-that time, the same way for the baseline and later checks. `start()` turns on the index's
-journal and starts training the new quantizer on the sample in a background thread; each
-`poll()` copies a time slice of the live lists (ids and vectors) in the owner thread, and once
-the copy is complete the background thread adds it to a brand-new index it alone owns. A later
-`poll()` replays the journal (updates applied since the start; the copy may hold an ad twice,
-moved between lists, and the replay settles it) and hands the new index back. The copy costs
-(4d + 8) bytes per ad for the duration; the owner thread never stalls for the whole copy or
-re-add (seconds at millions of ads), only for a slice and the replay.
+The recall check's exact side (every ad scanned for the sample queries: about a second at a
+million ads) is a sweep over the lists (ids under IVFPQ), a time slice per micro-batch
+(`sweep_slice_s`); ads changed during the sweep can bias the estimate by about the share of the
+catalogue changed in that time, the same way for the baseline and later checks. `start()`
+turns on the index's journal and starts training the new quantizer on the sample in a
+background thread; each `poll()` copies a time slice of the live lists (ids and vectors) in the
+owner thread, and once the copy is complete the background thread adds it to a brand-new index
+it alone owns. A later `poll()` replays the journal (updates applied since the start; the copy
+may hold an ad twice, moved between lists, and the replay settles it) and hands the new index
+back. The copy costs (4d + 8) bytes per ad for the duration; the owner thread never stalls for
+the whole copy or re-add (seconds at millions of ads), only for a slice and the replay.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +45,8 @@ from annstream.ann import min_train_size, recall_at_k
 from annstream.config import DriftConfig, IndexConfig
 from annstream.errors import IndexStateError
 from annstream.index import LiveIvfIndex
+from annstream.recall import ExactSweep
+from annstream.tuning import min_training_ads
 
 __all__ = ["BackgroundRetrainer", "DriftMonitor", "DriftReport", "Reservoir"]
 
@@ -49,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
+QuerySample = Callable[[int], npt.ArrayLike]
+"""n -> up to n query vectors to judge recall on (the service passes head queries)."""
 
 
 class Reservoir:
@@ -110,76 +117,14 @@ class DriftReport:
     train_min: int
 
 
-class _Sweep:
-    """The exact top-k of sample queries, a slice of IVFFlat lists at a time.
-
-    Keeps 2k candidates per query (deleted ones are dropped at the end); finished when every
-    list was scanned once.
-    """
-
-    def __init__(self, index: LiveIvfIndex, queries: F32, k: int) -> None:
-        self.index, self.version = index, index.version
-        self.queries = index.prepare(queries)
-        self.k = k
-        self.keep = 2 * k
-        n = self.queries.shape[0]
-        self.scores = np.full((n, self.keep), -np.inf, dtype="float32")
-        self.ids = np.full((n, self.keep), -1, dtype="int64")
-        self.next_list = 0
-        self.lists_per_call = 16
-
-    def step(self, budget_s: float) -> bool:
-        """Scan lists for about `budget_s` seconds; True once every list was scanned."""
-        ivf = self.index.ivf
-        nlist, n = int(ivf.nlist), self.queries.shape[0]
-        t0 = time.perf_counter()
-        was = ivf.nprobe
-        try:
-            while self.next_list < nlist:
-                a = self.next_list
-                b = min(nlist, a + self.lists_per_call)
-                ivf.nprobe = b - a  # Faiss reads the probe width from the index
-                assign = np.broadcast_to(np.arange(a, b, dtype="int64"), (n, b - a))
-                searcher: Any = ivf  # the numpy wrapper of Faiss, not the SWIG signature
-                dist, ids = searcher.search_preassigned(self.queries, self.keep, assign, None)
-                scores = -dist if self.index.metric == "l2" else dist
-                self._merge(np.asarray(scores, dtype="float32"), ids)
-                self.next_list = b
-                if time.perf_counter() - t0 >= budget_s:
-                    break
-        finally:
-            ivf.nprobe = was
-        return self.next_list >= nlist
-
-    def _merge(self, scores: F32, ids: I64) -> None:
-        s = np.concatenate([self.scores, scores], axis=1)
-        i = np.concatenate([self.ids, ids], axis=1)
-        s[i < 0] = -np.inf
-        top = np.argpartition(-s, self.keep - 1, axis=1)[:, : self.keep]
-        self.scores = np.take_along_axis(s, top, axis=1)
-        self.ids = np.take_along_axis(i, top, axis=1)
-
-    def recall(self) -> float:
-        """recall@k of the index's search (live nprobe) against the swept exact top-k."""
-        ids, scores = self.ids.copy(), self.scores.copy()
-        live = ids >= 0
-        live[live] = self.index.contains(ids[live])
-        scores[~live] = -np.inf
-        order = np.argsort(-scores, axis=1, kind="stable")[:, : self.k]
-        exact = np.where(
-            np.take_along_axis(live, order, axis=1), np.take_along_axis(ids, order, axis=1), -1
-        )
-        _, found = self.index.search(self.queries, self.k, prepared=True)
-        return recall_at_k(found, exact, self.k)
-
-
 class DriftMonitor:
     """List imbalance and sampled recall@k (IVF at the live nprobe vs exact) of the live index.
 
-    Recall queries are drawn from the reservoir of recent ads; the exact side scans every list,
+    Recall queries are what is served: a sample of the head queries (`queries(n)`, passed by
+    the service), or, with none yet, the reservoir of recent ads. The exact side scans every ad,
     about recall_sample x ntotal x d multiply-adds per check, in slices of `sweep_slice_s`
-    per micro-batch (`after_batch`) under IVFFlat, at once under IVFPQ (its exact vectors sit
-    in one list) and in `check`.
+    per micro-batch in `after_batch` (an `ExactSweep`: IVFFlat lists, IVFPQ id chunks), at
+    once in `check`.
     """
 
     def __init__(
@@ -200,15 +145,43 @@ class DriftMonitor:
         self.batches = 0
         self.last: DriftReport | None = None
         self.baseline: float | None = None
-        self._sweep: _Sweep | None = None
+        self._sweep: ExactSweep | None = None
+        self._requested = False
+        self._on_heads = False
+
+    @property
+    def checking(self) -> bool:
+        """A check is under way or asked for (it needs more micro-batches)."""
+        return self._sweep is not None or self._requested
+
+    def request_check(self) -> None:
+        """Measure at the next micro-batch (the stored recall fell under its warning)."""
+        if self.cfg.enabled and not self._requested and self._sweep is None:
+            logger.info("drift check requested by the stored-recall warning")
+            self._requested = True
+
+    def _queries(self, queries: QuerySample | None) -> F32:
+        """The recall sample: head queries when given and any, else reservoir ads. A
+        baseline measured on the other kind is dropped (the next report sets it again)."""
+        n = self.cfg.recall_sample
+        x = None if queries is None else np.ascontiguousarray(queries(n), dtype="float32")
+        on_heads = x is not None and x.shape[0] > 0
+        if on_heads != self._on_heads:
+            self._on_heads, self.baseline = on_heads, None
+        if x is None or not on_heads:
+            return self.reservoir.sample(n)
+        return x
 
     def observe(self, vectors: npt.ArrayLike) -> None:
         """Feed the vectors of upserted ads (one call per micro-batch)."""
         self.reservoir.add(vectors)
 
-    def after_batch(self, index: LiveIvfIndex) -> DriftReport | None:
-        """Count a micro-batch; every `check_every_batches` (if enabled) start a measurement,
-        which scans a slice of the lists per call; returns the report once it is complete."""
+    def after_batch(
+        self, index: LiveIvfIndex, queries: QuerySample | None = None
+    ) -> DriftReport | None:
+        """Count a micro-batch; every `check_every_batches` (if enabled) or when requested,
+        start a measurement on `queries(n)` (head queries; the reservoir without), which scans
+        a slice of the lists per call; returns the report once it is complete."""
         self.batches += 1
         every = max(1, self.cfg.check_every_batches)
         if not self.cfg.enabled:
@@ -217,25 +190,29 @@ class DriftMonitor:
         if sweep is not None and (sweep.index is not index or sweep.version != index.version):
             sweep = self._sweep = None  # the index was swapped: start again
         if sweep is None:
-            if self.batches % every:
+            if self.batches % every and not self._requested:
                 return None
-            queries = self.reservoir.sample(self.cfg.recall_sample)
-            if index.cfg.kind != "ivfflat" or not index.ntotal or not queries.shape[0]:
-                return self.check(index)
-            sweep = self._sweep = _Sweep(index, queries, min(self.k, index.ntotal))
+            self._requested = False
+            x = self._queries(queries)
+            if not index.ntotal or not x.shape[0]:
+                return self._measure(index, x)
+            sweep = self._sweep = ExactSweep(index, x, min(self.k, index.ntotal))
         if not sweep.step(self.sweep_slice_s):
             return None
         self._sweep = None
         return self._report(index, sweep.recall())
 
-    def check(self, index: LiveIvfIndex) -> DriftReport:
-        """Measure now: imbalance of the lists and recall of sampled reservoir queries."""
+    def check(self, index: LiveIvfIndex, queries: QuerySample | None = None) -> DriftReport:
+        """Measure now: imbalance of the lists and recall of sampled head queries (or
+        reservoir ads)."""
+        return self._measure(index, self._queries(queries))
+
+    def _measure(self, index: LiveIvfIndex, x: F32) -> DriftReport:
         recall = None
-        queries = self.reservoir.sample(self.cfg.recall_sample)
-        if index.ntotal and queries.shape[0]:
+        if index.ntotal and x.shape[0]:
             k = min(self.k, index.ntotal)
-            _, found = index.search(queries, k)
-            _, exact = index.search_exact(queries, k)
+            _, found = index.search(x, k)
+            _, exact = index.search_exact(x, k)
             recall = recall_at_k(found, exact, k)
         return self._report(index, recall)
 
@@ -372,13 +349,15 @@ class BackgroundRetrainer:
         """A retrain was started and not yet swapped in (or discarded) by `poll()`."""
         return self._job is not None
 
-    def start(self, index: LiveIvfIndex, sample: npt.ArrayLike) -> None:
+    def start(self, index: LiveIvfIndex, sample: npt.ArrayLike, nlist: int | None = None) -> None:
         """Start journaling updates and training on `sample` in a thread; the live ads are
-        copied by the following `poll()` calls."""
+        copied by the following `poll()` calls. `nlist`: the new index's lists (default: the
+        live index's)."""
         if self._job is not None:
             raise IndexStateError("a retrain is already running: poll() until it finishes")
         x = index.prepare(sample)
-        need = min_train_size(index.ivf)
+        cfg = index.cfg if nlist is None else dataclasses.replace(index.cfg, nlist=nlist)
+        need = min_training_ads(cfg)
         if x.shape[0] < need:
             raise IndexStateError(
                 f"{x.shape[0]} sample vectors are too few to retrain (need {need}): "
@@ -388,7 +367,7 @@ class BackgroundRetrainer:
         job = _Job(index)
         job.thread = threading.Thread(
             target=job.run,
-            args=(index.cfg, x, index.version + 1),
+            args=(cfg, x, index.version + 1),
             name="annstream-retrain",
             daemon=True,
         )

@@ -433,12 +433,24 @@ class ServiceMetrics:
             registry=r,
         )
         self.recall.set(math.nan)
-        self.recall_target = Gauge(
-            "annstream_recall_target",
+        self.recall_warn_below = Gauge(
+            "annstream_recall_warn_below",
             "The recall@K under which the service warns (service.recall_warn_below)",
             registry=r,
         )
+        self.recall_warn_below.set(math.nan)
+        self.recall_target = Gauge(
+            "annstream_recall_target",
+            "The recall@K the service moves nprobe to hold (index.recall_target; NaN: off)",
+            registry=r,
+        )
         self.recall_target.set(math.nan)
+        self.nprobe = Gauge(
+            "annstream_nprobe", "Lists probed per head query by the refresher", registry=r
+        )
+        self.nprobe.set(math.nan)
+        self._training: dict[str, Any] = {}
+        self._tuning: dict[str, Any] = {}
 
     # ---- observations (owner thread) ---------------------------------------------------
 
@@ -578,8 +590,29 @@ class ServiceMetrics:
         self.counters.inc("snapshots")
         self._last_snapshot = self._clock() if at is None else at
 
-    def observe_recall_target(self, target: float) -> None:
-        self.recall_target.set(target)
+    def observe_recall_warn_below(self, warn_below: float) -> None:
+        self.recall_warn_below.set(warn_below)
+
+    def observe_training(self, state: Mapping[str, Any]) -> None:
+        """What the first training waits for, or what it was trained on (/status `training`)."""
+        with self._lock:
+            self._training = dict(state)
+
+    def observe_tuning(
+        self, target: float | None, nprobe: int, nlist: int, warnings: list[str] | None = None
+    ) -> None:
+        """The recall target (None: off), the refresher's nprobe and nlist, and the fit
+        warnings of the index (/status `tuning`; `warnings` None keeps the last ones)."""
+        self.recall_target.set(math.nan if target is None else target)
+        self.nprobe.set(nprobe)
+        with self._lock:
+            kept = self._tuning.get("fit_warnings", [])
+            self._tuning = {
+                "recall_target": target,
+                "nprobe": int(nprobe),
+                "nlist": int(nlist),
+                "fit_warnings": list(kept if warnings is None else warnings),
+            }
 
     def observe_recall(self, recall: float, k: int) -> None:
         self.recall.set(recall)
@@ -680,6 +713,8 @@ class ServiceMetrics:
                     "k": self._recall_k,
                     "age_s": None if self._recall_at is None else self._clock() - self._recall_at,
                 },
+                "training": dict(self._training),
+                "tuning": dict(self._tuning),
             }
         doc["lag"] = {"total": sum(sum(d.values()) for d in self._lag.values()), "partitions": lag}
         doc["freshness_s"] = self.freshness()

@@ -728,6 +728,18 @@ class Refresher:
         self._rebuild_routes()
         self.recompute_all()
 
+    def set_nprobe(self, nprobe: int) -> None:
+        """Probe `nprobe` lists per head query from now on: new probe lists and routes now,
+        then every list recomputed at `full_recompute_per_batch` a micro-batch, as after a
+        retrain (meanwhile inserts are routed by the new probe lists)."""
+        if nprobe <= 0:
+            raise ValueError(f"nprobe must be positive, got {nprobe}")
+        self.nprobe = int(nprobe)
+        self._probe = np.full((self.capacity, self.nprobe_eff), -1, dtype=np.int32)
+        self._set_probes(self._key_slots)
+        self._rebuild_routes()
+        self.recompute_all()
+
     def recompute_all(self) -> None:
         """Schedule a full search of every head query (rate-limited per micro-batch)."""
         self._pending = self._key_slots.copy()

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from annstream.codec import AdCodec
 from annstream.config import KafkaConfig
@@ -78,6 +78,8 @@ class AdStream:
             make_consumer(cfg, group_id=f"{cfg.group_id}.ads.dead-letters"), self.topic
         )
         self.offsets: dict[int, int] = dict(offsets or {})
+        self.offsets_at_start = dict(self.offsets)
+        self.start_ends: dict[int, tuple[int, int]] | None = None
         self._assign()
 
     def _assign(self) -> None:
@@ -92,6 +94,7 @@ class AdStream:
         self.consumer.assign(
             [TopicPartition(self.topic, p, self.offsets.get(p, OFFSET_BEGINNING)) for p in parts]
         )
+        self.start_ends = self._watermarks(parts)
         marks = self.marks.load(parts)
         logger.info(
             "ad stream assigned %s partitions %s at %s (dead-lettered up to %s)",
@@ -100,6 +103,46 @@ class AdStream:
             self.offsets,
             marks,
         )
+
+    def _watermarks(self, parts: list[int]) -> dict[int, tuple[int, int]] | None:
+        """(low, high) offsets of every partition, asked of the broker once (None if it did
+        not answer: `caught_up()` then stays False)."""
+        out: dict[int, tuple[int, int]] = {}
+        try:
+            for p in parts:
+                low, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p), timeout=5.0, cached=False
+                )
+                out[p] = (int(low), int(high))
+        except KafkaException as exc:
+            logger.warning("end offsets of %s not read (%s): training waits", self.topic, exc)
+            return None
+        return out
+
+    @property
+    def backlog_at_start(self) -> int | None:
+        """Messages the topic held past this stream's start positions when it started (None:
+        the broker did not say)."""
+        if self.start_ends is None:
+            return None
+        return sum(
+            max(0, high - self.offsets_at_start.get(p, low))
+            for p, (low, high) in self.start_ends.items()
+        )
+
+    def caught_up(self) -> bool:
+        """Every partition is read up to its end offset at start and to the high watermark
+        of its last fetch (local, no broker call): the backlog this stream started with is in."""
+        if self.start_ends is None:
+            return False
+        for p, (low, high) in self.start_ends.items():
+            pos = self.offsets.get(p, low)
+            _, fetched = self.consumer.get_watermark_offsets(
+                TopicPartition(self.topic, p), cached=True
+            )
+            if pos < max(high, fetched):
+                return False
+        return True
 
     def poll(self, max_messages: int = 5000, timeout_s: float = 0.05) -> AdPoll:
         """Fetch up to `max_messages`, decode them as one batch, dead-letter the bad ones.

@@ -17,6 +17,7 @@ the constructor takes the collaborators, so tests can hand in their own (e.g. a 
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import time
@@ -50,6 +51,7 @@ from annstream.store import open_store
 from annstream.store.base import NeighbourStore
 from annstream.store.record import NeighbourLists, UpsertResult
 from annstream.topics import ensure_topics
+from annstream.tuning import NprobeTuner, TrainingGate, fit_warnings
 from annstream.verifier import StoreVerifier
 from consumers.ads import AdStream
 from consumers.engagements import EngagementStream, PartitionListener
@@ -182,7 +184,7 @@ class RefresherService:
         self.ad_meta = ad_meta or AdMetadata()
         self.metrics = metrics or ServiceMetrics()
         self.stats = ServiceStats(self.metrics)
-        self.metrics.observe_recall_target(cfg.service.recall_warn_below)
+        self.metrics.observe_recall_warn_below(cfg.service.recall_warn_below)
         self.metrics_server = metrics_server
         self.snapshot_dir = snapshot_dir(cfg.snapshot.dir)
         self._join_group = join_group
@@ -201,6 +203,11 @@ class RefresherService:
         self.engagements: EngagementStream | None = None
         self.refresher: Refresher | None = None
         self._training: list[AdBatch] = []
+        self._training_ads = 0
+        self._training_logged_at = -math.inf
+        self.training_gate = TrainingGate(cfg.index)
+        self.tuner: NprobeTuner | None = None
+        self._tune_settling = False
         self._ad_buf: list[AdBatch] = []
         self._eng_buf: list[tuple[EngagementBatch, np.ndarray]] = []
         self._eng_offsets: dict[int, int] = {}
@@ -210,11 +217,13 @@ class RefresherService:
         self._replayed = 0
         self.batcher = MicroBatcher(cfg.refresh)
         self.snapshot_policy = SnapshotPolicy(cfg.snapshot)
-        self.drift = DriftMonitor(cfg.drift, cfg.index.dim)
+        self.drift = DriftMonitor(cfg.drift, cfg.index.dim, k=cfg.refresh.k)
+        self._rng = np.random.default_rng(0)  # the head queries drift is judged on
         self.retrainer = BackgroundRetrainer()
         self.recall_monitor = RecallMonitor.from_config(cfg.service, k=cfg.refresh.k)
         self.verifier = StoreVerifier(cfg.service.verify_every_s, cfg.service.verify_sample)
         if self.index is not None:
+            self.metrics.observe_training({"state": "trained", "ads": self.index.ntotal})
             self._start_refreshing()
 
     @classmethod
@@ -242,6 +251,8 @@ class RefresherService:
             logger.warning(
                 "snapshot %s has no ad metadata: campaign ids unknown until re-upserted", snap.path
             )
+        if snap is not None and cfg.index.recall_target and "nprobe" in snap.meta:
+            snap.index.nprobe = max(snap.index.nprobe, int(snap.meta["nprobe"]))
         if index is None and cfg.index.training_file:
             vectors = np.load(cfg.index.training_file)
             index = LiveIvfIndex.train(cfg.index, np.ascontiguousarray(vectors, "float32"))
@@ -292,6 +303,7 @@ class RefresherService:
         store = self.cfg.store
         retired_ttl = store.exit_ttl_s if store.on_head_exit == "expire" else None
         self.refresher = Refresher(self.index, self.cfg.refresh, retired_ttl_s=retired_ttl)
+        self._start_tuning()
         self.engagements = self._join_group(self)
         self.checkpoint.committer = self.engagements
         logger.info(
@@ -302,20 +314,57 @@ class RefresherService:
         )
 
     def _train_from_buffer(self, force: bool = False) -> None:
-        """Train the coarse quantizer on the first `index.train_size` ads, then index them."""
+        """Train the coarse quantizer on the buffered ads once the `TrainingGate` says so (at
+        shutdown, `force`: on what is there, if enough), then index them."""
+        gate = self.training_gate
+        caught_up = self.ads.caught_up() if self.ads.backlog_at_start else None
+        ready, why = gate.decide(self._training_ads, caught_up)  # events: an upper bound
+        if not ready and not force:
+            self._report_training(why)
+            return
         ads = AdBatch.concat(self._training, self.cfg.index.dim)
         net = ads.net()
         n = len(net.upsert_ids)
-        if n < self.cfg.index.train_size and not force:
+        self._training, self._training_ads = [ads], n
+        ready, why = gate.decide(n, caught_up)
+        if n < gate.need or not (ready or force):
+            self._report_training(why, force=True)
             return
-        if n < self.cfg.index.nlist:
-            logger.warning("only %d ads to train %d lists: waiting", n, self.cfg.index.nlist)
-            return
-        logger.info("training the index on the first %d ads", n)
+        why = why if ready else f"shutting down with {n:,} ads"
+        logger.info("training the index on %d ads: %s", n, why)
         self.index = LiveIvfIndex.train(self.cfg.index, net.upsert_vectors)
         self._training = []
         self._ad_buf.append(ads)
+        self.metrics.observe_training({"state": "trained", "ads": n, "reason": why})
         self._start_refreshing()
+
+    def _report_training(self, waiting_for: str, force: bool = False) -> None:
+        """Say what the first training waits for: /status always, the log every 30 s."""
+        self.metrics.observe_training(
+            {"state": "waiting", "ads": self._training_ads, "message": waiting_for}
+        )
+        now = time.monotonic()
+        if force or now - self._training_logged_at >= 30.0:
+            self._training_logged_at = now
+            logger.info("%s", waiting_for)
+
+    def _start_tuning(self) -> None:
+        """Warn where the index is far from the data; start the recall-target loop if set."""
+        assert self.index is not None and self.refresher is not None
+        nlist, nprobe = int(self.index.ivf.nlist), self.refresher.nprobe
+        key = "refresh.nprobe" if self.cfg.refresh.nprobe else "index.nprobe"
+        n = max(self.index.ntotal, self._training_ads)  # trained on: not yet indexed
+        warnings = fit_warnings(n, nlist, nprobe, self.cfg.refresh.k, key)
+        for text in warnings:
+            logger.warning("%s", text)
+        target = self.cfg.index.recall_target or None
+        if target is not None:
+            if self.index.nprobe > nprobe:  # tuned before a restart (snapshot meta)
+                nprobe = min(self.index.nprobe, nlist)
+                self.refresher.set_nprobe(nprobe)
+            self.tuner = NprobeTuner(target, nprobe, nlist)
+            self._tune_settling = True  # measure as soon as the first lists are stored
+        self.metrics.observe_tuning(target, nprobe, nlist, warnings)
 
     # ---- rebalance (called by EngagementStream inside consume) -------------------------
 
@@ -373,7 +422,8 @@ class RefresherService:
             self._track_publishers()
             if len(polled.batch):
                 self._training.append(polled.batch)
-                self._train_from_buffer()
+                self._training_ads += len(polled.batch)  # an upper bound: netted to train
+            self._train_from_buffer()
             return
         if len(polled.batch):
             self._ad_buf.append(polled.batch)
@@ -388,7 +438,13 @@ class RefresherService:
         self._track_publishers()
         self.batcher.add(events)
         busy = self._ad_buf or self._eng_buf or self._eng_offsets or self._rebalanced
-        if self.batcher.due() and (busy or self.retrainer.running or self.refresher_pending):
+        working = (
+            self.retrainer.running
+            or self.refresher_pending
+            or self.recall_monitor.measuring
+            or self.drift.checking
+        )
+        if self.batcher.due() and (busy or working):
             self.micro_batch()
         elif self.batcher.due():
             self.batcher.reset()
@@ -473,7 +529,7 @@ class RefresherService:
         self._observe_batch(time.perf_counter() - t0, len(net.upsert_ids), len(net.delete_ids))
         if self.stats.micro_batches % TRIM_EVERY_BATCHES == 0:
             trim_heap()
-        if self.drift.after_batch(self.index) is not None:
+        if self.drift.after_batch(self.index, self._head_sample) is not None:
             self._maybe_retrain()
 
     def _flush(self) -> FlushReport:
@@ -506,6 +562,9 @@ class RefresherService:
     def _after_durable(self) -> None:
         """A micro-batch is durable: sample recall, snapshot when due."""
         if self.refresher is not None and self.index is not None:
+            monitor = self.recall_monitor
+            if self._tune_settling and not self.refresher_pending and not monitor.measuring:
+                monitor.request()  # until a settled figure came in
             try:
                 recall = self.recall_monitor.after_batch(
                     self.store, self.index, self.refresher.head_ids(), self.tracker.vectors
@@ -516,6 +575,7 @@ class RefresherService:
                 recall = None
             if recall is not None:
                 self.metrics.observe_recall(recall, self.recall_monitor.k)
+                self._tune(recall)
         if self.snapshot_policy.due():
             self.snapshot()
 
@@ -544,7 +604,7 @@ class RefresherService:
             self.snapshot_dir,
             self.index,
             offsets,
-            {"version": self._version},
+            {"version": self._version, "nprobe": self.index.nprobe},
             keep=self.cfg.snapshot.keep,
             arrays=self.ad_meta.state(),
         )
@@ -657,6 +717,46 @@ class RefresherService:
         logger.warning("index drift: %s; retraining in the background", reason)
         self.retrainer.start(self.index, self.drift.reservoir.sample())
 
+    def _head_sample(self, n: int) -> np.ndarray:
+        """Vectors of up to `n` random head queries: drift is judged on what is served."""
+        heads = self.refresher.head_ids() if self.refresher is not None else np.empty(0, "int64")
+        if not len(heads):
+            return np.empty((0, self.cfg.index.dim), dtype="float32")
+        pick = np.sort(self._rng.choice(heads, min(n, len(heads)), replace=False))
+        try:
+            return np.asarray(self.tracker.vectors(pick), dtype="float32")
+        except KeyError:  # a head query without a cached vector: judge on ads this time
+            return np.empty((0, self.cfg.index.dim), dtype="float32")
+
+    def _tune(self, recall: float) -> None:
+        """A stored-recall figure: under the warning it asks for a drift check now (a drifted
+        quantizer is retrained); the recall-target loop moves nprobe (or nlist at a retrain)."""
+        assert self.refresher is not None and self.index is not None
+        if recall < self.recall_monitor.warn_below:
+            self.drift.request_check()
+        tuner = self.tuner
+        if tuner is None:
+            return
+        settled = not self.refresher_pending
+        self._tune_settling = self._tune_settling and not settled
+        step = tuner.observe(recall, settled=settled)
+        if step is None:
+            return
+        if step.retrain_nlist is not None:
+            if self.retrainer.running or len(self.drift.reservoir) < step.retrain_nlist:
+                tuner.retrain_asked = False  # asked again at the next measurement
+                return
+            logger.warning("%s", step.reason)
+            self.retrainer.start(
+                self.index, self.drift.reservoir.sample(), nlist=step.retrain_nlist
+            )
+            return
+        logger.warning("%s", step.reason)
+        self.refresher.set_nprobe(step.nprobe)
+        self.index.nprobe = step.nprobe
+        self._tune_settling = True
+        self.metrics.observe_tuning(tuner.target, step.nprobe, int(self.index.ivf.nlist))
+
     def _swap_retrained_index(self) -> None:
         """Between micro-batches: swap in a finished retrain; every head query is recomputed."""
         if self.index is None or self.refresher is None:
@@ -668,6 +768,11 @@ class RefresherService:
         self.index = new
         self.refresher.swap_index(new)
         self.drift.reset()
+        if self.tuner is not None:
+            self.tuner.index_changed(int(new.ivf.nlist), self.refresher.nprobe)
+            self._tune_settling = True
+            nprobe = self.refresher.nprobe
+            self.metrics.observe_tuning(self.tuner.target, nprobe, int(new.ivf.nlist))
         trim_heap()
 
     @property

@@ -14,7 +14,10 @@ from annstream.errors import AnnstreamError, ConfigError
 
 __all__ = ["HELP", "add_arguments", "fetch_status", "flatten", "run"]
 
-HELP = "show a running service's status: lag, freshness, recall, index, head queries"
+HELP = (
+    "show a running service's status: what its first training waits for, lag, freshness, "
+    "recall and its target, nprobe, index, head queries"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,11 +57,14 @@ def fetch_status(url: str, timeout_s: float = 5.0) -> dict[str, Any]:
 
 
 def flatten(doc: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, leaf value) pairs in document order."""
+    """(dotted key, leaf value) pairs in document order; list items as `key.0`, `key.1`, ...
+    (a fit warning is a line of its own)."""
     for key, value in doc.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
             yield from flatten(value, f"{name}.")
+        elif isinstance(value, list) and value:
+            yield from flatten({str(i): v for i, v in enumerate(value)}, f"{name}.")
         else:
             yield name, value
 

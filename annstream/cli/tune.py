@@ -69,7 +69,8 @@ your own queries and ground truth:
   differ from what the truth was computed with.
 
 output: the sweep, the chosen setting, and a snippet for annstream.toml:
-  [index] nlist, nprobe; [service] recall_warn_below (the tuned recall - 0.05)
+  [index] nlist, nprobe (and, commented, recall_target: the service then raises nprobe
+  itself); [service] recall_warn_below (the tuned recall - 0.05)
 """
 
 
@@ -321,6 +322,8 @@ def config_snippet(best: dict[str, Any], k: int, met: bool, target: float, about
             "[index]",
             f"nlist = {best['nlist']}",
             f"nprobe = {best['nprobe']}",
+            f"# or let the service raise nprobe itself until recall@refresh.k holds {target}:",
+            f"# recall_target = {target}",
             "",
             "[service]",
             f"# the recall monitor measures recall@refresh.k: tuned at K = {k}",

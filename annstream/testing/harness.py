@@ -11,6 +11,7 @@ faults were.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import subprocess
@@ -114,16 +115,17 @@ def workload(
     stream_ads: int = 600,
     ads: int = N_ADS,
     queries: int = N_QUERIES,
+    dim: int = DIM,
 ) -> Workload:
     """`ads` initial ads, then engagements interleaved with new, updated and deleted ads."""
     rng = np.random.default_rng([seed, 9])
-    initial = list(synthetic_ads(ads, seed=seed, dim=DIM, batch_size=250, clock=_constant_clock))
+    initial = list(synthetic_ads(ads, seed=seed, dim=dim, batch_size=250, clock=_constant_clock))
     eng = list(
         synthetic_engagements(
             engagements,
             queries=queries,
             seed=seed,
-            dim=DIM,
+            dim=dim,
             batch_size=150,
             query_id_start=QUERY_BASE,
             ads=ads,
@@ -139,9 +141,9 @@ def workload(
         updated = rng.integers(1, next_id, per)
         deleted = rng.integers(1, next_id, max(1, per // 2))
         ids = np.concatenate([new, updated])
-        vectors = rng.standard_normal((len(ids), DIM), dtype="float32")
+        vectors = rng.standard_normal((len(ids), dim), dtype="float32")
         changes.append(AdBatch.upserts(ids, vectors, T0))
-        changes.append(AdBatch.deletes(deleted, DIM, T0))
+        changes.append(AdBatch.deletes(deleted, dim, T0))
     steps: list[AdBatch | EngagementBatch] = list(initial)
     for i, e in enumerate(eng):
         steps += [e, changes[2 * i], changes[2 * i + 1]]
@@ -169,7 +171,7 @@ def workload(
 
 
 def build_oracle(training: np.ndarray, live: dict[int, np.ndarray]) -> LiveIvfIndex:
-    index = LiveIvfIndex.train(ICFG, training)
+    index = LiveIvfIndex.train(dataclasses.replace(ICFG, dim=training.shape[1]), training)
     ids = np.array(sorted(live), dtype="int64")
     index.upsert(ids, np.stack([live[i] for i in ids.tolist()]))
     return index
@@ -244,6 +246,7 @@ def service_settings(
     store_url: str,
     snapshot_dir: Path,
     group: str,
+    dim: int = DIM,
     **sections: dict[str, Any],
 ) -> dict[str, dict[str, Any]]:
     """The service's settings for the workload; `sections` override some of them."""
@@ -258,7 +261,7 @@ def service_settings(
             "create_topics": True,
         },
         "index": {
-            "dim": DIM,
+            "dim": dim,
             "nlist": NLIST,
             "nprobe": NPROBE,
             "train_size": 1_000,
@@ -309,12 +312,13 @@ class Feed:
     ends: dict[str, dict[int, int]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     messages: dict[str, int] = field(default_factory=dict)
+    dim: int = DIM
 
     def __post_init__(self) -> None:
         self.producer = make_producer(KafkaConfig(bootstrap_servers=self.bootstrap))
         registry = open_registry()
-        self.ad_codec = AdCodec(registry, DIM)
-        self.eng_codec = EngagementCodec(registry, DIM)
+        self.ad_codec = AdCodec(registry, self.dim)
+        self.eng_codec = EngagementCodec(registry, self.dim)
 
     def _delivered(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:

@@ -257,6 +257,22 @@ def test_config_ivfpq_needs_pq_m_dividing_dim() -> None:
     load_config(env={}, overrides={"index": {"kind": "ivfpq", "dim": 64, "pq_m": 8}})
 
 
+def test_config_first_training_and_recall_target_settings_are_checked() -> None:
+    """Issue 12: index.train_wait_s and index.recall_target (0 = off) are in range, and a
+    recall target needs the stored-recall samples it is steered by."""
+    cfg = load_config(env={"ANNSTREAM_INDEX__RECALL_TARGET": "0.95"})
+    assert cfg.index.recall_target == 0.95 and cfg.index.train_wait_s == 300.0
+    with pytest.raises(ConfigError, match=r"index\.train_wait_s = -1\.0: must be >= 0"):
+        load_config(env={}, overrides={"index": {"train_wait_s": -1}})
+    with pytest.raises(ConfigError, match=r"index\.recall_target = 1\.5: must be between 0 and 1"):
+        load_config(env={}, overrides={"index": {"recall_target": 1.5}})
+    with pytest.raises(ConfigError, match=r"set service\.recall_every_batches > 0"):
+        load_config(
+            env={},
+            overrides={"index": {"recall_target": 0.9}, "service": {"recall_every_batches": 0}},
+        )
+
+
 def test_config_defaults_and_the_shipped_config_are_valid() -> None:
     assert validate(Config()) == Config()
     load_config(Path(__file__).resolve().parents[2] / "deploy" / "annstream.toml", env={})

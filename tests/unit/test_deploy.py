@@ -301,7 +301,13 @@ def test_alert_rules_parse_are_loaded_and_name_exported_metrics(
     rules_doc = yaml.safe_load(_bind_source(prometheus, rule_file).read_text("utf-8"))
     rules = [r for group in rules_doc["groups"] for r in group["rules"]]
     names = {r["alert"] for r in rules}
-    for wanted in ("ConsumerLagGrowing", "FreshnessP99High", "RecallBelowTarget", "StoreErrors"):
+    wanted_rules = (
+        "ConsumerLagGrowing",
+        "FreshnessP99High",
+        "RecallBelowWarning",
+        "RecallBelowTarget",
+    )
+    for wanted in (*wanted_rules, "StoreErrors"):
         assert f"Annstream{wanted}" in names
     exported = _exported_names() | {"up"}
     for rule in rules:

@@ -199,3 +199,51 @@ def test_retrain_copies_the_live_lists_a_slice_per_poll_with_moves_between() -> 
     assert polls >= 16
     assert np.array_equal(new.ids(), index.ids())
     np.testing.assert_array_equal(new.vectors(new.ids()), index.vectors(index.ids()))
+
+
+def test_new_region_ads_only_some_head_queries_probe_are_detected_on_head_queries() -> None:
+    """Issue 12: 90 ads of a new region, near a third of the head queries: judged on ads (the
+    reservoir) the drift check sees nothing; judged on the head queries it asks for a retrain.
+    A check asked for by the stored-recall warning runs at the next micro-batch."""
+    from producers.sources import clustered_vectors
+
+    d = 64
+    cfg = IndexConfig(dim=d, nlist=64, nprobe=8)
+    old = clustered_vectors(4000, d, np.random.default_rng(1))
+    new = clustered_vectors(90, d, np.random.default_rng(4), mixture_seed=1)
+    heads = np.concatenate(
+        [
+            clustered_vectors(134, d, np.random.default_rng(2)),
+            clustered_vectors(66, d, np.random.default_rng(3), mixture_seed=1),
+        ]
+    )
+    index = LiveIvfIndex.train(cfg, old)
+    index.upsert(np.arange(4000), old)
+    dcfg = DriftConfig(recall_sample=200, check_every_batches=1000)
+    on_heads = DriftMonitor(dcfg, d, seed=0, sweep_slice_s=60.0)  # one slice: whole sweeps
+    on_ads = DriftMonitor(dcfg, d, seed=0)
+    for m in (on_heads, on_ads):
+        m.observe(old)
+    on_heads.request_check()
+    before = on_heads.after_batch(index, lambda n: heads[:n])
+    assert before is not None and on_heads.baseline == before.recall
+    on_ads.check(index)
+    index.upsert(np.arange(10_000, 10_090), new)
+    for m in (on_heads, on_ads):
+        m.observe(new)
+    assert on_heads.after_batch(index, lambda n: heads[:n]) is None  # not due, not asked
+    on_heads.request_check()
+    after = on_heads.after_batch(index, lambda n: heads[:n])
+    ads_after = on_ads.check(index)
+    assert after is not None and after.recall is not None and before.recall is not None
+    print(
+        f"recall on head queries {before.recall:.3f} -> {after.recall:.3f}, on ads "
+        f"{on_ads.baseline:.3f} -> {ads_after.recall:.3f}"
+    )
+    due, reason = on_heads.should_retrain()
+    assert due and "dropped more than drift.recall_drop" in reason
+    due, reason = on_ads.should_retrain()
+    assert not due, reason
+    # no head queries (yet): judged on the reservoir, and the baseline of the other kind dropped
+    on_heads.check(index, lambda n: np.empty((0, d), "float32"))
+    assert on_heads.baseline is not None and on_heads.baseline != before.recall

@@ -348,6 +348,13 @@ def test_status_command_prints_the_document(
         table = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
         assert table["lag.partitions.ads.0"] == "5" and table["recall.value"] == "0.93"
         assert table["freshness_s.p99"] != "-"
+        srv.metrics.observe_training({"state": "waiting", "message": "training: 12,000 of ..."})
+        srv.metrics.observe_tuning(0.95, 48, 256, ["index.nlist = 1024 is far", "index.nprobe"])
+        assert main(["status", "--url", srv.url]) == 0
+        table = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+        assert table["training.message"] == "training: 12,000 of ..."
+        assert table["tuning.recall_target"] == "0.95" and table["tuning.nprobe"] == "48"
+        assert table["tuning.fit_warnings.0"] == "index.nlist = 1024 is far"
         srv.stop()
         assert main(["status", "--url", srv.url, "--timeout", "2"]) == 2
         assert "cannot reach" in capsys.readouterr().err

@@ -105,6 +105,7 @@ def test_monitor_measures_every_n_batches_and_warns(
 
     cfg = ServiceConfig(recall_every_batches=3, recall_sample=N_QUERIES, recall_warn_below=0.99)
     monitor = RecallMonitor.from_config(cfg, k=K)
+    monitor.slice_s = 60.0  # whole sweeps: one call measures, however loaded the machine
     with caplog.at_level(logging.WARNING, logger="annstream.recall"):
         results = [monitor.after_batch(store, index, qids, vectors) for _ in range(6)]
     assert results[0] is None and results[1] is None and results[3] is None
@@ -121,9 +122,59 @@ def test_monitor_samples_a_subset_and_skips_nothing_to_sample(world: World) -> N
         seen.append(ids)
         return queries[ids - 100]
 
-    monitor = RecallMonitor(every_batches=1, sample=7, k=K, warn_below=0.0)
+    monitor = RecallMonitor(every_batches=1, sample=7, k=K, warn_below=0.0, slice_s=60.0)
     r = monitor.after_batch(store, index, qids, vectors)
     assert r is not None and len(seen[0]) == 7 and len(set(seen[0].tolist())) == 7
     assert monitor.after_batch(store, index, qids[:0], vectors) is None
     with pytest.raises(ValueError, match="warn_below"):
         RecallMonitor(every_batches=1, sample=7, k=K, warn_below=2.0)
+
+
+def test_monitor_sweeps_the_exact_side_a_slice_per_batch_and_measures_when_asked(
+    world: World,
+) -> None:
+    """The exact side no longer scans every list at once on the owner thread: with a zero
+    time slice it takes one slice of lists (16 of 32) per stored micro-batch; the figure
+    equals the one-shot measurement. `request()` starts one whatever every_batches says."""
+    index, store, _, _, qids, queries = world
+
+    def vectors(ids: np.ndarray) -> np.ndarray:
+        return queries[ids - 100]
+
+    monitor = RecallMonitor(every_batches=0, sample=N_QUERIES, k=K, warn_below=0.0, slice_s=0.0)
+    assert monitor.after_batch(store, index, qids, vectors) is None and not monitor.measuring
+    monitor.request()
+    assert monitor.measuring
+    assert monitor.after_batch(store, index, qids, vectors) is None and monitor.measuring
+    got = monitor.after_batch(store, index, qids, vectors)
+    assert got is not None and not monitor.measuring
+    assert got == pytest.approx(stored_recall(store, index, qids, queries, K), abs=1e-12)
+    # head queries that left during the sweep are not counted (their lists may be gone)
+    monitor.request()
+    assert monitor.after_batch(store, index, qids, vectors) is None
+    got = monitor.after_batch(store, index, qids[10:], vectors)
+    want = stored_recall(store, index, qids[10:], queries[10:], K)
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_exact_sweep_under_ivfpq_reads_the_exact_store_in_id_chunks(metric: str) -> None:
+    """IVFPQ keeps its exact vectors in one list: the sweep goes by chunks of the ids live at
+    its start instead (ads deleted meanwhile dropped), and equals the one-shot exact search."""
+    from annstream import recall
+
+    rng = np.random.default_rng(8)
+    ads = rng.standard_normal((20_000, DIM)).astype("float32")
+    cfg = IndexConfig(dim=DIM, metric=metric, kind="ivfpq", nlist=32, nprobe=2, pq_m=4)
+    index = LiveIvfIndex.train(cfg, ads[:5_000])
+    index.upsert(np.arange(20_000), ads)
+    queries = rng.standard_normal((20, DIM)).astype("float32")
+    sweep = recall.ExactSweep(index, queries, K)
+    steps = 1
+    while not sweep.step(0.0):
+        steps += 1
+        if steps == 2:
+            index.delete(np.arange(0, 20_000, 7))
+    assert steps == -(-20_000 // recall._ID_CHUNK) == 2
+    _, want = index.search_exact(queries, K)
+    np.testing.assert_array_equal(np.sort(sweep.exact_ids(), axis=1), np.sort(want, axis=1))
