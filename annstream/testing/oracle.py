@@ -272,6 +272,8 @@ class ExactOracle:
             if index_ads != len(live_ids):
                 c.fail(f"index holds {index_ads} ads, {len(live_ids)} live")
         must, may = self.head_bounds()
+        uq, score = self.scores()
+        at = dict(zip(uq.tolist(), score.tolist(), strict=True))
         rep.heads_required, rep.heads_optional = len(must), len(may) - len(must)
         live_rows = np.flatnonzero(~view.expiring)
         rep.live_lists, rep.expiring_lists = len(live_rows), int(view.expiring.sum())
@@ -289,7 +291,7 @@ class ExactOracle:
         for r in live_rows.tolist():
             q = int(view.query_ids[r])
             if q not in allowed:
-                c.fail(f"query {q}: live list, not a head query")
+                c.fail(f"query {q}: live list, not a head query (score {at.get(q, 0.0):.3f})")
 
         alive = set(live_ids.tolist())
         for name, rows in (
@@ -301,8 +303,9 @@ class ExactOracle:
                 ids = view.ids[r][view.ids[r] >= 0].tolist()
                 c.checked += len(ids)
                 gone = [a for a in ids if a not in alive]
+                q = int(view.query_ids[r])
                 for a in gone:
-                    c.fail(f"query {int(view.query_ids[r])}: deleted ad {a}")
+                    c.fail(f"query {q} (score {at.get(q, 0.0):.3f}): deleted ad {a}")
 
         judged = np.array(
             [r for r in live_rows.tolist() if int(view.query_ids[r]) in self._qvec], dtype=np.intp
