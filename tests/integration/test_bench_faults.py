@@ -80,8 +80,6 @@ def test_bench_faults_restart_checks_expiring_lists_and_orphans(
 def test_bench_faults_kill_between_store_write_and_commit_leaves_no_orphan_list() -> None:
     """Lists stored for heads the changelog never recorded (killed before it) must not stay
     live and unrefreshed after the restart (they did: orphans holding deleted ads)."""
-    result = _bench(
-        "--commit-kills", "1", "--bad-inputs", "0", "--oversized", "0", "--ads", "1500",
-    )  # fmt: skip
+    result = _bench("--commit-kills", "1", "--bad-inputs", "0", "--oversized", "0")
     assert result["faults"][0]["reached"]
     assert {n: c["failed"] for n, c in result["checks"].items()} == dict.fromkeys(CHECKS, 0)
