@@ -23,6 +23,7 @@ BENCHMARKS: tuple[str, ...] = (
     "freshness",
     "load",
     "faults",
+    "soak",
 )
 
 

@@ -1,12 +1,14 @@
-"""The service under test: a seeded workload, an oracle built independently of the service, a
+"""The service under test: a seeded workload, oracles built independently of the service, a
 feed through the real broker and a launcher of `annstream run` as a child process.
 
-Shared by the service and fault tests and by `annstream bench faults` (the benchmarks cannot
-import tests/). The oracle is the index trained from the same training file holding the expected final
-ads, searched with the refresher's nprobe for the vectors of the expected head queries. Event
-times are one constant, so decay never matters and the head set is exactly the queries whose
-engagement weights sum to `ENTER`, whatever the micro-batch boundaries, crashes, rebalances and
-faults were.
+Shared by the service and fault tests and by `annstream bench faults` / `bench soak` (the
+benchmarks cannot import tests/). `workload()` stamps every event with one constant time, so
+decay never matters and the head set is exactly the queries whose engagement weights sum to
+`ENTER`; its quick oracle (`build_oracle`, `problems`) is the index trained from the same
+training file holding the expected final ads, searched with the refresher's nprobe.
+`spread_times()` spreads a workload's event times over hours (decay, late events, queries
+that must leave the head set); runs judged by the exact oracle (`exact_oracle`, `judge`:
+annstream/testing/oracle.py) search with nprobe = nlist so the service is exact too.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +28,13 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from annstream.codec import AdCodec, EngagementCodec
-from annstream.config import Config, IndexConfig, KafkaConfig, load_config
+from annstream.config import Config, HeadsConfig, IndexConfig, KafkaConfig, load_config
 from annstream.events import AdBatch, EngagementBatch
 from annstream.index import LiveIvfIndex
 from annstream.kafka import headers_dict, make_consumer, make_producer
 from annstream.schemas import HEADER_SIZE, frame, open_registry
 from annstream.store.base import NeighbourStore
+from annstream.testing.oracle import ExactOracle, HeadRules, OracleReport, read_store
 from producers.publish import id_keys
 from producers.sources import synthetic_ads, synthetic_engagements
 
@@ -58,12 +61,15 @@ __all__ = [
     "bad_inputs",
     "build_oracle",
     "committed_offsets",
+    "exact_oracle",
+    "judge",
     "read_dead_letters",
     "log_tail",
     "oracle_agreement",
     "problems",
     "service_settings",
     "spawn_service",
+    "spread_times",
     "sqlite_query_ids",
     "step_until",
     "to_config",
@@ -165,6 +171,47 @@ def workload(
                 query_vectors[q] = v
     heads = np.array(sorted(q for q, s in scores.items() if s >= ENTER), dtype="int64")
     return Workload(steps, live, heads, query_vectors, scores)
+
+
+def spread_times(
+    work: Workload, hours: float, seed: int, late_fraction: float = 0.1, late_s: float = 3600.0
+) -> Workload:
+    """The same events with event times rising over `hours` from T0 in publish order; a
+    `late_fraction` of engagements arrive up to `late_s` late (an earlier event time). The
+    head set then depends on decay: `heads` and `scores` are left to the exact oracle."""
+    rng = np.random.default_rng([seed, 17])
+    span_ms = hours * 3_600_000.0
+    n = len(work.steps)
+    steps: list[AdBatch | EngagementBatch] = []
+    for i, b in enumerate(work.steps):
+        at = T0 + int(span_ms * i / max(1, n - 1))
+        times = np.full(len(b), at, dtype=np.int64)
+        if isinstance(b, EngagementBatch):
+            late = rng.random(len(b)) < late_fraction
+            times[late] -= (rng.random(int(late.sum())) * late_s * 1000.0).astype(np.int64)
+            steps.append(replace(b, event_time_ms=np.maximum(times, T0)))
+        else:
+            steps.append(replace(b, event_time_ms=times))
+    return Workload(steps, work.live, np.empty(0, np.int64), work.query_vectors, {})
+
+
+def exact_oracle(
+    steps: list[AdBatch | EngagementBatch],
+    dim: int = DIM,
+    k: int = K,
+    margin: int = MARGIN,
+    half_life_s: float = HeadsConfig.half_life_s,
+) -> ExactOracle:
+    """The exact oracle of annstream/testing/oracle.py fed with `steps` (the harness's heads)."""
+    oracle = ExactOracle(HeadRules(k, margin, ENTER, EXIT, half_life_s, "cosine"), dim)
+    for b in steps:
+        oracle.add_batch(b)
+    return oracle
+
+
+def judge(url: str, oracle: ExactOracle, index_ads: int | None = None) -> OracleReport:
+    """Every check of the exact oracle against the store at `url` now."""
+    return oracle.judge(read_store(url, oracle.query_ids()), index_ads)
 
 
 # ---- the oracle ------------------------------------------------------------------------------
@@ -368,13 +415,14 @@ def bad_inputs(
     shorter than the header, bad magic byte, unknown schema id, truncated, wrong dimension,
     NaN embedding, negative weight, over `max_message_bytes`."""
     out: list[tuple[str, str, bytes | None]] = []
-    wide_ad = AdCodec(feed.ad_codec.registry, DIM + 1)
-    wide_eng = EngagementCodec(feed.eng_codec.registry, DIM + 1)
+    dim = feed.dim
+    wide_ad = AdCodec(feed.ad_codec.registry, dim + 1)
+    wide_eng = EngagementCodec(feed.eng_codec.registry, dim + 1)
     for i in range(n):
         ads = i % 2 == 0
         topic = feed.topics.ads if ads else feed.topics.engagements
         kind = BAD_KINDS[int(rng.integers(len(BAD_KINDS)))]
-        vec = rng.standard_normal((1, DIM)).astype("float32")
+        vec = rng.standard_normal((1, dim)).astype("float32")
         one = np.array([int(rng.integers(1, 2**40))])
         eng = EngagementBatch(
             one, one, np.zeros(1, "uint8"), np.ones(1, "float32"), one, vec, np.ones(1, bool)
@@ -396,7 +444,7 @@ def bad_inputs(
         elif kind == "truncated":
             value = valid[: int(rng.integers(0, len(valid)))]
         elif kind == "dim":
-            wide = rng.standard_normal((1, DIM + 1)).astype("float32")
+            wide = rng.standard_normal((1, dim + 1)).astype("float32")
             value = (
                 wide_ad.encode(AdBatch.upserts(one, wide, T0))
                 if ads
@@ -413,7 +461,7 @@ def bad_inputs(
                 )
             )[0]
         elif kind == "nan":
-            vec[0, int(rng.integers(DIM))] = np.nan
+            vec[0, int(rng.integers(dim))] = np.nan
             eng.vectors[:] = vec
             value = (
                 feed.ad_codec.encode(AdBatch.upserts(one, vec, T0))
@@ -501,11 +549,17 @@ def step_until(
 _RUN = "import sys; from annstream.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def spawn_service(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    """`annstream run --config FILE` in a child process, its output in `log`."""
+def spawn_service(
+    config: Path, log: Path, kill_file: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """`annstream run --config FILE` in a child process, its output in `log`; with
+    `kill_file`, under the crash points of annstream/testing/crash_points.py."""
+    launcher = ["-c", _RUN]
+    if kill_file is not None:
+        launcher = ["-m", "annstream.testing.crash_points", "--kill-file", str(kill_file)]
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-c", _RUN, "run", "--config", str(config)],
+            [sys.executable, *launcher, "run", "--config", str(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=config.parent,
