@@ -711,6 +711,14 @@ def test_retired_lists_load_back_after_a_restart() -> None:
     w.check()
     with pytest.raises(ValueError, match="shape"):
         w.refresher.load_retired(qids, rows_i[:2], rows_s, exp)
+    # what the head-state changelog carries per query, and the lists of some of them
+    assert w.refresher.retired_expiry(np.array([7, 0, 5, 42])).tolist() == [
+        stored[7][2],
+        -1,
+        stored[5][2],
+        -1,
+    ]
+    assert w.refresher.retired_lists(np.array([8, 6, 42])).query_ids.tolist() == [6, 8]
 
 
 def test_refresher_recomputes_everything_after_retrain_rate_limited() -> None:
