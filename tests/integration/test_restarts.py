@@ -289,3 +289,48 @@ def test_restored_heads_below_exit_are_exited_at_the_restore_and_their_lists_kep
         assert run.problems(STAYING) == []
     finally:
         second.shutdown()
+
+
+def test_retired_lists_follow_their_partition_through_a_rebalance(
+    bootstrap: str, topics: Topics, tmp_path: Path
+) -> None:
+    """A second replica joins and takes some partitions, then the first leaves: the replica
+    that owns a partition keeps its retired lists clean, the one that lost it stops."""
+    run = _Run(bootstrap, topics, tmp_path, seed=3)
+    fast = {"client": {"session.timeout.ms": "3000"}}
+    a = run.service(kafka=fast, snapshot={"dir": str(tmp_path / "snap-a")})
+    b: RefresherService | None = None
+    try:
+        run.publish_ads(N_ADS)
+        run.engage(RETIRING, 7_200, lambda q: q % ENG_PARTITIONS)
+        step_until([a], lambda: run.done(a), "the first heads stored", guard_s=60)
+        run.engage(STAYING, 3_600, lambda q: q % ENG_PARTITIONS)
+        step_until([a], lambda: run.done(a), "the first heads retired", guard_s=60)
+        assert a.refresher is not None
+        assert a.refresher.retired_lists().query_ids.tolist() == RETIRING.tolist()
+
+        b = run.service(kafka=fast, snapshot={"dir": str(tmp_path / "snap-b")})
+
+        def owned(s: RefresherService) -> set[int]:
+            return s.engagements.assigned if s.engagements is not None else set()
+
+        def sharded() -> bool:
+            return bool(owned(a)) and bool(owned(b)) and not owned(a) & owned(b)
+
+        step_until([a, b], lambda: sharded() and a.idle and b.idle, "the rebalance")
+        kept = set(a.refresher.retired_lists().query_ids.tolist())
+        assert kept == {q for q in RETIRING.tolist() if q % ENG_PARTITIONS in owned(a)}
+    finally:
+        a.shutdown()
+    assert b is not None
+    try:
+        step_until(
+            [b],
+            lambda: len(owned(b)) == ENG_PARTITIONS and run.done(b),
+            "the survivor owns everything",
+        )
+        run.delete_ads(run.held_by(RETIRING) | run.held_by(STAYING))
+        step_until([b], lambda: run.done(b), "the deletes", guard_s=60)
+        assert run.problems(STAYING) == []
+    finally:
+        b.shutdown()
