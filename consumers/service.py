@@ -223,6 +223,8 @@ class RefresherService:
         self._eng_offsets: dict[int, int] = {}
         self._rebalanced = False
         self._retired_to_load: dict[int, int] = {}
+        # ad offsets of what the index holds (polled ads wait for their micro-batch)
+        self._indexed_offsets: dict[int, int] = dict(ads.offsets)
         self._closed = False
         self._lags: dict[str, ConsumerLag] = {}
         self._replayed = 0
@@ -459,6 +461,7 @@ class RefresherService:
         eng = EngagementBatch.concat([b for b, _ in self._eng_buf], dim)
         parts = np.concatenate([p for _, p in self._eng_buf] or [np.empty(0, "int32")])
         eng_offsets = dict(self._eng_offsets)
+        self._indexed_offsets = dict(self.ads.offsets)
         self._ad_buf, self._eng_buf, self._eng_offsets = [], [], {}
         self.batcher.reset()
         if len(eng):
@@ -593,9 +596,11 @@ class RefresherService:
         self._flush()
 
     def snapshot(self) -> None:
+        """The index and the ad offsets of the events it holds; ads polled for a micro-batch
+        not run yet are read again after a restart from it."""
         if self.index is None:
             return
-        offsets = {(self.ads.topic, p): o for p, o in self.ads.offsets.items()}
+        offsets = {(self.ads.topic, p): o for p, o in self._indexed_offsets.items()}
         write_snapshot(
             self.snapshot_dir,
             self.index,

@@ -2,7 +2,8 @@
 current owner and stays clean: the retired lists (queries that left the head set, readable
 until the exit TTL) are taken over by whoever restores the partition and lose deleted ads,
 and restored heads whose decayed score is below the exit score are exited right at the
-restore, even when no engagement follows (issue 11 items 7 and 8).
+restore, even when no engagement follows (issue 11 items 7 and 8). An index snapshot never
+records ad offsets past the ads its index holds, so a restart loses no ad.
 
 The service runs in process against the real broker at its default message limits, at
 d = 384; the expectations come from numpy brute force over the ads this test published and
@@ -24,6 +25,7 @@ from annstream.codec import AdCodec, EngagementCodec
 from annstream.errors import StoreUnavailableError
 from annstream.events import AdBatch, EngagementBatch
 from annstream.schemas import open_registry
+from annstream.snapshot import list_snapshots, load_latest_snapshot
 from annstream.testing.harness import (
     ENG_PARTITIONS,
     MARGIN,
@@ -334,3 +336,46 @@ def test_retired_lists_follow_their_partition_through_a_rebalance(
         assert run.problems(STAYING) == []
     finally:
         b.shutdown()
+
+
+def test_a_snapshot_never_records_ad_offsets_past_what_its_index_holds(
+    bootstrap: str, topics: Topics, tmp_path: Path
+) -> None:
+    """Issue 11's "index holds 1632 ads, 1633 live" after restarts: ads polled but not yet
+    applied (their micro-batch not due) were in the offsets of a snapshot written when the
+    verifier's rewrite of a lost list became durable; a restart from that snapshot never
+    indexed them. The snapshot's offsets must be those of the ads its index holds."""
+    run = _Run(bootstrap, topics, tmp_path, seed=4)
+    service = run.service(service={"verify_every_s": 0.3}, snapshot={"every_s": 0.5})
+    try:
+        run.publish_ads(N_ADS)
+        run.engage(STAYING, 60, lambda q: q % ENG_PARTITIONS)
+        step_until([service], lambda: run.done(service), "the heads stored", guard_s=60)
+        before = dict(run.feed.ends[topics.ads])
+        service.batcher.batch_ms = 3_600_000.0  # the next micro-batch is not due
+        run.publish_ads(5)
+        new = np.arange(N_ADS + 1, N_ADS + 6, dtype=np.int64)
+        run.feed.flush()
+        after = dict(run.feed.ends[topics.ads])
+        step_until([service], lambda: service.ads.offsets == after, "the new ads polled")
+        with sqlite3.connect(run.db) as db:  # the store lost one list
+            db.execute("DELETE FROM neighbour_lists WHERE query_id = ?", (int(STAYING[0]),))
+        time.sleep(0.6)  # a snapshot is due (every 0.5 s) at the next durable flush
+        latest = list_snapshots(tmp_path / "snap")[0]
+        step_until(
+            [service],
+            lambda: list_snapshots(tmp_path / "snap")[0] != latest,
+            "the lost list rewritten, then a snapshot",
+            guard_s=20,
+        )
+        assert int(STAYING[0]) in run.stored() and service.stats.rewrites == 1
+        snap = load_latest_snapshot(tmp_path / "snap", service.cfg.index)
+        assert snap is not None
+        offsets = {p: o for (t, p), o in snap.offsets.items() if t == topics.ads}
+        held = snap.index.contains(new)
+        assert (offsets == before and not held.any()) or (offsets == after and held.all()), (
+            f"snapshot at ad offsets {offsets} (before the new ads {before}, after {after}) "
+            f"holds {int(held.sum())} of them"
+        )
+    finally:
+        service.shutdown()
