@@ -15,7 +15,9 @@ decays from where the old one stopped instead of from 0.
 
 A query that left the head set keeps its row while its stored list stays readable (the exit
 TTL, `retire`): that expiry travels with `state()` too, so whoever restores the partition
-knows which retired lists in the store it must keep clean of deleted ads.
+knows which retired lists in the store it must keep clean of deleted ads. Those rows may take
+the tracker past `max_tracked`; the refresher's `refresh.retired_max_mb` bounds them (a list
+it empties is retired with -1, no longer kept).
 """
 
 from __future__ import annotations

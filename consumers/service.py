@@ -478,6 +478,8 @@ class RefresherService:
         result = self.refresher.apply(net, changes, self.tracker.vectors, version)
         self.tracker.retire(changes.exited, self.refresher.retired_expiry(changes.exited))
         retired = _newest(result.retired, restored)
+        # emptied (over refresh.retired_max_mb, or every ad deleted): nothing left to keep clean
+        self.tracker.retire(retired.query_ids[(retired.ids < 0).all(axis=1)], -1)
         lists = self._lists(
             np.concatenate([result.query_ids, retired.query_ids]),
             np.concatenate([result.ids, retired.ids]),
