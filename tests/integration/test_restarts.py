@@ -12,7 +12,10 @@ from reading the SQLite store directly, not from the service's code.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sqlite3
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -29,13 +32,19 @@ from annstream.snapshot import list_snapshots, load_latest_snapshot
 from annstream.testing.harness import (
     ENG_PARTITIONS,
     MARGIN,
+    RESTORED,
     Feed,
     K,
     Topics,
     committed_offsets,
+    log_tail,
     service_settings,
+    spawn_service,
     step_until,
     to_config,
+    to_toml,
+    wait_for_log,
+    wait_until,
 )
 from consumers.service import RefresherService
 
@@ -223,6 +232,7 @@ def test_retired_lists_lose_deleted_ads_after_a_restart(
         run.publish_ads(N_ADS)
         run.engage(RETIRING, 7_200, lambda q: q % ENG_PARTITIONS)
         step_until([first], lambda: run.done(first), "the first heads stored", guard_s=60)
+        assert run.problems(RETIRING) == []  # whole lists: their ads were indexed first
         run.engage(STAYING, 3_600, lambda q: q % ENG_PARTITIONS)
         step_until([first], lambda: run.done(first), "the first heads retired", guard_s=60)
     finally:
@@ -258,6 +268,7 @@ def test_restored_heads_below_exit_are_exited_at_the_restore_and_their_lists_kep
         run.engage(RETIRING, 7_200, lambda q: 0)
         run.engage(STAYING, 7_200, lambda q: 1 + q % (ENG_PARTITIONS - 1))
         step_until([first], lambda: run.done(first), "the heads stored", guard_s=60)
+        assert run.problems(np.concatenate([RETIRING, STAYING])) == []
 
         def refuse(query_ids: np.ndarray) -> None:
             raise StoreUnavailableError("store down (test)", retry_after=0.05)
@@ -306,6 +317,7 @@ def test_retired_lists_follow_their_partition_through_a_rebalance(
         run.publish_ads(N_ADS)
         run.engage(RETIRING, 7_200, lambda q: q % ENG_PARTITIONS)
         step_until([a], lambda: run.done(a), "the first heads stored", guard_s=60)
+        assert run.problems(RETIRING) == []
         run.engage(STAYING, 3_600, lambda q: q % ENG_PARTITIONS)
         step_until([a], lambda: run.done(a), "the first heads retired", guard_s=60)
         assert a.refresher is not None
@@ -379,3 +391,53 @@ def test_a_snapshot_never_records_ad_offsets_past_what_its_index_holds(
         )
     finally:
         service.shutdown()
+
+
+def test_retired_lists_lose_deleted_ads_after_a_kill_9(
+    bootstrap: str, topics: Topics, tmp_path: Path
+) -> None:
+    """The restart test with `annstream run` as a child process killed with SIGKILL once its
+    retired lists are durable: the next process knows them from the changelog alone."""
+    run = _Run(bootstrap, topics, tmp_path, seed=5)
+    settings = {
+        **run.settings,
+        "kafka": {**run.settings["kafka"], "client": {"session.timeout.ms": "3000"}},
+        "service": {**run.settings["service"], "log_level": "INFO"},
+    }
+    config = tmp_path / "annstream.toml"
+    config.write_text(to_toml(settings))
+
+    def committed() -> bool:
+        run.feed.flush()
+        return committed_offsets(bootstrap, topics.engagements, run.group) == (
+            run.feed.engagement_ends
+        )
+
+    def expiring() -> set[int]:
+        return {q for q, (_, _, e) in run.stored().items() if e is not None}
+
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        proc = spawn_service(config, tmp_path / "first.log")
+        wait_for_log(proc, tmp_path / "first.log", RESTORED, ENG_PARTITIONS, 60)
+        run.publish_ads(N_ADS)
+        run.engage(RETIRING, 7_200, lambda q: q % ENG_PARTITIONS)
+        wait_until(lambda: committed() and run.problems(RETIRING) == [], "exact lists")
+        run.engage(STAYING, 3_600, lambda q: q % ENG_PARTITIONS)
+        wait_until(lambda: committed() and expiring() == set(RETIRING.tolist()), "retired")
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+
+        proc = spawn_service(config, tmp_path / "second.log")
+        wait_for_log(proc, tmp_path / "second.log", RESTORED, ENG_PARTITIONS, 60)
+        run.delete_ads(run.held_by(RETIRING) | run.held_by(STAYING))
+        run.feed.flush()
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: run.problems(STAYING) == [], "the deletes", guard_s=20)
+        assert run.problems(STAYING) == []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_tail(tmp_path / "second.log")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
