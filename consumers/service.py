@@ -519,8 +519,9 @@ class RefresherService:
         if self.cfg.store.on_head_exit != "expire":
             self._retired_to_load.clear()
             return RetiredLists.empty(self.refresher.width)
-        exited = changes.exited[~np.isin(changes.exited, self.refresher.head_ids())]
-        self._retired_to_load.update(dict.fromkeys(exited.tolist(), -1))
+        if len(changes.exited):
+            exited = changes.exited[~np.isin(changes.exited, self.refresher.head_ids())]
+            self._retired_to_load.update(dict.fromkeys(exited.tolist(), -1))
         for q in changes.entered.tolist():
             self._retired_to_load.pop(q, None)
         if not self._retired_to_load:
