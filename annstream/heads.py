@@ -12,6 +12,12 @@ Scores decay against the tracker's clock: the latest event time seen, never beyo
 clock + `max_event_skew_s` (a far-future or microsecond timestamp counts as "now + skew", so one
 event cannot age every query out). The clock travels with `state()`, so a restored tracker
 decays from where the old one stopped instead of from 0.
+
+A query that left the head set keeps its row while its stored list stays readable (the exit
+TTL, `retire`): that expiry travels with `state()` too, so whoever restores the partition
+knows which retired lists in the store it must keep clean of deleted ads. Those rows may take
+the tracker past `max_tracked`; the refresher's `refresh.retired_max_mb` bounds them (a list
+it empties is retired with -1, no longer kept).
 """
 
 from __future__ import annotations
@@ -104,6 +110,7 @@ class HeadQueryTracker:
         self._dirty = np.zeros(cap, dtype=bool)
         self._resume = np.zeros(cap, dtype=bool)
         self._used = np.zeros(cap, dtype=bool)
+        self._retired_until = np.full(cap, -1, dtype=np.int64)
         self._free: Int64Array = np.arange(cap - 1, -1, -1, dtype=np.int64)
         self._keys = _empty_ids()
         self._key_slots = _empty_ids()
@@ -139,6 +146,7 @@ class HeadQueryTracker:
         self._qid, self._score, self._last = pad(self._qid), pad(self._score), pad(self._last)
         self._vec, self._has_vec, self._head = pad(self._vec), pad(self._has_vec), pad(self._head)
         self._dirty, self._resume, self._used = pad(self._dirty), pad(self._resume), pad(self._used)
+        self._retired_until = np.concatenate([self._retired_until, np.full(extra, -1, np.int64)])
         self._free = np.concatenate(
             [np.arange(new_cap - 1, cap - 1, -1, dtype=np.int64), self._free]
         )
@@ -166,6 +174,7 @@ class HeadQueryTracker:
         self._used[slots] = False
         self._head[slots] = self._has_vec[slots] = self._dirty[slots] = False
         self._resume[slots] = False
+        self._retired_until[slots] = -1
         self._free = np.concatenate([self._free, slots])
 
     def _decayed(self, slots: Int64Array, now_ms: int) -> Float64Array:
@@ -239,6 +248,7 @@ class HeadQueryTracker:
             self._used[fresh] = True
             self._has_vec[fresh] = self._head[fresh] = self._dirty[fresh] = False
             self._resume[fresh] = False
+            self._retired_until[fresh] = -1
             order = np.argsort(np.concatenate([self._keys, uq[new]]), kind="stable")
             self._keys = np.concatenate([self._keys, uq[new]])[order]
             self._key_slots = np.concatenate([self._key_slots, fresh])[order]
@@ -270,10 +280,12 @@ class HeadQueryTracker:
     def _evict(self, count: int) -> None:
         """Forget the `count` coldest non-head queries (by score decayed to a common time).
 
-        Restored heads waiting for their first `changes()` are kept: forgetting them would
-        leave their stored lists without an owner."""
+        Restored heads waiting for their first `changes()` and queries whose retired list is
+        still readable are kept: forgetting them would leave their stored lists without an
+        owner."""
         keys = self._key_slots
-        slots = keys[~(self._head[keys] | self._resume[keys])]
+        readable = self._retired_until[keys] > int(self._wall_clock() * 1000.0)
+        slots = keys[~(self._head[keys] | self._resume[keys] | readable)]
         count = min(count, len(slots))
         if count <= 0:
             logger.warning("head tracker over max_tracked but every query is a head query")
@@ -316,6 +328,7 @@ class HeadQueryTracker:
         changed = head & ~leave & self._dirty[slots]
         self._head[slots[enter]] = True
         self._head[slots[leave]] = False
+        self._retired_until[slots[enter]] = -1
         self._dirty[slots] = False
         self._resume[slots] = False
         qids = self._keys
@@ -334,6 +347,29 @@ class HeadQueryTracker:
     def tracked_ids(self) -> Int64Array:
         """Every tracked query id (head or not), sorted."""
         return self._keys.copy()
+
+    def retire(self, query_ids: npt.ArrayLike, until_ms: npt.ArrayLike) -> None:
+        """Record until when (wall clock, ms) the stored lists of these exited queries stay
+        readable; -1: not readable (deleted, or not kept). Untracked ids are skipped."""
+        qids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
+        until = np.broadcast_to(np.asarray(until_ms, dtype=np.int64), qids.shape)
+        slots, found = self._lookup(qids)
+        self._retired_until[slots[found]] = until[found]
+
+    def retired(
+        self, query_ids: npt.ArrayLike | None = None, now_ms: int | None = None
+    ) -> tuple[Int64Array, Int64Array]:
+        """(query ids, readable until ms) of the tracked queries (all, or `query_ids`) whose
+        retired list is still readable at `now_ms` (default: the wall clock), by query id."""
+        if query_ids is None:
+            slots = self._key_slots
+        else:
+            s, found = self._lookup(np.asarray(query_ids, dtype=np.int64).reshape(-1))
+            slots = np.sort(s[found])
+        now = int(self._wall_clock() * 1000.0) if now_ms is None else int(now_ms)
+        slots = slots[~self._head[slots] & (self._retired_until[slots] > now)]
+        order = np.argsort(self._qid[slots], kind="stable")
+        return self._qid[slots][order], self._retired_until[slots][order]
 
     def vectors(self, query_ids: npt.ArrayLike) -> Float32Array:
         """Cached query vectors; every id must be tracked with a vector."""
@@ -373,7 +409,8 @@ class HeadQueryTracker:
         """Columns per tracked query (all, or `query_ids`), enough to rebuild the tracker.
 
         `in_head` includes restored heads not decided yet (they stay heads if restored again).
-        `clock_ms` repeats the clock on every row, so any subset of rows carries it."""
+        `clock_ms` repeats the clock on every row, so any subset of rows carries it.
+        `retired_until_ms`: until when the query's retired list stays readable (-1: none)."""
         if query_ids is None:
             slots = self._key_slots
         else:
@@ -387,6 +424,7 @@ class HeadQueryTracker:
             "has_vector": self._has_vec[slots].copy(),
             "vectors": self._vec[slots].copy(),
             "clock_ms": np.full(len(slots), self._clock, dtype=np.int64),
+            "retired_until_ms": self._retired_until[slots].copy(),
         }
 
     def load_state(self, state: dict[str, npt.NDArray[Any]]) -> None:
@@ -416,6 +454,10 @@ class HeadQueryTracker:
         self._has_vec[slots] = np.asarray(state["has_vector"], dtype=bool)[rows]
         self._vec[slots] = vecs[rows]
         self._resume[slots] = np.asarray(state["in_head"], dtype=bool)[rows]
+        until = state.get("retired_until_ms")
+        self._retired_until[slots] = (
+            -1 if until is None else np.asarray(until, dtype=np.int64).reshape(-1)[rows]
+        )
         self._head[slots] = self._dirty[slots] = False
         self._used[slots] = True
         order = np.argsort(np.concatenate([self._keys, uq]), kind="stable")

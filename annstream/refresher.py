@@ -849,12 +849,32 @@ class Refresher:
             r.keep(keep)
         return out, len(evicted)
 
-    def retired_lists(self) -> RetiredLists:
-        """Every retired list kept (by query id), with its remaining TTL as of now."""
+    def retired_lists(self, query_ids: npt.ArrayLike | None = None) -> RetiredLists:
+        """Every retired list kept (or those of `query_ids`), by query id, with its remaining
+        TTL as of now."""
         if self._retired is None:
             return RetiredLists.empty(self.width)
         now_ms = int(self._clock() * 1000)
-        return self._retired.lists(np.arange(len(self._retired)), now_ms)
+        rows = np.arange(len(self._retired))
+        if query_ids is not None:
+            qids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
+            rows = rows[np.isin(self._retired.qid, qids)]
+        return self._retired.lists(rows, now_ms)
+
+    def retired_expiry(self, query_ids: npt.ArrayLike) -> Int64Array:
+        """Per query, the wall-clock expiry (ms) of its kept retired list (int64 max: it
+        never expires); -1 where none is kept."""
+        qids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
+        out = np.full(len(qids), -1, dtype=np.int64)
+        r = self._retired
+        if r is None or not len(r) or not len(qids):
+            return out
+        order = np.argsort(r.qid, kind="stable")
+        keys = r.qid[order]
+        pos = np.minimum(np.searchsorted(keys, qids), len(keys) - 1)
+        found = keys[pos] == qids
+        out[found] = r.expires_ms[order][pos][found]
+        return out
 
     @property
     def retired_bytes(self) -> int:

@@ -88,6 +88,8 @@ _BARRIER_KEY = b"\x00barrier"
 _MAGIC = b"ANNHS1\n"
 _NPZ_MAGIC = b"PK\x03\x04"
 _KINDS = frozenset("biuf")
+# columns added later whose absence in older records means -1 ("none"), not 0
+_MINUS_ONE = frozenset({"retired_until_ms"})
 # room for the Kafka headers and librdkafka's per-message overhead (36 bytes)
 _RECORD_MARGIN = 1024
 _QUEUE_POLL_S = 0.05
@@ -249,15 +251,30 @@ def _chunks(state: State, max_bytes: int, row: int) -> Iterator[State]:
         yield {k: v[start : start + rows] for k, v in state.items()}
 
 
+def _column(part: State, name: str, like: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """`part`'s column `name`, or its default (-1 for `_MINUS_ONE`, else 0) where a record
+    of an earlier version has none."""
+    if name in part:
+        return part[name]
+    n = len(part["query_ids"])
+    return np.full((n, *like.shape[1:]), -1 if name in _MINUS_ONE else 0, dtype=like.dtype)
+
+
 def _merge(parts: list[State]) -> State:
     """One state from records in log order: the last row of each query wins; every row
     carries the latest clock seen (rows of earlier versions carry none)."""
-    keys = list(parts[0])
+    keys: dict[str, npt.NDArray[Any]] = {}
     clock = -1
     for part in parts:
+        for k, v in part.items():
+            keys.setdefault(k, v)
         if "clock_ms" in part and len(part["clock_ms"]):
             clock = max(clock, int(part["clock_ms"].max()))
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in keys if k != "clock_ms"}
+    cols = {
+        k: np.concatenate([_column(p, k, like) for p in parts])
+        for k, like in keys.items()
+        if k != "clock_ms"
+    }
     qids = cols["query_ids"]
     _, first = np.unique(qids[::-1], return_index=True)
     rows = np.sort(len(qids) - 1 - first)

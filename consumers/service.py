@@ -36,13 +36,13 @@ from annstream.config import Config
 from annstream.drift import BackgroundRetrainer, DriftMonitor
 from annstream.errors import StoreError
 from annstream.events import AdBatch, EngagementBatch
-from annstream.heads import HeadQueryTracker
+from annstream.heads import HeadChanges, HeadQueryTracker
 from annstream.heap import trim_heap
 from annstream.index import LiveIvfIndex
 from annstream.kafka import DeadLetterPublisher, make_producer
 from annstream.metrics import ConsumerLag, MetricsServer, ServiceMetrics
 from annstream.recall import RecallMonitor
-from annstream.refresher import MicroBatcher, Refresher
+from annstream.refresher import MicroBatcher, Refresher, RetiredLists
 from annstream.results import ResultsPublisher
 from annstream.schemas import open_registry
 from annstream.sink import NeighbourSink, refusal_reason
@@ -143,6 +143,23 @@ class _TimedWriter:
         self.sink.head_exits(query_ids)
 
 
+def _newest(retired: RetiredLists, restored: RetiredLists) -> RetiredLists:
+    """The retired lists of a micro-batch: those the refresher rewrote, plus the restored
+    ones it did not touch since they were loaded (its rows are newer)."""
+    keep = ~np.isin(restored.query_ids, retired.query_ids)
+    if not keep.any():
+        return retired
+    both = (retired, restored)
+    return RetiredLists(
+        *(
+            np.concatenate(
+                [getattr(r, name)[m] for r, m in zip(both, (slice(None), keep), strict=True)]
+            )
+            for name in ("query_ids", "ids", "scores", "ttl_s", "expires_at_ms")
+        )
+    )
+
+
 def snapshot_dir(template: str) -> str:
     """`snapshot.dir` with `{hostname}` expanded, so replicas sharing a volume do not collide."""
     return template.replace("{hostname}", socket.gethostname())
@@ -212,6 +229,9 @@ class RefresherService:
         self._eng_buf: list[tuple[EngagementBatch, np.ndarray]] = []
         self._eng_offsets: dict[int, int] = {}
         self._rebalanced = False
+        self._retired_to_load: dict[int, int] = {}
+        # ad offsets of what the index holds (polled ads wait for their micro-batch)
+        self._indexed_offsets: dict[int, int] = dict(ads.offsets)
         self._closed = False
         self._lags: dict[str, ConsumerLag] = {}
         self._replayed = 0
@@ -377,6 +397,8 @@ class RefresherService:
             for state in states:
                 self.tracker.load_state(state)
                 self.checkpoint.partitions.assign(state["query_ids"], p)
+                retired, until = self.tracker.retired(state["query_ids"])
+                self._retired_to_load.update(zip(retired.tolist(), until.tolist(), strict=True))
             if applied >= 0:
                 start[p] = applied
         self._rebalanced = True
@@ -397,6 +419,10 @@ class RefresherService:
         self._observe(report)
         if len(queries):
             self.tracker.drop(queries)
+            if self.refresher is not None:
+                self.refresher.forget_retired(queries)
+            for q in queries.tolist():
+                self._retired_to_load.pop(q, None)
         self._rebalanced = True
 
     # ---- the loop ----------------------------------------------------------------------
@@ -444,7 +470,10 @@ class RefresherService:
             or self.recall_monitor.measuring
             or self.drift.checking
         )
-        if self.batcher.due() and (busy or working):
+        # right after a restore, not batch_ms later: restored heads that do not re-enter are
+        # exited before anything else is served from their lists
+        due = self.batcher.due() or self._rebalanced
+        if due and (busy or working):
             self.micro_batch()
         elif self.batcher.due():
             self.batcher.reset()
@@ -488,6 +517,7 @@ class RefresherService:
         eng = EngagementBatch.concat([b for b, _ in self._eng_buf], dim)
         parts = np.concatenate([p for _, p in self._eng_buf] or [np.empty(0, "int32")])
         eng_offsets = dict(self._eng_offsets)
+        self._indexed_offsets = dict(self.ads.offsets)
         self._ad_buf, self._eng_buf, self._eng_offsets = [], [], {}
         self.batcher.reset()
         if len(eng):
@@ -500,8 +530,12 @@ class RefresherService:
         net = ads.net()
         self.ad_meta.apply(net)
         version = self._next_version()
+        restored = self._load_retired(changes)
         result = self.refresher.apply(net, changes, self.tracker.vectors, version)
-        retired = result.retired
+        self.tracker.retire(changes.exited, self.refresher.retired_expiry(changes.exited))
+        retired = _newest(result.retired, restored)
+        # emptied (over refresh.retired_max_mb, or every ad deleted): nothing left to keep clean
+        self.tracker.retire(retired.query_ids[(retired.ids < 0).all(axis=1)], -1)
         lists = self._lists(
             np.concatenate([result.query_ids, retired.query_ids]),
             np.concatenate([result.ids, retired.ids]),
@@ -531,6 +565,34 @@ class RefresherService:
             trim_heap()
         if self.drift.after_batch(self.index, self._head_sample) is not None:
             self._maybe_retrain()
+
+    def _load_retired(self, changes: HeadChanges) -> RetiredLists:
+        """Take over, from the store, the retired lists of restored partitions and of restored
+        heads that did not re-enter (their stored lists now expire): whoever owns a partition
+        keeps every readable list of it clean of deleted ads. A store that cannot be read now
+        is read again at the next micro-batch."""
+        assert self.refresher is not None
+        if self.cfg.store.on_head_exit != "expire":
+            self._retired_to_load.clear()
+            return RetiredLists.empty(self.refresher.width)
+        if len(changes.exited):
+            exited = changes.exited[~np.isin(changes.exited, self.refresher.head_ids())]
+            self._retired_to_load.update(dict.fromkeys(exited.tolist(), -1))
+        for q in changes.entered.tolist():
+            self._retired_to_load.pop(q, None)
+        if not self._retired_to_load:
+            return RetiredLists.empty(self.refresher.width)
+        qids = np.fromiter(self._retired_to_load, np.int64, len(self._retired_to_load))
+        until = np.fromiter(self._retired_to_load.values(), np.int64, len(qids))
+        try:
+            got = self.store.lookup(qids, metadata=False)
+        except StoreError as exc:
+            self.metrics.observe_store_error(f"retired lists: {exc}", reason="retired_lists")
+            logger.warning("retired lists of restored queries not read yet: %s", exc)
+            return RetiredLists.empty(self.refresher.width)
+        self._retired_to_load.clear()
+        f = got.found
+        return self.refresher.load_retired(qids[f], got.ids[f], got.scores[f], until[f])
 
     def _flush(self) -> FlushReport:
         report = self.checkpoint.flush()
@@ -597,9 +659,11 @@ class RefresherService:
         self._flush()
 
     def snapshot(self) -> None:
+        """The index and the ad offsets of the events it holds; ads polled for a micro-batch
+        not run yet are read again after a restart from it."""
         if self.index is None:
             return
-        offsets = {(self.ads.topic, p): o for p, o in self.ads.offsets.items()}
+        offsets = {(self.ads.topic, p): o for p, o in self._indexed_offsets.items()}
         write_snapshot(
             self.snapshot_dir,
             self.index,

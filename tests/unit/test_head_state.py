@@ -31,6 +31,7 @@ from consumers.head_state import (
     _SNAPSHOT_HEADER,
     SNAPSHOT_MIN_BYTES,
     HeadStateLog,
+    _merge,
     decode_state,
     encode_state,
     producer_message_limit,
@@ -468,3 +469,16 @@ def test_head_state_idle_restart_keeps_the_head_set(
     ch = other.changes()
     np.testing.assert_array_equal(ch.entered, heads)
     assert ch.exited.tolist() == []
+
+
+def test_head_state_records_without_the_retired_column_merge_as_none() -> None:
+    """Records written before `retired_until_ms` existed restore next to newer ones: their
+    rows mean "no retired list" (-1), not an expiry at 0."""
+    rng = np.random.default_rng(5)
+    old = rows([1, 2], 4, rng, clock_ms=3)
+    new = {**rows([2, 3], 4, rng, clock_ms=4), "retired_until_ms": np.array([7, 8], np.int64)}
+    merged = _merge([old, new])
+    order = np.argsort(merged["query_ids"])
+    assert merged["query_ids"][order].tolist() == [1, 2, 3]
+    assert merged["retired_until_ms"][order].tolist() == [-1, 7, 8]
+    assert decode_state(encode_state(merged))["retired_until_ms"].dtype == np.int64

@@ -258,3 +258,30 @@ def test_an_empty_state_chunk_loads_as_nothing() -> None:
     tracker = HeadQueryTracker(HeadsConfig(enter_score=2.0, exit_score=1.0), 4)
     tracker.load_state(tracker.state(np.empty(0, "int64")))
     assert len(tracker.tracked_ids()) == 0
+
+
+def test_heads_retired_expiry_travels_with_the_state_and_keeps_the_row() -> None:
+    """Issue 11 item 8 across restarts: the expiry of a retired list is part of the state,
+    so a new owner knows which readable lists to keep clean; the row is not evicted while
+    the list is readable, and re-entering ends it."""
+    t = clocked(max_tracked=3)
+    t.observe([1, 2], [9.0, 9.0], [NOW - 4 * HOUR, NOW - 4 * HOUR], vec([1, 0, 0], [0, 1, 0]))
+    t.changes()
+    t.observe([3], [9.0], [NOW], vec([0, 0, 1]))
+    assert t.changes().exited.tolist() == [1, 2]
+    t.retire([1, 2, 99], [NOW + HOUR, -1, NOW])  # 2: nothing readable; 99: not tracked
+    assert [a.tolist() for a in t.retired()] == [[1], [NOW + HOUR]]
+    assert t.retired(now_ms=NOW + HOUR)[0].tolist() == []
+
+    other = HeadQueryTracker.from_state(
+        t.cfg, 3, t.state(), max_event_skew_s=600.0, wall_clock=lambda: NOW_S
+    )
+    assert [a.tolist() for a in other.retired([1, 2, 3])] == [[1], [NOW + HOUR]]
+    other.observe([4, 5], [0.1, 0.1], [NOW, NOW])  # over max_tracked: 2 goes, 1 stays
+    assert 1 in other.tracked_ids().tolist() and 2 not in other.tracked_ids().tolist()
+    other.observe([1], [9.0], [NOW])
+    assert 1 in other.changes().entered.tolist()
+    assert other.retired()[0].tolist() == []
+    older = {k: v for k, v in t.state().items() if k != "retired_until_ms"}
+    again = HeadQueryTracker.from_state(t.cfg, 3, older, wall_clock=lambda: NOW_S)
+    assert again.retired()[0].tolist() == []  # records before the column: none

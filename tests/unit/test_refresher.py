@@ -658,6 +658,21 @@ def test_retired_list_of_a_query_that_re_enters_is_live_again() -> None:
     w.check()
 
 
+def test_a_query_that_enters_again_is_emitted_even_when_its_list_is_unchanged() -> None:
+    """A restored head may hold an expiring record (its exit was stored, its changelog record
+    lost): entering again must rewrite it as live, so no entry is skipped as 'unchanged'."""
+    w = World(retired_ttl_s=100)
+    entered(w, 3)
+    vector = w.queries.pop(1)
+    _, before = w.refresher.topk(np.array([1]))
+    w.step(heads=HeadChanges(exited=np.array([1])))
+    w.queries[1] = vector
+    res = w.step(heads=HeadChanges(entered=np.array([1])))
+    assert res.query_ids.tolist() == [1]
+    np.testing.assert_array_equal(res.ids, before)
+    w.check()
+
+
 def test_retired_lists_over_the_memory_budget_are_rewritten_empty() -> None:
     w = World(margin=3, retired_ttl_s=100)
     row_bytes = 16 + 12 * (K + 3)
@@ -711,6 +726,14 @@ def test_retired_lists_load_back_after_a_restart() -> None:
     w.check()
     with pytest.raises(ValueError, match="shape"):
         w.refresher.load_retired(qids, rows_i[:2], rows_s, exp)
+    # what the head-state changelog carries per query, and the lists of some of them
+    assert w.refresher.retired_expiry(np.array([7, 0, 5, 42])).tolist() == [
+        stored[7][2],
+        -1,
+        stored[5][2],
+        -1,
+    ]
+    assert w.refresher.retired_lists(np.array([8, 6, 42])).query_ids.tolist() == [6, 8]
 
 
 def test_refresher_recomputes_everything_after_retrain_rate_limited() -> None:
