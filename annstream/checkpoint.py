@@ -1,7 +1,8 @@
 """The delivery contract of a micro-batch as one object: store, results, changelog, commit.
 
-A micro-batch's results become durable in this order, per engagement partition: the store
-holds the neighbour lists of the partition's queries and its head exits are applied, then
+A micro-batch's results become durable in this order, per engagement partition: the
+changelog notes the queries entering the head set (so a crash between their first store write
+and their head-state rows cannot leave live lists no restored head owns), the store holds the neighbour lists of the partition's queries and its head exits are applied, then
 (with a results topic) the lists it stored and a tombstone per exit are delivered there, then
 the partition's head-state changelog records are appended and flushed, then its engagement
 offset is committed. A changelog record carries the offset it includes, and a new owner of
@@ -69,6 +70,8 @@ class Changelog(Protocol):
     """The head-state changelog (consumers.head_state.HeadStateLog)."""
 
     def append(self, partition: int, state: State, engagement_offset: int) -> None: ...
+
+    def note_entrants(self, partition: int, query_ids: Int64Array) -> None: ...
 
     def flush(self, timeout_s: float) -> None: ...
 
@@ -162,6 +165,7 @@ class MicroBatch:
     ttl_s: Int64Array | None = None
     added_s: float = 0.0
     publish: BoolArray | None = None
+    entrants: dict[int, Int64Array] = field(default_factory=dict)
 
     def ttls(self, rows: npt.NDArray[np.intp], now_s: float) -> Int64Array | None:
         """The TTL of `rows` if written at `now_s`: positive TTLs less the time waited."""
@@ -226,6 +230,7 @@ class _Pending:
     dropped: set[int] = field(default_factory=set)
     store_reported: bool = False
     results: _Results | None = None
+    noted: bool = False
 
     def store_blocked(self) -> set[int]:
         """Partitions whose store (or results) part is not done (UNKNOWN in it: every
@@ -354,6 +359,8 @@ class Checkpoint:
         p = self._pending
         if p is None:
             return ""
+        if not p.noted:
+            return "changelog"
         if not p.store_done():
             return "store"
         if p.results is not None and any(m.any() for m in p.results.undelivered(p.exits_left)):
@@ -374,17 +381,21 @@ class Checkpoint:
         event_time_ms: npt.ArrayLike = (),
         ttl_s: npt.ArrayLike | None = None,
         publish: npt.ArrayLike | None = None,
+        entered: npt.ArrayLike = (),
     ) -> None:
         """Take a computed micro-batch: its lists (with a TTL per row, or None for the store's
         own), the queries that left the head set, the head-state rows it changed and the next
         engagement offset per partition it covers. `publish`: the rows that go to the results
-        topic once stored (None: all; retired lists do not)."""
+        topic once stored (None: all; retired lists do not). `entered`: the queries that
+        entered the head set (noted in the changelog before the store write)."""
         if self._pending is not None:
             raise RuntimeError("a micro-batch is already pending: flush() it before adding one")
         offsets = {int(p): int(o) for p, o in (offsets or {}).items()}
         if offsets and head_state is None:
             raise ValueError("offsets need the head state they include (head_state)")
         exits = _ids(exited)
+        entrants = _ids(entered)
+        owner = self.partitions.of(entrants)
         batch = MicroBatch(
             lists=lists,
             exited=exits,
@@ -394,6 +405,7 @@ class Checkpoint:
             ttl_s=None if ttl_s is None else _ids(ttl_s),
             added_s=self._wall_clock(),
             publish=None if publish is None else np.asarray(publish, dtype=bool).reshape(-1),
+            entrants={q: entrants[owner == q] for q in set(owner.tolist()) - {UNKNOWN}},
         )
         if batch.ttl_s is not None and len(batch.ttl_s) != len(lists):
             raise ValueError(f"ttl_s has {len(batch.ttl_s)} rows, the lists {len(lists)}")
@@ -405,6 +417,7 @@ class Checkpoint:
             exit_partition=self.partitions.of(exits),
             rows_left=np.ones(len(lists), dtype=bool),
             exits_left=np.ones(len(exits), dtype=bool),
+            noted=not batch.entrants,
             results=None
             if self.results is None
             else _Results.of(
@@ -428,7 +441,8 @@ class Checkpoint:
         hint = 0.0
         p = self._pending
         if p is not None:
-            hint = self._store(p, report)
+            if self._note(p, report):
+                hint = self._store(p, report)
             self._publish(p, report)
             self._append(p, report)
             self._flush_changelog(p, report)
@@ -442,6 +456,22 @@ class Checkpoint:
             report.completed = True
         self._settle(report, hint)
         return report
+
+    def _note(self, p: _Pending, report: FlushReport) -> bool:
+        """Before the micro-batch's first store write: its entering queries are durable in the
+        changelog. Their head-state rows follow the store write, so without this a crash in
+        between restores no head that owns their live lists (consumers.head_state)."""
+        if not p.noted:
+            try:
+                for part, ids in p.batch.entrants.items():
+                    self.changelog.note_entrants(part, ids)
+                if p.batch.entrants:
+                    self.changelog.flush(self.flush_timeout_s)
+            except Exception as exc:
+                report.errors.append(f"head-state entrants: {exc!r}")
+                return False
+            p.noted = True
+        return True
 
     def _store(self, p: _Pending, report: FlushReport) -> float:
         """One write of the rows left, then the head exits; returns the store's retry hint."""

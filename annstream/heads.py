@@ -158,6 +158,21 @@ class HeadQueryTracker:
         self._free = self._free[: len(self._free) - n]
         return slots
 
+    def _add(self, query_ids: Int64Array, last_ms: Int64Array) -> Int64Array:
+        """Slots for untracked `query_ids` (sorted, unique): no score, no vector, no head."""
+        fresh = self._alloc(len(query_ids))
+        self._qid[fresh] = query_ids
+        self._score[fresh] = 0.0
+        self._last[fresh] = last_ms
+        self._used[fresh] = True
+        self._has_vec[fresh] = self._head[fresh] = self._dirty[fresh] = False
+        self._resume[fresh] = False
+        self._retired_until[fresh] = -1
+        order = np.argsort(np.concatenate([self._keys, query_ids]), kind="stable")
+        self._keys = np.concatenate([self._keys, query_ids])[order]
+        self._key_slots = np.concatenate([self._key_slots, fresh])[order]
+        return fresh
+
     def _lookup(self, query_ids: Int64Array) -> tuple[Int64Array, BoolArray]:
         """Slots of `query_ids` (sorted index search) and whether each is tracked."""
         if len(self._keys) == 0:
@@ -240,18 +255,7 @@ class HeadQueryTracker:
         slots, found = self._lookup(uq)
         new = ~found
         if new.any():
-            fresh = self._alloc(int(new.sum()))
-            slots[new] = fresh
-            self._qid[fresh] = uq[new]
-            self._score[fresh] = 0.0
-            self._last[fresh] = t_max[new]
-            self._used[fresh] = True
-            self._has_vec[fresh] = self._head[fresh] = self._dirty[fresh] = False
-            self._resume[fresh] = False
-            self._retired_until[fresh] = -1
-            order = np.argsort(np.concatenate([self._keys, uq[new]]), kind="stable")
-            self._keys = np.concatenate([self._keys, uq[new]])[order]
-            self._key_slots = np.concatenate([self._key_slots, fresh])[order]
+            slots[new] = self._add(uq[new], t_max[new])
 
         last = self._last[slots]
         new_last = np.maximum(last, t_max)
@@ -339,6 +343,16 @@ class HeadQueryTracker:
             vector_changed=qids[changed],
             dropped=dropped,
         )
+
+    def resume(self, query_ids: npt.ArrayLike) -> None:
+        """Treat these queries as restored heads (tracked or not): their lists may be stored
+        live, so the next `changes()` re-enters them at the exit threshold or reports them as
+        exited (a query without a vector cannot re-enter)."""
+        qids = np.unique(np.asarray(query_ids, dtype=np.int64).reshape(-1))
+        slots, found = self._lookup(qids)
+        if not found.all():
+            slots[~found] = self._add(qids[~found], np.zeros(int((~found).sum()), np.int64))
+        self._resume[slots[~self._head[slots]]] = True
 
     def head_ids(self) -> Int64Array:
         """The current head query ids, sorted."""

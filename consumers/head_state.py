@@ -10,7 +10,11 @@ row of the partition, in chunks marked as one snapshot. Once a snapshot is in th
 offset is committed in the consumer group `<group_id>.head-state`. A restore writes a barrier
 record (the read end, known without trusting the broker's end offsets), then replays from the
 committed snapshot to the barrier: at most about twice the state, however long the service
-has run. Nothing relies on retention or compaction; on Kafka the topic deletes records older
+has run. Before the first store write of queries entering the head set, their ids are noted in
+a record of their own (`note_entrants`, re-noted after a snapshot until their rows follow):
+a restore returns those without rows after them (`restored_entrants`), so a crash between the
+store write and the rows cannot leave live lists that no restored head owns. Nothing relies on
+retention or compaction; on Kafka the topic deletes records older
 than a retention well above `SNAPSHOT_MAX_AGE_S` (`TOPIC_CONFIG`, docs/deploy.md).
 
 Records are Avro (schemas/head_state.avsc: the row count and, per column, its numpy dtype, the
@@ -84,6 +88,7 @@ LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
 
 _OFFSET_HEADER = "annstream.engagement-offset"
 _SNAPSHOT_HEADER = "annstream.head-snapshot"
+_ENTRANTS_HEADER = "annstream.head-entrants"
 _BARRIER_KEY = b"\x00barrier"
 _MAGIC = b"ANNHS1\n"
 _NPZ_MAGIC = b"PK\x03\x04"
@@ -284,6 +289,18 @@ def _merge(parts: list[State]) -> State:
     return out
 
 
+def _without_later_rows(
+    noted: list[tuple[int, npt.NDArray[np.int64]]], parts: list[State]
+) -> npt.NDArray[np.int64]:
+    """The noted entrants with no row in a record after their note (`at`: how many records
+    came before it)."""
+    out = np.empty(0, np.int64)
+    for at, ids in noted:
+        later = [p["query_ids"] for p in parts[at:]]
+        out = np.union1d(out, np.setdiff1d(ids, np.concatenate(later)) if later else ids)
+    return out
+
+
 def _written_at_s(message: Message) -> float:
     kind, ms = message.timestamp()
     return ms / 1000.0 if kind != TIMESTAMP_NOT_AVAILABLE and ms > 0 else time.time()
@@ -357,6 +374,8 @@ class HeadStateLog:
         self._backlog: list[_Record] = []
         self._failed: list[_Record] = []
         self._consumer: Consumer | None = None
+        self._entrants: dict[int, npt.NDArray[np.int64]] = {}
+        self._restored_entrants: dict[int, npt.NDArray[np.int64]] = {}
 
     # ---- writing -----------------------------------------------------------------------
 
@@ -367,13 +386,38 @@ class HeadStateLog:
         log = self._partitions.setdefault(partition, _PartitionLog())
         row = _row_bytes(state)
         headers: dict[str, str | bytes | None] = {_OFFSET_HEADER: str(engagement_offset)}
+        noted = self._entrants.pop(partition, None)
+        if noted is not None and len(left := np.setdiff1d(noted, state["query_ids"])):
+            self._entrants[partition] = left
         if self._snapshot_due(log, row * len(state["query_ids"])):
             self._append_snapshot(partition, self.partition_state(partition), headers, log)
+            if partition in self._entrants:  # noted before the snapshot, rows not yet in
+                self._send_entrants(partition, self._entrants[partition])
             return
         for chunk in _chunks(state, self.max_message_bytes, row):
             value = encode_state(chunk, self.schema_id)
             log.delta_bytes += len(value)
             self._send([(value, partition, headers, None)])
+
+    def note_entrants(self, partition: int, query_ids: npt.NDArray[np.int64]) -> None:
+        """Queue a record of queries entering the head set, before their lists are first
+        stored; `flush()` makes it durable. Their rows in a later `append` supersede it."""
+        ids = np.unique(np.asarray(query_ids, dtype=np.int64))
+        if not len(ids):
+            return
+        self._entrants[partition] = np.union1d(self._entrants.get(partition, ids), ids)
+        self._send_entrants(partition, ids)
+
+    def _send_entrants(self, partition: int, ids: npt.NDArray[np.int64]) -> None:
+        state = {"query_ids": ids}
+        headers: dict[str, str | bytes | None] = {_ENTRANTS_HEADER: "1"}
+        for chunk in _chunks(state, self.max_message_bytes, _row_bytes(state)):
+            self._send([(encode_state(chunk, self.schema_id), partition, headers, None)])
+
+    def restored_entrants(self, partition: int) -> npt.NDArray[np.int64]:
+        """Queries the last `restore(partition)` found noted as entering the head set with no
+        row of theirs after: their lists may be stored live (sorted ids)."""
+        return self._restored_entrants.get(partition, np.empty(0, np.int64))
 
     def _snapshot_due(self, log: _PartitionLog, delta: int) -> bool:
         grown = log.delta_bytes + delta
@@ -557,6 +601,7 @@ class HeadStateLog:
         consumer = self._offsets_consumer()
         parts: list[State] = []
         sizes: list[int] = []
+        noted: list[tuple[int, npt.NDArray[np.int64]]] = []  # (len(parts) then, ids)
         opened: dict[str, tuple[int, set[int], int]] = {}
         snap_bytes = records = total = 0
         first_at_s: float | None = None
@@ -596,6 +641,9 @@ class HeadStateLog:
                     at_s = _written_at_s(m)
                     first_at_s = at_s if first_at_s is None else first_at_s
                     hdr = headers_dict(m)
+                    if _ENTRANTS_HEADER in hdr:
+                        noted.append((len(parts), state["query_ids"]))
+                        continue
                     offset = hdr.get(_OFFSET_HEADER)
                     if offset is not None:
                         applied = max(applied, int(offset))
@@ -612,6 +660,7 @@ class HeadStateLog:
                         # a complete snapshot: what came before it is superseded
                         del opened[sid]
                         parts, sizes = parts[pos:], sizes[pos:]
+                        noted = [(at - pos, ids) for at, ids in noted if at > pos]
                         opened = {s: (p - pos, i, b) for s, (p, i, b) in opened.items() if p >= pos}
                         snap_bytes, snap_at_s = size + len(value), at_s
         finally:
@@ -626,6 +675,7 @@ class HeadStateLog:
                 first,
             )
         merged = _merge(parts) if parts else None
+        self._restored_entrants[partition] = _without_later_rows(noted, parts)
         self._partitions[partition] = _PartitionLog(
             snapshot_bytes=snap_bytes,
             delta_bytes=sum(sizes) - snap_bytes,

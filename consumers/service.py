@@ -399,6 +399,10 @@ class RefresherService:
                 self.checkpoint.partitions.assign(state["query_ids"], p)
                 retired, until = self.tracker.retired(state["query_ids"])
                 self._retired_to_load.update(zip(retired.tolist(), until.tolist(), strict=True))
+            entrants = self.head_log.restored_entrants(p)
+            if len(entrants):  # stored live before the crash that lost their rows
+                self.tracker.resume(entrants)
+                self.checkpoint.partitions.assign(entrants, p)
             if applied >= 0:
                 start[p] = applied
         self._rebalanced = True
@@ -556,6 +560,7 @@ class RefresherService:
             event_time_ms=ads.event_time_ms,
             ttl_s=ttl if len(retired) else None,
             publish=np.arange(len(lists)) < len(result.query_ids) if len(retired) else None,
+            entered=changes.entered,
         )
         self.snapshot_policy.record(len(ads))
         self._flush()

@@ -3,8 +3,7 @@ while starting, after a partition's head state is restored and in the middle of 
 an idle restart, messages over the real 1,000,000-byte limit, judged by the exact oracle.
 
 One run serves the first two tests; a kill -9 between store write and commit is a second run.
-Checks that fail only because of issue 11 item 7/8 across restarts are in tests of their own,
-marked xfail until the restart branch is merged.
+The checks of lists that outlive a restart (expiring lists, orphans) have a test of their own.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from annstream.cli import main
 from annstream.testing.oracle import CHECKS
 
 RESTART_CHECKS = ("deleted_ad_expiring", "orphan_live_list")
-RESTART_BRANCH = "issue 11 item 7/8 across restarts: restart branch"
 _SMALL = ["--engagements", "1200", "--stream-ads", "300", "--seed", "3", "--dim", "384"]
 _NONE = ["--kills", "0", "--corrupts", "0", "--pauses", "0", "--outages", "0"]
 _NONE += ["--startup-kills", "0", "--restore-kills", "0", "--snapshot-kills", "0"]
@@ -68,7 +66,6 @@ def test_bench_faults_survives_kills_at_named_points_and_the_oracle_agrees(
     assert result["exit_code"] == 0
 
 
-@pytest.mark.xfail(strict=False, reason=RESTART_BRANCH)
 def test_bench_faults_restart_checks_expiring_lists_and_orphans(
     restarts: dict[str, Any],
 ) -> None:
@@ -76,7 +73,6 @@ def test_bench_faults_restart_checks_expiring_lists_and_orphans(
     assert {n: checks[n]["failed"] for n in RESTART_CHECKS} == dict.fromkeys(RESTART_CHECKS, 0)
 
 
-@pytest.mark.xfail(strict=False, reason=RESTART_BRANCH)
 def test_bench_faults_kill_between_store_write_and_commit_leaves_no_orphan_list() -> None:
     """Lists stored for heads the changelog never recorded (killed before it) must not stay
     live and unrefreshed after the restart (they did: orphans holding deleted ads)."""

@@ -13,7 +13,6 @@ import pytest
 from annstream.cli import main
 
 RESTART_CHECKS = ("deleted_ad_expiring", "orphan_live_list")
-RESTART_BRANCH = "issue 11 item 7/8 across restarts: restart branch"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,6 @@ def test_bench_soak_restore_time_stays_flat_over_7_days_and_the_oracle_agrees(
     assert soak["exit_code"] == 0
 
 
-@pytest.mark.xfail(strict=False, reason=RESTART_BRANCH)
 def test_bench_soak_restart_checks_expiring_lists_and_orphans(soak: dict[str, Any]) -> None:
     checks = soak["checks"]
     assert {n: checks[n]["failed"] for n in RESTART_CHECKS} == dict.fromkeys(RESTART_CHECKS, 0)

@@ -41,6 +41,11 @@ class Changelog:
         self.too_large: set[int] = set()
         self.flush_fails = False
         self.appends = 0
+        self.noting: list[tuple[int, list[int]]] = []
+        self.noted: list[tuple[int, list[int]]] = []
+
+    def note_entrants(self, partition: int, query_ids: npt.NDArray[np.int64]) -> None:
+        self.noting.append((partition, query_ids.tolist()))
 
     def append(self, partition: int, state: State, engagement_offset: int) -> None:
         self.appends += 1
@@ -53,6 +58,8 @@ class Changelog:
             raise BrokerError(f"{len(self.queued)} head-state records not yet in the log")
         self.durable += self.queued
         self.queued = []
+        self.noted += self.noting
+        self.noting = []
 
     def offsets(self) -> dict[int, int]:
         """The highest engagement offset in the durable log per partition (what a restore
@@ -197,6 +204,29 @@ def test_checkpoint_commits_after_store_and_changelog() -> None:
         assert rig.changelog.queries(p) == set(rig.queries(p).tolist())
         assert rig.stored(p)
     assert rig.store.calls["upsert"] == 1 and rig.committer.pauses == 0
+    rig.check_invariant()
+
+
+def test_checkpoint_notes_entering_queries_in_the_changelog_before_the_store_write() -> None:
+    """Their head-state rows follow the store write: without the note, a crash in between
+    restores no head that owns their live lists."""
+    rig = Rig()
+    entered = np.concatenate([rig.queries(1)[:3], rig.queries(2)[:1]])
+    qids = np.concatenate([rig.queries(p) for p in PARTITIONS])
+    rig.changelog.flush_fails = True
+    rig.cp.add(rig.lists(qids), head_state=rig.state(qids), offsets=OFFSETS, entered=entered)
+    assert rig.cp.waiting_for() == "changelog"
+    report = rig.cp.flush()
+    assert not report.ok and "head-state entrants" in report.errors[0]
+    assert rig.store.calls["upsert"] == 0 and rig.changelog.noted == []
+    assert rig.cp.waiting_for() == "changelog" and rig.committer.paused
+
+    rig.changelog.flush_fails = False
+    rig.clock.now += rig.cp.retry_in()
+    report = rig.cp.flush()
+    assert report.ok and report.completed and rig.committer.committed == OFFSETS
+    noted = dict(rig.changelog.noted)  # noted again by the retry: the latest per partition
+    assert noted == {1: rig.queries(1)[:3].tolist(), 2: rig.queries(2)[:1].tolist()}
     rig.check_invariant()
 
 

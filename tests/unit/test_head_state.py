@@ -482,3 +482,42 @@ def test_head_state_records_without_the_retired_column_merge_as_none() -> None:
     assert merged["query_ids"][order].tolist() == [1, 2, 3]
     assert merged["retired_until_ms"][order].tolist() == [-1, 7, 8]
     assert decode_state(encode_state(merged))["retired_until_ms"].dtype == np.int64
+
+
+def test_head_state_restore_returns_entrants_noted_with_no_rows_after_them(
+    cfg: KafkaConfig, log_factory: Callable[..., HeadStateLog]
+) -> None:
+    """Entrants are noted before their lists are stored; a crash before their rows follow must
+    not hide them from the next owner, through a snapshot too."""
+    dim = 384
+    rng = np.random.default_rng(11)
+    truth = Truth()
+    log = log_factory(lambda p: truth.state())
+    base = rows(np.arange(50), dim, rng)
+    truth.update(base)
+    log.append(1, base, 1)
+    log.note_entrants(1, np.array([101, 7, 100]))
+    log.flush(30)  # killed here: their rows never follow
+
+    def restored_entrants() -> list[int]:
+        reader = log_factory(lambda p: truth.state())
+        restored, offset = reader.restore(1)
+        assert offset == offsets[-1]
+        assert_same_rows(restored, truth)
+        return list(reader.restored_entrants(1).tolist())
+
+    offsets = [1]
+    assert restored_entrants() == [7, 100, 101]
+    delta = rows([100, 101], dim, rng, clock_ms=3)
+    truth.update(delta)
+    log.append(1, delta, 2)
+    log.flush(30)
+    offsets.append(2)
+    assert restored_entrants() == [7]  # their rows superseded the note
+    big = rows(np.arange(1000, 1800), dim, rng, clock_ms=4)  # over the 1 MiB floor: a snapshot
+    truth.update(big)
+    log.append(1, big, 3)
+    log.flush(30)
+    offsets.append(3)
+    assert log.snapshots_written == 1 and committed(cfg, 1) > 0
+    assert restored_entrants() == [7]  # noted again after the snapshot

@@ -285,3 +285,17 @@ def test_heads_retired_expiry_travels_with_the_state_and_keeps_the_row() -> None
     older = {k: v for k, v in t.state().items() if k != "retired_until_ms"}
     again = HeadQueryTracker.from_state(t.cfg, 3, older, wall_clock=lambda: NOW_S)
     assert again.retired()[0].tolist() == []  # records before the column: none
+
+
+def test_heads_resumed_queries_re_enter_at_exit_or_are_reported_exited() -> None:
+    """Entrants whose rows a restore did not find: their lists may be live, so the next
+    decision keeps them (tracked, with a vector, at or above exit) or reports them exited."""
+    t = tracker()
+    t.observe([1, 2], [3.0, 1.0], [0, 0], vec([1, 0, 0], [0, 1, 0]), [True, True])
+    assert len(t.changes(0).entered) == 0  # 3 and 1 are under enter (5)
+    t.resume([1, 2, 9])  # 9 is not tracked at all
+    ch = t.changes(0)
+    assert ch.entered.tolist() == [1] and ch.exited.tolist() == [2, 9]
+    assert t.head_ids().tolist() == [1] and 9 in t.tracked_ids().tolist()
+    t.resume([1])  # a head stays a head: nothing to decide
+    assert len(t.changes(0)) == 0
