@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         timeout_s=args.timeout,
         dim=args.dim,
+        store=args.store,
     )
     with ServiceRig(opts) as rig:
         heads = rig.warm_heads()
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "minutes": args.minutes,
         "rate": args.rate,
         "dim": opts.dim,
+        "store": opts.store,
         "vectors": opts.vectors,
         "ad_events_per_s": summary["ad_events_per_s"],
         "engagement_events_per_s": summary["engagement_events_per_s"],
