@@ -201,6 +201,8 @@ class StoreConfig:
     start-up; a store call itself tries once. Writes that fail stay pending in the service and
     are retried after a backoff starting at `retry_backoff_s` and doubling up to
     `retry_backoff_max_s`, while it keeps polling with consumption paused.
+    Aerospike: a micro-batch is written in `batch_write` calls of at most `write_batch`
+    records, `write_threads` calls at a time, each within `timeout_ms`.
     """
 
     url: str = "sqlite:///var/annstream.db"
@@ -211,6 +213,8 @@ class StoreConfig:
     retry_backoff_s: float = 0.2
     retry_backoff_max_s: float = 10.0
     timeout_ms: int = 1_000
+    write_batch: int = 500
+    write_threads: int = 1
     user: str = ""
     password: str = ""
     tls_name: str = ""
@@ -581,7 +585,7 @@ def _problems(cfg: Config) -> Iterator[str]:
         yield bad("store", "url", f"use {STORE_URL_FORMS}")
     yield from one_of("store", "on_head_exit", HEAD_EXIT_POLICIES)
     yield from at_least("store", 0, "retries", "retry_backoff_s")
-    yield from positive("store", "timeout_ms")
+    yield from positive("store", "timeout_ms", "write_batch", "write_threads")
 
     sv = cfg.service
     if not 0 <= sv.metrics_port <= 65535:
