@@ -14,6 +14,7 @@ when it does not exist, so a mistyped URL never creates an empty store.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import threading
@@ -74,19 +75,37 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 )
 """
 
-_UPSERT = f"""
-INSERT INTO {TABLE} AS t
-    (query_id, fmt, version, computed_at_ms, k, ids, scores, campaign_ids, advertiser_ids,
-     expires_at_ms)
-VALUES (:qid, :fmt, :v, :at, :k, :ids, :sc, :cmp, :adv, :exp)
+_ROWS_PER_UPSERT = 1_000  # 10 parameters a row, well under SQLite's 32,766
+_WRITE_COLUMNS = (
+    "query_id, fmt, version, computed_at_ms, k, ids, scores, campaign_ids, advertiser_ids, "
+    "expires_at_ms"
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _upsert_sql(rows: int, keep_ttl: bool) -> str:
+    """A multi-row upsert that returns the query id of every row it wrote: a row whose stored
+    version is newer (and not expired) is left alone and not returned (stale). The last
+    parameter is now in ms. `keep_ttl` (store TTL -2): an overwritten row keeps its expiry."""
+    now = f"?{rows * 10 + 1}"
+    expired = f"(t.expires_at_ms IS NOT NULL AND t.expires_at_ms <= {now})"
+    expiry = (
+        f"CASE WHEN NOT {expired} THEN t.expires_at_ms ELSE excluded.expires_at_ms END"
+        if keep_ttl
+        else "excluded.expires_at_ms"
+    )
+    values = ",".join(["(?,?,?,?,?,?,?,?,?,?)"] * rows)
+    return f"""
+INSERT INTO {TABLE} AS t ({_WRITE_COLUMNS}) VALUES {values}
 ON CONFLICT (query_id) DO UPDATE SET
     fmt = excluded.fmt, version = excluded.version, computed_at_ms = excluded.computed_at_ms,
     k = excluded.k, ids = excluded.ids, scores = excluded.scores,
     campaign_ids = excluded.campaign_ids, advertiser_ids = excluded.advertiser_ids,
-    expires_at_ms = CASE WHEN :keep_ttl AND NOT {{expired}} THEN t.expires_at_ms
-                         ELSE excluded.expires_at_ms END
-WHERE excluded.version > t.version OR {{expired}}
-""".format(expired="(t.expires_at_ms IS NOT NULL AND t.expires_at_ms <= :now)")
+    expires_at_ms = {expiry}
+WHERE excluded.version > t.version OR {expired}
+RETURNING query_id
+"""
+
 
 _LIVE = "(expires_at_ms IS NULL OR expires_at_ms > ?)"
 # Columns in the order of the bins (record.CORE_BINS, then campaign / advertiser ids): the
@@ -247,6 +266,9 @@ class SqliteStore:
         return versions
 
     def upsert(self, lists: NeighbourLists, ttl_s: TtlArg = None) -> UpsertResult:
+        """One transaction of multi-row upserts; each says which rows it wrote (RETURNING), so
+        no version is read back. Duplicate query ids in one call are written row by row, in
+        order; a statement with a row the database refuses is redone row by row."""
         n = len(lists)
         ttls = row_ttls(ttl_s, self.cfg.ttl_s, n, "upsert")
         stored, stale, failed, permanent = (np.zeros(n, dtype=bool) for _ in range(4))
@@ -255,49 +277,60 @@ class SqliteStore:
             return UpsertResult(stored, stale, failed, errors, permanent)
         now = self._now_ms()
         expires = np.where(ttls > 0, now + ttls * 1000, -1).tolist()
-        params: list[dict[str, Any]] = [
-            {
-                "qid": b["qid"],
-                "fmt": b[BIN_FORMAT],
-                "v": b[BIN_VERSION],
-                "at": b[BIN_AT],
-                "k": b[BIN_K],
-                "ids": b[BIN_IDS],
-                "sc": b[BIN_SCORES],
-                "cmp": b.get(BIN_CAMPAIGNS),
-                "adv": b.get(BIN_ADVERTISERS),
-                "exp": None if exp < 0 else exp,
-                "now": now,
-                "keep_ttl": keep,
-            }
-            for b, exp, keep in zip(
-                pack_records(lists), expires, (ttls == -2).tolist(), strict=True
+        rows: list[tuple[Any, ...]] = [
+            (
+                b["qid"],
+                b[BIN_FORMAT],
+                b[BIN_VERSION],
+                b[BIN_AT],
+                b[BIN_K],
+                b[BIN_IDS],
+                b[BIN_SCORES],
+                b.get(BIN_CAMPAIGNS),
+                b.get(BIN_ADVERTISERS),
+                None if exp < 0 else exp,
             )
+            for b, exp in zip(pack_records(lists), expires, strict=True)
         ]
-        qids = lists.query_ids.tolist()
+        size = _ROWS_PER_UPSERT if len(np.unique(lists.query_ids)) == n else 1
+        keep = ttls == -2
         with self._lock, self._transaction("upsert") as db:
-            before = self._versions(qids, now)
-            try:
-                db.executemany(_UPSERT, params)
-            except _ROW_ERRORS as exc:
-                logger.warning("SQLite batch upsert refused a row (%s); writing row by row", exc)
-                for row, p in enumerate(params):
-                    try:
-                        db.execute(_UPSERT, p)
-                    except _ROW_ERRORS as row_exc:
-                        permanent[row] = True
-                        errors[row] = f"sqlite (permanent): {row_exc}"
-            after = self._versions(qids, now)
-        versions = lists.versions.tolist()
-        for row in range(n):
-            if permanent[row]:
-                continue
-            prior, now_v = before.get(qids[row]), after.get(qids[row])
-            if now_v == versions[row] and (prior is None or prior < versions[row]):
-                stored[row] = True
-            else:
-                stale[row] = True
+            for flag in (False, True):
+                group = np.flatnonzero(keep == flag).tolist()
+                for start in range(0, len(group), size):
+                    chunk = group[start : start + size]
+                    self._write(db, rows, chunk, flag, now, stored, permanent, errors)
+        stale[:] = ~(stored | permanent)
         return UpsertResult(stored, stale, failed, errors, permanent)
+
+    @staticmethod
+    def _write(
+        db: sqlite3.Connection,
+        rows: list[tuple[Any, ...]],
+        chunk: list[int],
+        keep_ttl: bool,
+        now: int,
+        stored: npt.NDArray[np.bool_],
+        permanent: npt.NDArray[np.bool_],
+        errors: dict[int, str],
+    ) -> None:
+        """One upsert statement of `chunk` (distinct query ids); marks the rows it wrote."""
+        params = [v for r in chunk for v in rows[r]]
+        params.append(now)
+        try:
+            written = {q for (q,) in db.execute(_upsert_sql(len(chunk), keep_ttl), params)}
+        except _ROW_ERRORS as exc:
+            if len(chunk) == 1:
+                permanent[chunk[0]] = True
+                errors[chunk[0]] = f"sqlite (permanent): {exc}"
+                return
+            logger.warning("SQLite batch upsert refused a row (%s); writing row by row", exc)
+            for r in chunk:
+                SqliteStore._write(db, rows, [r], keep_ttl, now, stored, permanent, errors)
+            return
+        for r in chunk:
+            if rows[r][0] in written:
+                stored[r] = True
 
     def _reader(self) -> sqlite3.Connection:
         """This thread's own read-only connection, opened on first use."""
