@@ -203,6 +203,9 @@ class StoreConfig:
     `retry_backoff_max_s`, while it keeps polling with consumption paused.
     Aerospike: a micro-batch is written in `batch_write` calls of at most `write_batch`
     records, `write_threads` calls at a time, each within `timeout_ms`.
+    `neighbour_metadata`: store each neighbour's campaign and advertiser id (the `cmp` and `adv`
+    bins); off, a record is 1.5 KB instead of 3.4 KB at K 100 + 20 and serving can filter by
+    ad id only.
     """
 
     url: str = "sqlite:///var/annstream.db"
@@ -215,6 +218,7 @@ class StoreConfig:
     timeout_ms: int = 1_000
     write_batch: int = 500
     write_threads: int = 1
+    neighbour_metadata: bool = True
     user: str = ""
     password: str = ""
     tls_name: str = ""

@@ -409,7 +409,9 @@ class RefresherService:
     ) -> NeighbourLists:
         assert self.refresher is not None
         n = len(query_ids)
-        advertisers, campaigns = self.ad_meta.lookup(ids)
+        advertisers = campaigns = None
+        if self.cfg.store.neighbour_metadata:
+            advertisers, campaigns = self.ad_meta.lookup(ids)
         return NeighbourLists(
             query_ids=query_ids,
             ids=ids,
