@@ -149,6 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         timeout_s=args.timeout,
         dim=args.dim,
         store=args.store,
+        settings=tuple(args.set),
     )
     baseline_s = args.baseline_duration or min(30.0, args.duration / 2)
     with ServiceRig(opts) as rig:
@@ -197,6 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "dim": opts.dim,
             "vectors": opts.vectors,
             "store": opts.store,
+            "settings": list(opts.settings),
         },
     }
     if args.sweep:

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
+import tomllib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ __all__ = [
     "RigOptions",
     "ServiceRig",
     "add_rig_arguments",
+    "parse_settings",
     "rss_mb",
 ]
 
@@ -73,11 +75,35 @@ def add_rig_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=float, default=900, help="bound on the set-up (seconds, default 900)"
     )
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a service setting for the run, TOML value (e.g. store.neighbour_metadata=false); "
+        "repeatable",
+    )
+    parser.add_argument(
         "--store",
         default="sqlite",
         help="sqlite (a temp file, default), aerospike-test (the project's test server in a "
         "child process) or a store URL",
     )
+
+
+def parse_settings(items: tuple[str, ...] | list[str]) -> dict[str, dict[str, Any]]:
+    """`section.key=value` items (TOML values; a bare word is a string) as config overrides."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not section or not key:
+            raise AnnstreamError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        out.setdefault(section, {})[key] = value
+    return out
 
 
 def rss_mb(pid: int | str = "self") -> float:
@@ -133,6 +159,7 @@ class RigOptions:
     timeout_s: float = 900.0
     dim: int = 50
     store: str = "sqlite"
+    settings: tuple[str, ...] = ()
 
     @property
     def vectors(self) -> str:
@@ -327,25 +354,25 @@ class ServiceRig:
 
     def _config(self) -> Config:
         o = self.opts
-        return load_config(
-            env={},
-            overrides={
-                "kafka": {
-                    "bootstrap_servers": self.broker.bootstrap_servers,
-                    "group_id": f"annstream-load-{uuid.uuid4().hex[:8]}",
-                    "create_topics": True,
-                },
-                "index": {
-                    "dim": o.dim,
-                    "nlist": o.nlist,
-                    "nprobe": o.nprobe,
-                    "train_size": min(o.ads, 50_000),
-                },
-                "refresh": {"k": o.k, "margin": o.margin},
-                "store": {"url": self.store_url},
-                "snapshot": {"dir": str(self.workdir / "snapshots")},
+        overrides: dict[str, dict[str, Any]] = {
+            "kafka": {
+                "bootstrap_servers": self.broker.bootstrap_servers,
+                "group_id": f"annstream-load-{uuid.uuid4().hex[:8]}",
+                "create_topics": True,
             },
-        )
+            "index": {
+                "dim": o.dim,
+                "nlist": o.nlist,
+                "nprobe": o.nprobe,
+                "train_size": min(o.ads, 50_000),
+            },
+            "refresh": {"k": o.k, "margin": o.margin},
+            "store": {"url": self.store_url},
+            "snapshot": {"dir": str(self.workdir / "snapshots")},
+        }
+        for section, values in parse_settings(o.settings).items():
+            overrides[section] = {**overrides.get(section, {}), **values}
+        return load_config(env={}, overrides=overrides)
 
     def step_until(self, done: Callable[[RefresherService], bool], what: str) -> None:
         while not done(self.service):

@@ -1,9 +1,13 @@
-"""`bench freshness`'s goal: latency percentiles only count at the offered rate, kept up."""
+"""`bench freshness`'s goal (latency percentiles only count at the offered rate, kept up) and
+the benchmarks' `--set` service settings."""
 
 from __future__ import annotations
 
+import pytest
+
 from annstream.bench.freshness import goal_met, sustained
-from annstream.bench.rig import Phase
+from annstream.bench.rig import Phase, parse_settings
+from annstream.errors import AnnstreamError
 
 
 def phase(*, rate: float, sent: int, lags: list[int], fresh_ms: int = 300) -> Phase:
@@ -33,3 +37,11 @@ def test_goal_not_met_when_the_lag_grows_or_heads_are_missing() -> None:
     assert not goal_met(flat, heads=99, want_heads=100)
     slow = phase(rate=300, sent=3000, lags=[40] * 8, fresh_ms=600)
     assert not goal_met(slow, heads=100, want_heads=100)
+
+
+def test_bench_settings_are_toml_values_by_section() -> None:
+    got = parse_settings(["store.neighbour_metadata=false", "refresh.batch_ms = 100"])
+    assert got == {"store": {"neighbour_metadata": False}, "refresh": {"batch_ms": 100}}
+    assert parse_settings(["store.on_head_exit=delete"]) == {"store": {"on_head_exit": "delete"}}
+    with pytest.raises(AnnstreamError, match=r"SECTION\.KEY=VALUE"):
+        parse_settings(["batch_ms=100"])
