@@ -206,6 +206,8 @@ class StoreConfig:
     `neighbour_metadata`: store each neighbour's campaign and advertiser id (the `cmp` and `adv`
     bins); off, a record is 1.5 KB instead of 3.4 KB at K 100 + 20 and serving can filter by
     ad id only.
+    `overlap_writes`: a micro-batch's store write runs on a writer thread while the next one
+    is computed; its changelog and commit still wait for the write, in order.
     """
 
     url: str = "sqlite:///var/annstream.db"
@@ -219,6 +221,7 @@ class StoreConfig:
     write_batch: int = 500
     write_threads: int = 1
     neighbour_metadata: bool = True
+    overlap_writes: bool = True
     user: str = ""
     password: str = ""
     tls_name: str = ""

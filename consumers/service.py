@@ -195,6 +195,7 @@ class RefresherService:
             backoff_max_s=cfg.store.retry_backoff_max_s,
             flush_timeout_s=cfg.service.flush_timeout_s,
             results=results,
+            overlap=cfg.store.overlap_writes,
         )
         self.results = results
         self.tracker = HeadQueryTracker(cfg.heads, cfg.index.dim, cfg.kafka.max_event_skew_s)
@@ -359,10 +360,13 @@ class RefresherService:
         cp = self.checkpoint
         if cp.due():
             self._flush()
-        if cp.pending:
-            self._keep_alive(min(timeout_s, max(cp.retry_in(), 0.001)))
+        if cp.pending and (not cp.accepts() or self.snapshot_policy.due()):
+            if cp.writing:
+                cp.wait(timeout_s)
+            else:
+                self._keep_alive(min(timeout_s, max(cp.retry_in(), 0.001)))
             return
-        if self.refresher is not None and self.verifier.due():
+        if self.refresher is not None and not cp.pending and self.verifier.due():
             self._verify()
             if cp.pending:
                 return
@@ -499,15 +503,16 @@ class RefresherService:
             self.verifier.forget(np.fromiter(report.refused, np.int64, len(report.refused)))
         stored = report.stored_batch
         if stored is not None:
-            stored_at = time.time() * 1000
+            stored_at = (report.stored_at_s or time.time()) * 1000
             age_ms = stored_at - stored.event_time_ms
             self.metrics.observe_stored(age_ms / 1000.0, len(stored.lists))
         failing = None if cp.failing_since is None else time.monotonic() - cp.failing_since
         self.metrics.observe_checkpoint(cp.waiting_for(), failing, cp.retry_in(), cp.last_error)
 
     def _after_durable(self) -> None:
-        """A micro-batch is durable: sample recall, snapshot when due."""
-        if self.refresher is not None and self.index is not None:
+        """A micro-batch is durable: sample recall, snapshot when due, both only with no other
+        pending (the index holds no change whose lists are not stored yet)."""
+        if self.refresher is not None and self.index is not None and not self.checkpoint.pending:
             try:
                 recall = self.recall_monitor.after_batch(
                     self.store, self.index, self.refresher.head_ids(), self.tracker.vectors
@@ -518,7 +523,7 @@ class RefresherService:
                 recall = None
             if recall is not None:
                 self.metrics.observe_recall(recall, self.recall_monitor.k)
-        if self.snapshot_policy.due():
+        if self.snapshot_policy.due() and not self.checkpoint.pending:
             self.snapshot()
 
     def _verify(self) -> None:
@@ -573,13 +578,18 @@ class RefresherService:
         if self.index is None and self._training:
             self._train_from_buffer(force=True)
         cp = self.checkpoint
+        while cp.pending and not cp.accepts() and time.monotonic() < deadline:
+            cp.wait(max(0.0, deadline - time.monotonic()))
+            time.sleep(min(cp.retry_in(), max(0.0, deadline - time.monotonic())))
+            self._flush()
         if (
             self.index is not None
-            and not cp.pending
+            and cp.accepts()
             and (self._ad_buf or self._eng_buf or self._eng_offsets)
         ):
             self.micro_batch()
         while (cp.pending or cp.uncommitted) and time.monotonic() < deadline:
+            cp.wait(max(0.0, deadline - time.monotonic()))
             time.sleep(min(cp.retry_in(), max(0.0, deadline - time.monotonic())))
             self._flush()
 
@@ -613,6 +623,7 @@ class RefresherService:
             self.head_log.close()
             self.ads.close()
             self.producer.close()
+            self.checkpoint.close()
             self.store.close()
 
     @property

@@ -148,10 +148,12 @@ class _ThreadConnection:
 class SqliteStore:
     """Neighbour lists in one SQLite table; safe to share between threads of one process.
 
-    Writes and the opening thread's lookups go through one connection under a lock; lookups
-    from other threads use a read-only connection of their own (opened on first use, closed
-    with the thread or the store), so serving threads read in parallel (sqlite3 releases the
-    GIL while it reads). An in-memory database has one connection for everything.
+    Writes go through one connection under a lock; lookups, from any thread, use a read-only
+    connection of that thread (opened on first use, closed with the thread or the store), so
+    they never wait for a write in progress (WAL: they read the last commit), e.g. the
+    service's recall sample while its writer thread stores a micro-batch, and serving threads
+    read in parallel (sqlite3 releases the GIL while it reads). An in-memory database has one
+    connection for everything.
 
     `create=False` (readers: `annstream lookup`, the serving reader) opens an existing file
     read-only and never creates one.
@@ -172,7 +174,6 @@ class SqliteStore:
         self.readonly = not create
         self._lock = threading.Lock()
         memory = str(self.path) == ":memory:"
-        self._owner = threading.get_ident()
         self._shared_reads = memory  # another connection would see another database
         self._local = threading.local()
         self._readers: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
@@ -357,10 +358,10 @@ class SqliteStore:
         return db
 
     def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        """The rows of one query. The thread that opened the store reads through the store's
-        connection (under its lock); other threads through their own, in parallel."""
+        """The rows of one query, through this thread's read connection (an in-memory
+        database: the store's, under its lock)."""
         try:
-            if self._shared_reads or threading.get_ident() == self._owner:
+            if self._shared_reads:
                 with self._lock:
                     return self._db.execute(sql, params).fetchall()
             return self._reader().execute(sql, params).fetchall()

@@ -101,16 +101,32 @@ def test_sqlite_locked_database_is_unavailable(tmp_path: Path, lists_factory: Fa
 
 def test_sqlite_lookup_error_is_unavailable(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "s.db")
-    healthy = store._db
+    store.lookup(np.array([1]))  # opens this thread's read connection
+    own = store._local.own
+    healthy = own.db
 
     class Broken(FailingConnection):
         def execute(self, sql: str, *args: Any) -> Any:
             raise sqlite3.OperationalError("disk I/O error")
 
-    store._db = Broken(healthy, "", sqlite3.OperationalError())  # type: ignore[assignment]
+    own.db = Broken(healthy, "", sqlite3.OperationalError())
     with pytest.raises(StoreUnavailableError, match="disk I/O error"):
         store.lookup(np.array([1]))
-    store._db = healthy
+    own.db = healthy
+    store.close()
+
+
+def test_sqlite_lookup_does_not_wait_for_a_write_in_progress(
+    tmp_path: Path, lists_factory: Factory
+) -> None:
+    """The service's own thread reads (recall sample, verifier) while its writer thread holds
+    the store's write lock: the read goes through the thread's read connection."""
+    store = SqliteStore(tmp_path / "s.db")
+    store.upsert(lists_factory([1, 2], version=1))
+    with store._lock:  # a write in progress on another thread
+        got = store.lookup(np.array([1, 2]))
+        one = store.lookup_one(1)
+    assert got.found.all() and one.found
     store.close()
 
 
