@@ -177,6 +177,10 @@ class RefreshConfig:
     `retired_max_mb`: memory for the lists of queries that left the head set and stay readable
     until `store.exit_ttl_s` (the refresher removes deleted ads from them); over it, the lists
     expiring soonest are rewritten empty and forgotten.
+    Catching up (the oldest ad event waiting is `catch_up_behind_ms` old, e.g. a backfill or a
+    restart; 0 = never), a micro-batch grows to `catch_up_events` or `catch_up_ms`, whichever
+    comes first, or until a poll finds nothing more: each changed list is then written once
+    per large batch instead of once per `batch_events`.
     """
 
     k: int = 100
@@ -188,6 +192,9 @@ class RefreshConfig:
     scan_k: int = 1_000_000
     exclude_self: bool = False
     retired_max_mb: int = 256
+    catch_up_events: int = 50_000
+    catch_up_ms: int = 10_000
+    catch_up_behind_ms: int = 30_000
 
 
 @dataclass(frozen=True)
@@ -579,7 +586,13 @@ def _problems(cfg: Config) -> Iterator[str]:
 
     r = cfg.refresh
     yield from positive("refresh", "k", "batch_ms", "batch_events", "full_recompute_per_batch")
-    yield from at_least("refresh", 0, "margin", "nprobe", "scan_k")
+    yield from at_least("refresh", 0, "margin", "nprobe", "scan_k", "catch_up_behind_ms")
+    if r.catch_up_events < r.batch_events:
+        yield bad(
+            "refresh", "catch_up_events", f"must be >= refresh.batch_events ({r.batch_events})"
+        )
+    if r.catch_up_ms < r.batch_ms:
+        yield bad("refresh", "catch_up_ms", f"must be >= refresh.batch_ms ({r.batch_ms})")
     if i.nlist > 0 and r.nprobe > i.nlist:
         yield bad("refresh", "nprobe", f"must be <= index.nlist ({i.nlist}); 0 = index.nprobe")
 

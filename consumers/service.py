@@ -203,6 +203,7 @@ class RefresherService:
         self.refresher: Refresher | None = None
         self._training: list[AdBatch] = []
         self._ad_buf: list[AdBatch] = []
+        self._oldest_ad_ms = float("inf")
         self._eng_buf: list[tuple[EngagementBatch, np.ndarray]] = []
         self._eng_offsets: dict[int, int] = {}
         self._rebalanced = False
@@ -381,6 +382,7 @@ class RefresherService:
             return
         if len(polled.batch):
             self._ad_buf.append(polled.batch)
+            self._oldest_ad_ms = min(self._oldest_ad_ms, float(polled.batch.event_time_ms.min()))
         events = len(polled.batch)
         if self.engagements is not None:
             ep = self.engagements.poll(self.cfg.refresh.batch_events, 0 if events else timeout_s)
@@ -392,9 +394,11 @@ class RefresherService:
         self._track_publishers()
         self.batcher.add(events)
         busy = self._ad_buf or self._eng_buf or self._eng_offsets or self._rebalanced
-        if self.batcher.due() and (busy or self.retrainer.running or self.refresher_pending):
+        behind_ms = max(0.0, time.time() * 1000 - self._oldest_ad_ms)
+        due = self.batcher.due(behind_ms=behind_ms, drained=polled.messages == 0)
+        if due and (busy or self.retrainer.running or self.refresher_pending):
             self.micro_batch()
-        elif self.batcher.due():
+        elif due:
             self.batcher.reset()
 
     def _keep_alive(self, timeout_s: float) -> None:
@@ -439,6 +443,7 @@ class RefresherService:
         parts = np.concatenate([p for _, p in self._eng_buf] or [np.empty(0, "int32")])
         eng_offsets = dict(self._eng_offsets)
         self._ad_buf, self._eng_buf, self._eng_offsets = [], [], {}
+        self._oldest_ad_ms = float("inf")
         self.batcher.reset()
         if len(eng):
             self.tracker.observe(
