@@ -214,7 +214,8 @@ class StoreConfig:
     bins); off, a record is 1.5 KB instead of 3.4 KB at K 100 + 20 and serving can filter by
     ad id only.
     `overlap_writes`: a micro-batch's store write runs on a writer thread while the next one
-    is computed; its changelog and commit still wait for the write, in order.
+    is computed; its changelog and commit still wait for the write, in order. Off by default:
+    on 2 shared cores the writer thread took CPU from the refresh and lost (`bench freshness`).
     """
 
     url: str = "sqlite:///var/annstream.db"
@@ -228,7 +229,7 @@ class StoreConfig:
     write_batch: int = 500
     write_threads: int = 1
     neighbour_metadata: bool = True
-    overlap_writes: bool = True
+    overlap_writes: bool = False
     user: str = ""
     password: str = ""
     tls_name: str = ""
