@@ -17,10 +17,14 @@ are reported and count as done: they never block the rest of the micro-batch.
 
 The collaborators are narrow Protocols (a list writer, a results log, a changelog, a
 committer), so the
-contract is tested without a broker or a store server (tests/unit/test_checkpoint.py). One
-micro-batch is pending at a time; its state is explicit (rows and exits left, partitions
-appended, flushed, committed, dropped), so overlapping the store write of one micro-batch
-with the refresh of the next is a local change here.
+contract is tested without a broker or a store server (tests/unit/test_checkpoint.py). A
+pending micro-batch's state is explicit (rows and exits left, partitions appended, flushed,
+committed, dropped).
+
+With `overlap`, the store step runs on a writer thread: `flush()` starts it and returns, so the
+caller computes the next micro-batch meanwhile and may `add()` it (one, queued behind the
+pending one while nothing failed: `accepts()`). The order is unchanged: the queued micro-batch
+is written only once the pending one is complete (stored, published, logged, committed).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -276,6 +282,29 @@ class _Pending:
         )
 
 
+@dataclass(frozen=True)
+class _StoreJob:
+    """One store step: the rows left (and their lists and TTLs), then the exits left."""
+
+    pending: _Pending
+    rows: npt.NDArray[np.intp]
+    lists: NeighbourLists | None
+    ttl_s: Int64Array | None
+    exit_rows: npt.NDArray[np.intp]
+
+
+@dataclass
+class _StoreOutcome:
+    """What the store said; filled on the writer thread, read by `flush()`."""
+
+    result: UpsertResult | None = None
+    unavailable: StoreUnavailableError | None = None
+    exits_unavailable: StoreUnavailableError | None = None
+    exits_done: bool = False
+    error: BaseException | None = None
+    finished_s: float = 0.0
+
+
 @dataclass
 class FlushReport:
     """What one `flush()` achieved; the caller turns it into metrics and logs."""
@@ -286,6 +315,7 @@ class FlushReport:
     store_asked: bool = False
     store_error: str | None = None
     stored_batch: MicroBatch | None = None
+    stored_at_s: float = 0.0
     completed: bool = False
     committed: dict[int, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
@@ -310,6 +340,7 @@ class Checkpoint:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         results: ResultsLog | None = None,
+        overlap: bool = False,
     ) -> None:
         if backoff_s <= 0 or backoff_max_s < backoff_s:
             raise ValueError(
@@ -327,6 +358,9 @@ class Checkpoint:
         self._clock = clock
         self._wall_clock = wall_clock
         self._pending: _Pending | None = None
+        self._next: _Pending | None = None
+        self._writer = ThreadPoolExecutor(1, "annstream-store-write") if overlap else None
+        self._writing: tuple[_StoreJob, Future[_StoreOutcome]] | None = None
         self._uncommitted: dict[int, int] = {}
         self._delay = 0.0
         self._retry_at = 0.0
@@ -346,10 +380,32 @@ class Checkpoint:
         """Offsets of durable micro-batches whose commit failed (retried with the next)."""
         return dict(self._uncommitted)
 
+    @property
+    def writing(self) -> bool:
+        """A store write runs on the writer thread (`wait()` for it)."""
+        return self._writing is not None and not self._writing[1].done()
+
+    def accepts(self) -> bool:
+        """`add()` may take a micro-batch now: none is pending, or (overlap) one is and nothing
+        is queued behind it and no step failed."""
+        if self._pending is None:
+            return True
+        return self._writer is not None and self._next is None and self.failing_since is None
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until the running store write finished, at most `timeout_s`."""
+        if self._writing is not None and timeout_s > 0:
+            wait_for([self._writing[1]], timeout_s)
+
     def due(self) -> bool:
-        """Something to retry, and its backoff has passed."""
+        """Something to retry or a finished store write to take, and its backoff has passed."""
         work = self._pending is not None or bool(self._uncommitted)
-        return work and self._clock() >= self._retry_at
+        return work and not self.writing and self._clock() >= self._retry_at
+
+    def close(self) -> None:
+        """Stop the writer thread once its write finished."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
 
     def retry_in(self) -> float:
         return max(0.0, self._retry_at - self._clock())
@@ -388,8 +444,10 @@ class Checkpoint:
         engagement offset per partition it covers. `publish`: the rows that go to the results
         topic once stored (None: all; retired lists do not). `entered`: the queries that
         entered the head set (noted in the changelog before the store write)."""
-        if self._pending is not None:
-            raise RuntimeError("a micro-batch is already pending: flush() it before adding one")
+        if not self.accepts():
+            raise RuntimeError(
+                "a micro-batch is already pending: flush() it (accepts()) before adding one"
+            )
         offsets = {int(p): int(o) for p, o in (offsets or {}).items()}
         if offsets and head_state is None:
             raise ValueError("offsets need the head state they include (head_state)")
@@ -411,7 +469,7 @@ class Checkpoint:
             raise ValueError(f"ttl_s has {len(batch.ttl_s)} rows, the lists {len(lists)}")
         if batch.publish is not None and len(batch.publish) != len(lists):
             raise ValueError(f"publish has {len(batch.publish)} rows, the lists {len(lists)}")
-        self._pending = _Pending(
+        pending = _Pending(
             batch=batch,
             row_partition=self.partitions.of(lists.query_ids),
             exit_partition=self.partitions.of(exits),
@@ -424,6 +482,10 @@ class Checkpoint:
                 np.ones(len(lists), bool) if batch.publish is None else batch.publish, len(exits)
             ),
         )
+        if self._pending is None:
+            self._pending = pending
+        else:
+            self._next = pending
 
     def _split(self, state: State | None, offsets: Mapping[int, int]) -> dict[int, State]:
         """The head-state rows per owner partition, plus an empty record for each partition
@@ -434,15 +496,17 @@ class Checkpoint:
         parts = sorted((set(owner.tolist()) | set(offsets)) - {UNKNOWN})
         return {p: {k: v[owner == p] for k, v in state.items()} for p in parts}
 
-    def flush(self) -> FlushReport:
-        """One attempt at every step still open; never sleeps, never raises for a step that
-        failed (a store configuration error does raise)."""
+    def flush(self, wait_s: float = 0.0) -> FlushReport:
+        """One attempt at every step still open; never sleeps (but waits up to `wait_s` for a
+        running store write), never raises for a step that failed (a store configuration
+        error does raise). Once the pending micro-batch is complete, the queued one becomes
+        pending and its store write starts."""
         report = FlushReport()
         hint = 0.0
         p = self._pending
         if p is not None:
             if self._note(p, report):
-                hint = self._store(p, report)
+                hint = self._store(p, report, wait_s)
             self._publish(p, report)
             self._append(p, report)
             self._flush_changelog(p, report)
@@ -452,8 +516,11 @@ class Checkpoint:
         if self._uncommitted:
             self._commit(report)
         if p is not None and p.complete():
-            self._pending = None
+            self._pending, self._next = self._next, None
             report.completed = True
+            nxt = self._pending
+            if nxt is not None and self._writer is not None and self._note(nxt, report):
+                self._start(nxt)
         self._settle(report, hint)
         return report
 
@@ -473,17 +540,74 @@ class Checkpoint:
             p.noted = True
         return True
 
-    def _store(self, p: _Pending, report: FlushReport) -> float:
-        """One write of the rows left, then the head exits; returns the store's retry hint."""
-        if p.rows_left.any():
-            rows = np.flatnonzero(p.rows_left)
-            lists = p.batch.lists.take(rows)
-            report.store_asked = True
-            try:
-                result = self.writer.write(lists, p.batch.ttls(rows, self._wall_clock()))
-            except StoreUnavailableError as exc:
-                report.store_error = str(exc)
-                return exc.retry_after
+    def _job(self, p: _Pending) -> _StoreJob | None:
+        """The store step still open for `p`, or None when its store part is done."""
+        if not (p.rows_left.any() or p.exits_left.any()):
+            return None
+        rows = np.flatnonzero(p.rows_left)
+        lists = p.batch.lists.take(rows) if len(rows) else None
+        ttls = p.batch.ttls(rows, self._wall_clock()) if len(rows) else None
+        return _StoreJob(p, rows, lists, ttls, np.flatnonzero(p.exits_left))
+
+    def _run(self, job: _StoreJob) -> _StoreOutcome:
+        """The store I/O of one step (on the writer thread with `overlap`): one write of the
+        rows, then the head exits unless the store could not be reached."""
+        out = _StoreOutcome()
+        try:
+            if job.lists is not None:
+                try:
+                    out.result = self.writer.write(job.lists, job.ttl_s)
+                except StoreUnavailableError as exc:
+                    out.unavailable = exc
+                    return out
+            if len(job.exit_rows):
+                try:
+                    self.writer.head_exits(job.pending.batch.exited[job.exit_rows])
+                    out.exits_done = True
+                except StoreUnavailableError as exc:
+                    out.exits_unavailable = exc
+        except BaseException as exc:
+            out.error = exc
+        finally:
+            out.finished_s = self._wall_clock()
+        return out
+
+    def _start(self, p: _Pending) -> None:
+        job = self._job(p)
+        if job is not None and self._writing is None and self._writer is not None:
+            self._writing = (job, self._writer.submit(self._run, job))
+
+    def _store(self, p: _Pending, report: FlushReport, wait_s: float = 0.0) -> float:
+        """The store step: one write of the rows left, then the head exits (inline, or taken
+        from the writer thread once it finished); returns the store's retry hint."""
+        if self._writer is None:
+            job = self._job(p)
+            if job is None:
+                return self._stored(p, report, 0.0)
+            return self._taken(job, self._run(job), report)
+        if self._writing is None:
+            self._start(p)
+            if self._writing is None:
+                return self._stored(p, report, 0.0)
+        job, future = self._writing
+        if not future.done():
+            self.wait(wait_s)
+            if not future.done():
+                return 0.0
+        self._writing = None
+        return self._taken(job, future.result(), report)
+
+    def _taken(self, job: _StoreJob, out: _StoreOutcome, report: FlushReport) -> float:
+        """Book what one store step achieved into its micro-batch."""
+        p = job.pending
+        report.store_asked = True
+        if out.error is not None:
+            raise out.error
+        if out.unavailable is not None:
+            report.store_error = str(out.unavailable)
+            return out.unavailable.retry_after
+        if job.lists is not None and out.result is not None:
+            rows, lists, result = job.rows, job.lists, out.result
             done = result.stored | result.stale
             if p.results is not None:
                 p.results.stored[rows[result.stored]] = True
@@ -499,17 +623,18 @@ class Checkpoint:
                     f"{int(p.rows_left.sum())} of {len(p.rows_left)} neighbour lists not "
                     f"stored: {first}"
                 )
-        if p.exits_left.any():
-            report.store_asked = True
-            try:
-                self.writer.head_exits(p.batch.exited[p.exits_left])
-            except StoreUnavailableError as exc:
-                report.store_error = f"head exits not applied: {exc}"
-                return exc.retry_after
-            p.exits_left[:] = False
+        if out.exits_unavailable is not None:
+            report.store_error = f"head exits not applied: {out.exits_unavailable}"
+            return out.exits_unavailable.retry_after
+        if out.exits_done:
+            p.exits_left[job.exit_rows] = False
+        return self._stored(p, report, out.finished_s)
+
+    def _stored(self, p: _Pending, report: FlushReport, at_s: float) -> float:
         if p.store_done() and not p.store_reported:
             p.store_reported = True
             report.stored_batch = p.batch
+            report.stored_at_s = at_s or self._wall_clock()
         return 0.0
 
     def _publish(self, p: _Pending, report: FlushReport) -> None:
@@ -578,7 +703,10 @@ class Checkpoint:
         report.committed = offsets
 
     def _settle(self, report: FlushReport, hint: float) -> None:
-        """Back off and pause after a failed step; reset and resume once durable."""
+        """Back off and pause after a failed step; reset and resume once durable (a store
+        write still running taught nothing yet)."""
+        if report.ok and self._writing is not None and not report.store_asked:
+            return
         if report.ok:
             self._delay = 0.0
             self._retry_at = 0.0
@@ -614,26 +742,37 @@ class Checkpoint:
 
     # ---- rebalances --------------------------------------------------------------------
 
+    @staticmethod
+    def _drop(p: _Pending, gone: set[int]) -> None:
+        """Forget what `p` still had to do for partitions owned elsewhere now."""
+        rows_gone = np.isin(p.row_partition, list(gone))
+        exits_gone = np.isin(p.exit_partition, list(gone))
+        p.rows_left &= ~rows_gone
+        p.exits_left &= ~exits_gone
+        if p.results is not None:
+            p.results.drop(rows_gone, exits_gone)
+        p.dropped |= gone & (set(p.batch.changelog) | set(p.batch.offsets))
+
     def revoke(self, partitions: Iterable[int], lost: bool) -> tuple[Int64Array, FlushReport]:
-        """Partitions now owned elsewhere: a revoke gets one more flush (a lost partition
-        none), then whatever of them is still not durable is dropped, never committed; the
-        new owner re-reads those events. Returns the queries those partitions owned."""
+        """Partitions now owned elsewhere: a revoke gets one more flush (waiting for a running
+        store write; a lost partition none), then whatever of them is still not durable, in
+        the pending and the queued micro-batch, is dropped, never committed; the new owner
+        re-reads those events. Returns the queries those partitions owned."""
         gone = {int(x) for x in partitions}
         report = FlushReport()
+        if self._next is not None:
+            self._drop(self._next, gone)  # before the flush can start its write
         if not lost and (self._pending is not None or self._uncommitted):
-            report = self.flush()
-        p = self._pending
-        if p is not None:
-            rows_gone = np.isin(p.row_partition, list(gone))
-            exits_gone = np.isin(p.exit_partition, list(gone))
-            p.rows_left &= ~rows_gone
-            p.exits_left &= ~exits_gone
-            if p.results is not None:
-                p.results.drop(rows_gone, exits_gone)
-            p.dropped |= gone & (set(p.batch.changelog) | set(p.batch.offsets))
-            if p.complete():
-                self._pending = None
-                report.completed = True
+            report = self.flush(wait_s=self.flush_timeout_s)
+        for p in (self._pending, self._next):
+            if p is not None:
+                self._drop(p, gone)
+        if self._next is not None and self._next.complete():
+            self._next = None
+        if self._pending is not None and self._pending.complete():
+            self._pending, self._next = self._next, None
+            report.completed = True
+            if self._pending is None:
                 self._resume()
         for part in gone:
             self._uncommitted.pop(part, None)

@@ -193,6 +193,10 @@ class RefreshConfig:
     `retired_max_mb`: memory for the lists of queries that left the head set and stay readable
     until `store.exit_ttl_s` (the refresher removes deleted ads from them); over it, the lists
     expiring soonest are rewritten empty and forgotten.
+    Catching up (the oldest ad event waiting is `catch_up_behind_ms` old, e.g. a backfill or a
+    restart; 0 = never), a micro-batch grows to `catch_up_events` or `catch_up_ms`, whichever
+    comes first, or until a poll finds nothing more: each changed list is then written once
+    per large batch instead of once per `batch_events`.
     """
 
     k: int = 100
@@ -204,6 +208,9 @@ class RefreshConfig:
     scan_k: int = 1_000_000
     exclude_self: bool = False
     retired_max_mb: int = 256
+    catch_up_events: int = 50_000
+    catch_up_ms: int = 10_000
+    catch_up_behind_ms: int = 30_000
 
 
 @dataclass(frozen=True)
@@ -217,6 +224,14 @@ class StoreConfig:
     start-up; a store call itself tries once. Writes that fail stay pending in the service and
     are retried after a backoff starting at `retry_backoff_s` and doubling up to
     `retry_backoff_max_s`, while it keeps polling with consumption paused.
+    Aerospike: a micro-batch is written in `batch_write` calls of at most `write_batch`
+    records, `write_threads` calls at a time, each within `timeout_ms`.
+    `neighbour_metadata`: store each neighbour's campaign and advertiser id (the `cmp` and `adv`
+    bins); off, a record is 1.5 KB instead of 3.4 KB at K 100 + 20 and serving can filter by
+    ad id only.
+    `overlap_writes`: a micro-batch's store write runs on a writer thread while the next one
+    is computed; its changelog and commit still wait for the write, in order. Off by default:
+    on 2 shared cores the writer thread took CPU from the refresh and lost (`bench freshness`).
     """
 
     url: str = "sqlite:///var/annstream.db"
@@ -227,6 +242,10 @@ class StoreConfig:
     retry_backoff_s: float = 0.2
     retry_backoff_max_s: float = 10.0
     timeout_ms: int = 1_000
+    write_batch: int = 500
+    write_threads: int = 1
+    neighbour_metadata: bool = True
+    overlap_writes: bool = False
     user: str = ""
     password: str = ""
     tls_name: str = ""
@@ -588,7 +607,13 @@ def _problems(cfg: Config) -> Iterator[str]:
 
     r = cfg.refresh
     yield from positive("refresh", "k", "batch_ms", "batch_events", "full_recompute_per_batch")
-    yield from at_least("refresh", 0, "margin", "nprobe", "scan_k")
+    yield from at_least("refresh", 0, "margin", "nprobe", "scan_k", "catch_up_behind_ms")
+    if r.catch_up_events < r.batch_events:
+        yield bad(
+            "refresh", "catch_up_events", f"must be >= refresh.batch_events ({r.batch_events})"
+        )
+    if r.catch_up_ms < r.batch_ms:
+        yield bad("refresh", "catch_up_ms", f"must be >= refresh.batch_ms ({r.batch_ms})")
     if i.nlist > 0 and r.nprobe > i.nlist:
         yield bad("refresh", "nprobe", f"must be <= index.nlist ({i.nlist}); 0 = index.nprobe")
 
@@ -601,7 +626,7 @@ def _problems(cfg: Config) -> Iterator[str]:
         yield bad("store", "url", f"use {STORE_URL_FORMS}")
     yield from one_of("store", "on_head_exit", HEAD_EXIT_POLICIES)
     yield from at_least("store", 0, "retries", "retry_backoff_s")
-    yield from positive("store", "timeout_ms")
+    yield from positive("store", "timeout_ms", "write_batch", "write_threads")
 
     sv = cfg.service
     if not 0 <= sv.metrics_port <= 65535:

@@ -181,11 +181,13 @@ class RefreshResult:
 class MicroBatcher:
     """Time-or-count trigger: a micro-batch is due every `batch_ms` or `batch_events`.
 
-    Catching up (`lag`, the events still waiting in the topics, above `batch_events`: a
-    backfill, a restart), the batch grows with the lag up to `catch_up_events` or
-    `catch_up_ms`: the refresher then writes each changed list once per larger batch instead
-    of once per `batch_events` (at 50,000 head queries, 50,000-ad batches wrote 1 list per ad
-    where 5,000-ad batches wrote 8.7; `bench scale` catch-up).
+    Under load the batch grows by itself (what arrived while the last one was processed).
+    Catching up (`lag`, the events still waiting in the topics, above `batch_events`; or
+    `behind_ms`, the age of the oldest event waiting, at least `refresh.catch_up_behind_ms`:
+    a backfill, a restart), the batch grows up to `catch_up_events` or `catch_up_ms`, or until
+    a poll found nothing more (`drained`): the refresher then writes each changed list once per
+    larger batch instead of once per `batch_events` (at 50,000 head queries, 50,000-ad
+    batches wrote 1 list per ad where 5,000-ad batches wrote 8.7; `bench scale` catch-up).
     """
 
     def __init__(
@@ -193,8 +195,8 @@ class MicroBatcher:
         cfg: RefreshConfig,
         now_ms: float | None = None,
         *,
-        catch_up_events: int = 50_000,
-        catch_up_ms: float = 10_000.0,
+        catch_up_events: int | None = None,
+        catch_up_ms: float | None = None,
     ) -> None:
         if cfg.batch_ms <= 0 or cfg.batch_events <= 0:
             raise ValueError(
@@ -203,8 +205,12 @@ class MicroBatcher:
             )
         self.batch_ms = float(cfg.batch_ms)
         self.batch_events = int(cfg.batch_events)
-        self.catch_up_events = max(int(catch_up_events), self.batch_events)
-        self.catch_up_ms = max(float(catch_up_ms), self.batch_ms)
+        events = cfg.catch_up_events if catch_up_events is None else catch_up_events
+        self.catch_up_events = max(int(events), self.batch_events)
+        self.catch_up_ms = max(
+            float(cfg.catch_up_ms if catch_up_ms is None else catch_up_ms), self.batch_ms
+        )
+        self.catch_up_behind_ms = float(cfg.catch_up_behind_ms)
         self.events = 0
         self.started_ms = self._now(now_ms)
 
@@ -215,16 +221,26 @@ class MicroBatcher:
     def add(self, n_events: int) -> None:
         self.events += int(n_events)
 
-    def due(self, now_ms: float | None = None, lag: int = 0) -> bool:
-        """True once `batch_events` were added or `batch_ms` passed since the last reset; with
-        a `lag` above `batch_events`, once the lag is drained or the catch-up bounds reached."""
+    def catching_up(self, lag: int = 0, behind_ms: float = 0.0, drained: bool = False) -> bool:
+        """Far enough behind that a larger batch pays (see the class docstring)."""
+        if lag > self.batch_events:
+            return True
+        far = 0 < self.catch_up_behind_ms <= behind_ms
+        return far and not drained
+
+    def due(
+        self,
+        now_ms: float | None = None,
+        lag: int = 0,
+        behind_ms: float = 0.0,
+        drained: bool = False,
+    ) -> bool:
+        """True once `batch_events` were added or `batch_ms` passed since the last reset;
+        catching up, once the catch-up bounds are reached or the backlog is drained."""
         elapsed = self._now(now_ms) - self.started_ms
-        if lag <= self.batch_events:
+        if not self.catching_up(lag, behind_ms, drained):
             return self.events >= self.batch_events or elapsed >= self.batch_ms
-        return (
-            self.events >= min(self.catch_up_events, self.events + lag)
-            or elapsed >= self.catch_up_ms
-        )
+        return self.events >= self.catch_up_events or elapsed >= self.catch_up_ms
 
     def remaining_ms(self, now_ms: float | None = None) -> float:
         """How long to wait (poll timeout) before the batch is due by time."""

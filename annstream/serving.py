@@ -116,8 +116,9 @@ def exclude(
                 continue
             if values is None:
                 raise ValueError(
-                    f"cannot filter by {name}: the stored lists carry no {name} ids; "
-                    f"write NeighbourLists.{name}_ids or filter by ad id"
+                    f"cannot filter by {name}: the stored lists carry no {name} ids "
+                    f"(the writer ran with store.neighbour_metadata = false, or wrote no "
+                    f"NeighbourLists.{name}_ids): filter by ad id"
                 )
             mask &= ~_member(values, bad)
         return mask

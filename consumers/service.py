@@ -214,6 +214,7 @@ class RefresherService:
             backoff_max_s=cfg.store.retry_backoff_max_s,
             flush_timeout_s=cfg.service.flush_timeout_s,
             results=results,
+            overlap=cfg.store.overlap_writes,
         )
         self.results = results
         self.tracker = HeadQueryTracker(cfg.heads, cfg.index.dim, cfg.kafka.max_event_skew_s)
@@ -226,6 +227,7 @@ class RefresherService:
         self.tuner: NprobeTuner | None = None
         self._tune_settling = False
         self._ad_buf: list[AdBatch] = []
+        self._oldest_ad_ms = float("inf")
         self._eng_buf: list[tuple[EngagementBatch, np.ndarray]] = []
         self._eng_offsets: dict[int, int] = {}
         self._rebalanced = False
@@ -438,10 +440,13 @@ class RefresherService:
         cp = self.checkpoint
         if cp.due():
             self._flush()
-        if cp.pending:
-            self._keep_alive(min(timeout_s, max(cp.retry_in(), 0.001)))
+        if cp.pending and (not cp.accepts() or self.snapshot_policy.due()):
+            if cp.writing:
+                cp.wait(timeout_s)
+            else:
+                self._keep_alive(min(timeout_s, max(cp.retry_in(), 0.001)))
             return
-        if self.refresher is not None and self.verifier.due():
+        if self.refresher is not None and not cp.pending and self.verifier.due():
             self._verify()
             if cp.pending:
                 return
@@ -457,6 +462,7 @@ class RefresherService:
             return
         if len(polled.batch):
             self._ad_buf.append(polled.batch)
+            self._oldest_ad_ms = min(self._oldest_ad_ms, float(polled.batch.event_time_ms.min()))
         events = len(polled.batch)
         if self.engagements is not None:
             ep = self.engagements.poll(self.cfg.refresh.batch_events, 0 if events else timeout_s)
@@ -474,12 +480,14 @@ class RefresherService:
             or self.recall_monitor.measuring
             or self.drift.checking
         )
+        behind_ms = max(0.0, time.time() * 1000 - self._oldest_ad_ms)
+        due = self.batcher.due(behind_ms=behind_ms, drained=polled.messages == 0)
         # right after a restore, not batch_ms later: restored heads that do not re-enter are
         # exited before anything else is served from their lists
-        due = self.batcher.due() or self._rebalanced
+        due = due or self._rebalanced
         if due and (busy or working):
             self.micro_batch()
-        elif self.batcher.due():
+        elif due:
             self.batcher.reset()
 
     def _keep_alive(self, timeout_s: float) -> None:
@@ -498,7 +506,9 @@ class RefresherService:
     ) -> NeighbourLists:
         assert self.refresher is not None
         n = len(query_ids)
-        advertisers, campaigns = self.ad_meta.lookup(ids)
+        advertisers = campaigns = None
+        if self.cfg.store.neighbour_metadata:
+            advertisers, campaigns = self.ad_meta.lookup(ids)
         return NeighbourLists(
             query_ids=query_ids,
             ids=ids,
@@ -523,6 +533,7 @@ class RefresherService:
         eng_offsets = dict(self._eng_offsets)
         self._indexed_offsets = dict(self.ads.offsets)
         self._ad_buf, self._eng_buf, self._eng_offsets = [], [], {}
+        self._oldest_ad_ms = float("inf")
         self.batcher.reset()
         if len(eng):
             self.tracker.observe(
@@ -620,15 +631,16 @@ class RefresherService:
             self.verifier.forget(np.fromiter(report.refused, np.int64, len(report.refused)))
         stored = report.stored_batch
         if stored is not None:
-            stored_at = time.time() * 1000
+            stored_at = (report.stored_at_s or time.time()) * 1000
             age_ms = stored_at - stored.event_time_ms
             self.metrics.observe_stored(age_ms / 1000.0, len(stored.lists))
         failing = None if cp.failing_since is None else time.monotonic() - cp.failing_since
         self.metrics.observe_checkpoint(cp.waiting_for(), failing, cp.retry_in(), cp.last_error)
 
     def _after_durable(self) -> None:
-        """A micro-batch is durable: sample recall, snapshot when due."""
-        if self.refresher is not None and self.index is not None:
+        """A micro-batch is durable: sample recall, snapshot when due, both only with no other
+        pending (the index holds no change whose lists are not stored yet)."""
+        if self.refresher is not None and self.index is not None and not self.checkpoint.pending:
             monitor = self.recall_monitor
             if self._tune_settling and not self.refresher_pending and not monitor.measuring:
                 monitor.request()  # until a settled figure came in
@@ -643,7 +655,7 @@ class RefresherService:
             if recall is not None:
                 self.metrics.observe_recall(recall, self.recall_monitor.k)
                 self._tune(recall)
-        if self.snapshot_policy.due():
+        if self.snapshot_policy.due() and not self.checkpoint.pending:
             self.snapshot()
 
     def _verify(self) -> None:
@@ -700,13 +712,18 @@ class RefresherService:
         if self.index is None and self._training:
             self._train_from_buffer(force=True)
         cp = self.checkpoint
+        while cp.pending and not cp.accepts() and time.monotonic() < deadline:
+            cp.wait(max(0.0, deadline - time.monotonic()))
+            time.sleep(min(cp.retry_in(), max(0.0, deadline - time.monotonic())))
+            self._flush()
         if (
             self.index is not None
-            and not cp.pending
+            and cp.accepts()
             and (self._ad_buf or self._eng_buf or self._eng_offsets)
         ):
             self.micro_batch()
         while (cp.pending or cp.uncommitted) and time.monotonic() < deadline:
+            cp.wait(max(0.0, deadline - time.monotonic()))
             time.sleep(min(cp.retry_in(), max(0.0, deadline - time.monotonic())))
             self._flush()
 
@@ -740,6 +757,7 @@ class RefresherService:
             self.head_log.close()
             self.ads.close()
             self.producer.close()
+            self.checkpoint.close()
             self.store.close()
 
     @property

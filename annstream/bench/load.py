@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         timeout_s=args.timeout,
         dim=args.dim,
+        store=args.store,
+        settings=tuple(args.set),
     )
     with ServiceRig(opts) as rig:
         heads = rig.warm_heads()
@@ -122,6 +124,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "minutes": args.minutes,
         "rate": args.rate,
         "dim": opts.dim,
+        "store": opts.store,
+        "settings": list(opts.settings),
         "vectors": opts.vectors,
         "ad_events_per_s": summary["ad_events_per_s"],
         "engagement_events_per_s": summary["engagement_events_per_s"],

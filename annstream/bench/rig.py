@@ -13,11 +13,13 @@ the micro-batch time went (the service's own components, timed in place).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shutil
 import tempfile
 import threading
 import time
+import tomllib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from annstream.config import Config, load_config
 from annstream.errors import AnnstreamError
 from annstream.kafka import make_producer
 from annstream.schemas import open_registry
+from annstream.testing.aerospike_server import child_server
 from consumers.service import RefresherService
 from producers.publish import Publisher, publish_batches
 from producers.sources import MIXTURE_VERSION, glove_vectors, synthetic_ads, synthetic_engagements
@@ -43,6 +46,7 @@ __all__ = [
     "RigOptions",
     "ServiceRig",
     "add_rig_arguments",
+    "parse_settings",
     "rss_mb",
 ]
 
@@ -70,6 +74,36 @@ def add_rig_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=900, help="bound on the set-up (seconds, default 900)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a service setting for the run, TOML value (e.g. store.neighbour_metadata=false); "
+        "repeatable",
+    )
+    parser.add_argument(
+        "--store",
+        default="sqlite",
+        help="sqlite (a temp file, default), aerospike-test (the project's test server in a "
+        "child process) or a store URL",
+    )
+
+
+def parse_settings(items: tuple[str, ...] | list[str]) -> dict[str, dict[str, Any]]:
+    """`section.key=value` items (TOML values; a bare word is a string) as config overrides."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not section or not key:
+            raise AnnstreamError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        out.setdefault(section, {})[key] = value
+    return out
 
 
 def rss_mb(pid: int | str = "self") -> float:
@@ -124,6 +158,8 @@ class RigOptions:
     seed: int = 0
     timeout_s: float = 900.0
     dim: int = 50
+    store: str = "sqlite"
+    settings: tuple[str, ...] = ()
 
     @property
     def vectors(self) -> str:
@@ -169,6 +205,12 @@ class Phase:
         t = np.array([s["t_s"] for s in self.samples])
         lag = np.array([s["ad_lag"] for s in self.samples])
         return float(np.polyfit(t, lag, 1)[0])
+
+    def achieved(self) -> float:
+        """Ad events sent per second over the target rate (the feeder shares the machine)."""
+        if self.ad_rate <= 0:
+            return 1.0
+        return self.ads_sent / max(self.stream_s, 1e-9) / self.ad_rate
 
     def lag_grows(self) -> bool:
         """Falling behind: the lag rose by more than half a second of ad events."""
@@ -240,7 +282,9 @@ class ServiceRig:
         self.workdir = Path(tempfile.mkdtemp(prefix="annstream-load-"))
         self.broker = EmbeddedBroker().start()
         self._started: RefresherService | None = None
+        self._stack = contextlib.ExitStack()
         try:
+            self.store_url = self._store_url()
             self._start()
         except BaseException:
             self.close()
@@ -295,27 +339,40 @@ class ServiceRig:
         self.profiler.wrap(s.ads, "poll", "ads.poll")
         self.profiler.wrap(s.engagements, "poll", "engagements.poll")
 
+    def _store_url(self) -> str:
+        store = self.opts.store
+        if store == "sqlite":
+            return f"sqlite:///{self.workdir / 'neighbours.db'}"
+        if store == "aerospike-test":
+            host = self._stack.enter_context(child_server())
+            return f"aerospike://{host}/test/neighbours"
+        if store.startswith(("sqlite://", "aerospike://")):
+            return store
+        raise AnnstreamError(
+            f"--store must be sqlite, aerospike-test or a store URL, got {store!r}"
+        )
+
     def _config(self) -> Config:
         o = self.opts
-        return load_config(
-            env={},
-            overrides={
-                "kafka": {
-                    "bootstrap_servers": self.broker.bootstrap_servers,
-                    "group_id": f"annstream-load-{uuid.uuid4().hex[:8]}",
-                    "create_topics": True,
-                },
-                "index": {
-                    "dim": o.dim,
-                    "nlist": o.nlist,
-                    "nprobe": o.nprobe,
-                    "train_size": min(o.ads, 50_000),
-                },
-                "refresh": {"k": o.k, "margin": o.margin},
-                "store": {"url": f"sqlite:///{self.workdir / 'neighbours.db'}"},
-                "snapshot": {"dir": str(self.workdir / "snapshots")},
+        overrides: dict[str, dict[str, Any]] = {
+            "kafka": {
+                "bootstrap_servers": self.broker.bootstrap_servers,
+                "group_id": f"annstream-load-{uuid.uuid4().hex[:8]}",
+                "create_topics": True,
             },
-        )
+            "index": {
+                "dim": o.dim,
+                "nlist": o.nlist,
+                "nprobe": o.nprobe,
+                "train_size": min(o.ads, 50_000),
+            },
+            "refresh": {"k": o.k, "margin": o.margin},
+            "store": {"url": self.store_url},
+            "snapshot": {"dir": str(self.workdir / "snapshots")},
+        }
+        for section, values in parse_settings(o.settings).items():
+            overrides[section] = {**overrides.get(section, {}), **values}
+        return load_config(env={}, overrides=overrides)
 
     def step_until(self, done: Callable[[RefresherService], bool], what: str) -> None:
         while not done(self.service):
@@ -475,6 +532,7 @@ class ServiceRig:
             if hasattr(self, "producer"):
                 self.producer.flush(10)
             self.broker.stop()
+            self._stack.close()
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> ServiceRig:

@@ -28,8 +28,6 @@ import contextlib
 import math
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +45,7 @@ from annstream.errors import StoreError
 from annstream.serving import NeighbourReader, exclude
 from annstream.store import NeighbourLists, NeighbourStore, open_store, parse_aerospike_url
 from annstream.store.record import CORE_BINS
+from annstream.testing.aerospike_server import child_server
 from producers.sources import glove_vectors
 
 __all__ = ["HELP", "add_arguments", "clustered_vectors", "run"]
@@ -345,26 +344,6 @@ def _measure_size(
 # --- the run --------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _test_server() -> Iterator[str]:
-    """The project's Aerospike test server in a child process (not sharing this GIL)."""
-    with subprocess.Popen(
-        [sys.executable, "-m", "annstream.testing.aerospike_server", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    ) as proc:
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline().strip()
-            if not line.startswith("aerospike test server on "):
-                raise StoreError(f"the Aerospike test server did not start: {line!r}")
-            yield line.rsplit(" ", 1)[1]
-        finally:
-            proc.terminate()
-            proc.wait(10)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "serving",
@@ -379,7 +358,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         url = args.store
         if url == "aerospike-test":
-            url = f"aerospike://{stack.enter_context(_test_server())}/test/serving"
+            url = f"aerospike://{stack.enter_context(child_server())}/test/serving"
             result["store"] = "aerospike-test"
         elif url == "sqlite":
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="annstream-bench-"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aerospike
@@ -82,6 +83,21 @@ def stale_guard(version: int) -> list[tuple[Any, ...]]:
     ]
 
 
+class _Outcome:
+    """Per-row outcomes of one upsert, filled chunk by chunk (disjoint rows per thread)."""
+
+    def __init__(self, n: int) -> None:
+        self.stored, self.stale, self.failed, self.permanent = (
+            np.zeros(n, dtype=bool) for _ in range(4)
+        )
+        self.errors: dict[int, str] = {}
+        self.forbidden: set[int] = set()
+        self.fatal: StoreError | None = None
+
+    def result(self) -> UpsertResult:
+        return UpsertResult(self.stored, self.stale, self.failed, self.errors, self.permanent)
+
+
 def _answered(rec: Any) -> bool:
     """A batch row the server answered carries the key's digest back."""
     record = getattr(rec, "record", None)
@@ -128,6 +144,7 @@ class AerospikeStore:
             if self.cfg.tls_name:
                 config["hosts"] = [(h, p, self.cfg.tls_name) for h, p in hosts]
         self._client = self._connect(config)
+        self._pool: ThreadPoolExecutor | None = None
 
     def _connect(self, config: dict[str, Any]) -> Any:
         """A connected client; retried with backoff (a fresh node refuses for ~2 s)."""
@@ -186,13 +203,48 @@ class AerospikeStore:
         ]
 
     def upsert(self, lists: NeighbourLists, ttl_s: TtlArg = None) -> UpsertResult:
+        """`batch_write` calls of at most `store.write_batch` records, `store.write_threads` at
+        a time (the client releases the GIL), each within `store.timeout_ms`: one huge call
+        would outlast any timeout. A call that fails as a whole fails its rows only."""
         n = len(lists)
         ttls = row_ttls(ttl_s, self.cfg.ttl_s, n, "upsert").tolist()
-        stored, stale, failed, permanent = (np.zeros(n, dtype=bool) for _ in range(4))
-        errors: dict[int, str] = {}
+        outcome = _Outcome(n)
         if n == 0:
-            return UpsertResult(stored, stale, failed, errors, permanent)
-        qids, versions = lists.query_ids.tolist(), lists.versions.tolist()
+            return outcome.result()
+        size = self.cfg.write_batch
+        chunks = [(start, min(start + size, n)) for start in range(0, n, size)]
+        if len(chunks) == 1 or self.cfg.write_threads == 1:
+            for lo, hi in chunks:
+                self._write_chunk(lists, ttls, lo, hi, outcome)
+        else:
+            pool = self._writers()
+            for future in [
+                pool.submit(self._write_chunk, lists, ttls, lo, hi, outcome) for lo, hi in chunks
+            ]:
+                future.result()
+        if outcome.forbidden:
+            raise self._forbidden("a write", outcome.forbidden)
+        if outcome.fatal is not None:
+            raise outcome.fatal
+        if outcome.failed.all():
+            raise StoreUnavailableError(
+                f"Aerospike {self.url}: none of {n} records written: {outcome.errors[0]}",
+                retry_after=self._retry_after,
+            )
+        return outcome.result()
+
+    def _writers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.cfg.write_threads, "annstream-aerospike-write")
+        return self._pool
+
+    def _write_chunk(
+        self, lists: NeighbourLists, ttls: list[int], lo: int, hi: int, out: _Outcome
+    ) -> None:
+        """One `batch_write` of rows lo..hi, classified into `out` (rows of a failed call are
+        failed with its reason; a call refused for good keeps its error for the caller)."""
+        part = lists.take(np.arange(lo, hi))
+        qids, versions = part.query_ids.tolist(), part.versions.tolist()
         base_policy: dict[str, Any] = {
             "exists": aerospike.POLICY_EXISTS_CREATE_OR_REPLACE,
             "key": aerospike.POLICY_KEY_SEND,
@@ -202,36 +254,42 @@ class AerospikeStore:
                 Write(
                     self._key(qids[i]),
                     [operations.write(name, value) for name, value in bins.items()],
-                    policy={**base_policy, "ttl": ttls[i], "expressions": stale_guard(versions[i])},
+                    policy={
+                        **base_policy,
+                        "ttl": ttls[lo + i],
+                        "expressions": stale_guard(versions[i]),
+                    },
                 )
-                for i, bins in enumerate(pack_records(lists))
+                for i, bins in enumerate(pack_records(part))
             ]
         )
-        self._call(
-            "batch_write", self._client.batch_write, batch, {"total_timeout": self.cfg.timeout_ms}
-        )
-        forbidden: set[int] = set()
-        for i, (code, in_doubt) in enumerate(self._row_codes(batch, n)):
-            if code == OK:
-                stored[i] = True
-            elif code == FILTERED_OUT:
-                stale[i] = True
-            elif code == FORBIDDEN:
-                forbidden.add(ttls[i])
-            elif in_doubt or is_retryable(code):
-                failed[i] = True
-                errors[i] = describe(code, in_doubt=in_doubt)
-            else:
-                permanent[i] = True
-                errors[i] = describe(code)
-        if forbidden:
-            raise self._forbidden("a write", forbidden)
-        if failed.all():
-            raise StoreUnavailableError(
-                f"Aerospike {self.url}: none of {n} records written: {errors[0]}",
-                retry_after=self._retry_after,
+        try:
+            self._call(
+                "batch_write",
+                self._client.batch_write,
+                batch,
+                {"total_timeout": self.cfg.timeout_ms},
             )
-        return UpsertResult(stored, stale, failed, errors, permanent)
+        except StoreUnavailableError as exc:
+            out.failed[lo:hi] = True
+            out.errors.update(dict.fromkeys(range(lo, hi), str(exc)))
+            return
+        except StoreError as exc:
+            out.fatal = exc
+            return
+        for i, (code, in_doubt) in enumerate(self._row_codes(batch, hi - lo), start=lo):
+            if code == OK:
+                out.stored[i] = True
+            elif code == FILTERED_OUT:
+                out.stale[i] = True
+            elif code == FORBIDDEN:
+                out.forbidden.add(ttls[i])
+            elif in_doubt or is_retryable(code):
+                out.failed[i] = True
+                out.errors[i] = describe(code, in_doubt=in_doubt)
+            else:
+                out.permanent[i] = True
+                out.errors[i] = describe(code)
 
     def lookup_one(self, query_id: int, *, metadata: bool = True) -> StoredList:
         """One key with the client's `get` (a batch of one costs about twice as much)."""
@@ -346,6 +404,8 @@ class AerospikeStore:
         self._check_batch("expire", qids, batch, ttl)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
         self._client.close()
 
     def __enter__(self) -> AerospikeStore:

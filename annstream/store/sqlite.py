@@ -14,6 +14,7 @@ when it does not exist, so a mistyped URL never creates an empty store.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import threading
@@ -74,19 +75,37 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 )
 """
 
-_UPSERT = f"""
-INSERT INTO {TABLE} AS t
-    (query_id, fmt, version, computed_at_ms, k, ids, scores, campaign_ids, advertiser_ids,
-     expires_at_ms)
-VALUES (:qid, :fmt, :v, :at, :k, :ids, :sc, :cmp, :adv, :exp)
+_ROWS_PER_UPSERT = 1_000  # 10 parameters a row, well under SQLite's 32,766
+_WRITE_COLUMNS = (
+    "query_id, fmt, version, computed_at_ms, k, ids, scores, campaign_ids, advertiser_ids, "
+    "expires_at_ms"
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _upsert_sql(rows: int, keep_ttl: bool) -> str:
+    """A multi-row upsert that returns the query id of every row it wrote: a row whose stored
+    version is newer (and not expired) is left alone and not returned (stale). The last
+    parameter is now in ms. `keep_ttl` (store TTL -2): an overwritten row keeps its expiry."""
+    now = f"?{rows * 10 + 1}"
+    expired = f"(t.expires_at_ms IS NOT NULL AND t.expires_at_ms <= {now})"
+    expiry = (
+        f"CASE WHEN NOT {expired} THEN t.expires_at_ms ELSE excluded.expires_at_ms END"
+        if keep_ttl
+        else "excluded.expires_at_ms"
+    )
+    values = ",".join(["(?,?,?,?,?,?,?,?,?,?)"] * rows)
+    return f"""
+INSERT INTO {TABLE} AS t ({_WRITE_COLUMNS}) VALUES {values}
 ON CONFLICT (query_id) DO UPDATE SET
     fmt = excluded.fmt, version = excluded.version, computed_at_ms = excluded.computed_at_ms,
     k = excluded.k, ids = excluded.ids, scores = excluded.scores,
     campaign_ids = excluded.campaign_ids, advertiser_ids = excluded.advertiser_ids,
-    expires_at_ms = CASE WHEN :keep_ttl AND NOT {{expired}} THEN t.expires_at_ms
-                         ELSE excluded.expires_at_ms END
-WHERE excluded.version > t.version OR {{expired}}
-""".format(expired="(t.expires_at_ms IS NOT NULL AND t.expires_at_ms <= :now)")
+    expires_at_ms = {expiry}
+WHERE excluded.version > t.version OR {expired}
+RETURNING query_id
+"""
+
 
 _LIVE = "(expires_at_ms IS NULL OR expires_at_ms > ?)"
 # Columns in the order of the bins (record.CORE_BINS, then campaign / advertiser ids): the
@@ -129,10 +148,12 @@ class _ThreadConnection:
 class SqliteStore:
     """Neighbour lists in one SQLite table; safe to share between threads of one process.
 
-    Writes and the opening thread's lookups go through one connection under a lock; lookups
-    from other threads use a read-only connection of their own (opened on first use, closed
-    with the thread or the store), so serving threads read in parallel (sqlite3 releases the
-    GIL while it reads). An in-memory database has one connection for everything.
+    Writes go through one connection under a lock; lookups, from any thread, use a read-only
+    connection of that thread (opened on first use, closed with the thread or the store), so
+    they never wait for a write in progress (WAL: they read the last commit), e.g. the
+    service's recall sample while its writer thread stores a micro-batch, and serving threads
+    read in parallel (sqlite3 releases the GIL while it reads). An in-memory database has one
+    connection for everything.
 
     `create=False` (readers: `annstream lookup`, the serving reader) opens an existing file
     read-only and never creates one.
@@ -153,7 +174,6 @@ class SqliteStore:
         self.readonly = not create
         self._lock = threading.Lock()
         memory = str(self.path) == ":memory:"
-        self._owner = threading.get_ident()
         self._shared_reads = memory  # another connection would see another database
         self._local = threading.local()
         self._readers: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
@@ -247,6 +267,9 @@ class SqliteStore:
         return versions
 
     def upsert(self, lists: NeighbourLists, ttl_s: TtlArg = None) -> UpsertResult:
+        """One transaction of multi-row upserts; each says which rows it wrote (RETURNING), so
+        no version is read back. Duplicate query ids in one call are written row by row, in
+        order; a statement with a row the database refuses is redone row by row."""
         n = len(lists)
         ttls = row_ttls(ttl_s, self.cfg.ttl_s, n, "upsert")
         stored, stale, failed, permanent = (np.zeros(n, dtype=bool) for _ in range(4))
@@ -255,49 +278,60 @@ class SqliteStore:
             return UpsertResult(stored, stale, failed, errors, permanent)
         now = self._now_ms()
         expires = np.where(ttls > 0, now + ttls * 1000, -1).tolist()
-        params: list[dict[str, Any]] = [
-            {
-                "qid": b["qid"],
-                "fmt": b[BIN_FORMAT],
-                "v": b[BIN_VERSION],
-                "at": b[BIN_AT],
-                "k": b[BIN_K],
-                "ids": b[BIN_IDS],
-                "sc": b[BIN_SCORES],
-                "cmp": b.get(BIN_CAMPAIGNS),
-                "adv": b.get(BIN_ADVERTISERS),
-                "exp": None if exp < 0 else exp,
-                "now": now,
-                "keep_ttl": keep,
-            }
-            for b, exp, keep in zip(
-                pack_records(lists), expires, (ttls == -2).tolist(), strict=True
+        rows: list[tuple[Any, ...]] = [
+            (
+                b["qid"],
+                b[BIN_FORMAT],
+                b[BIN_VERSION],
+                b[BIN_AT],
+                b[BIN_K],
+                b[BIN_IDS],
+                b[BIN_SCORES],
+                b.get(BIN_CAMPAIGNS),
+                b.get(BIN_ADVERTISERS),
+                None if exp < 0 else exp,
             )
+            for b, exp in zip(pack_records(lists), expires, strict=True)
         ]
-        qids = lists.query_ids.tolist()
+        size = _ROWS_PER_UPSERT if len(np.unique(lists.query_ids)) == n else 1
+        keep = ttls == -2
         with self._lock, self._transaction("upsert") as db:
-            before = self._versions(qids, now)
-            try:
-                db.executemany(_UPSERT, params)
-            except _ROW_ERRORS as exc:
-                logger.warning("SQLite batch upsert refused a row (%s); writing row by row", exc)
-                for row, p in enumerate(params):
-                    try:
-                        db.execute(_UPSERT, p)
-                    except _ROW_ERRORS as row_exc:
-                        permanent[row] = True
-                        errors[row] = f"sqlite (permanent): {row_exc}"
-            after = self._versions(qids, now)
-        versions = lists.versions.tolist()
-        for row in range(n):
-            if permanent[row]:
-                continue
-            prior, now_v = before.get(qids[row]), after.get(qids[row])
-            if now_v == versions[row] and (prior is None or prior < versions[row]):
-                stored[row] = True
-            else:
-                stale[row] = True
+            for flag in (False, True):
+                group = np.flatnonzero(keep == flag).tolist()
+                for start in range(0, len(group), size):
+                    chunk = group[start : start + size]
+                    self._write(db, rows, chunk, flag, now, stored, permanent, errors)
+        stale[:] = ~(stored | permanent)
         return UpsertResult(stored, stale, failed, errors, permanent)
+
+    @staticmethod
+    def _write(
+        db: sqlite3.Connection,
+        rows: list[tuple[Any, ...]],
+        chunk: list[int],
+        keep_ttl: bool,
+        now: int,
+        stored: npt.NDArray[np.bool_],
+        permanent: npt.NDArray[np.bool_],
+        errors: dict[int, str],
+    ) -> None:
+        """One upsert statement of `chunk` (distinct query ids); marks the rows it wrote."""
+        params = [v for r in chunk for v in rows[r]]
+        params.append(now)
+        try:
+            written = {q for (q,) in db.execute(_upsert_sql(len(chunk), keep_ttl), params)}
+        except _ROW_ERRORS as exc:
+            if len(chunk) == 1:
+                permanent[chunk[0]] = True
+                errors[chunk[0]] = f"sqlite (permanent): {exc}"
+                return
+            logger.warning("SQLite batch upsert refused a row (%s); writing row by row", exc)
+            for r in chunk:
+                SqliteStore._write(db, rows, [r], keep_ttl, now, stored, permanent, errors)
+            return
+        for r in chunk:
+            if rows[r][0] in written:
+                stored[r] = True
 
     def _reader(self) -> sqlite3.Connection:
         """This thread's own read-only connection, opened on first use."""
@@ -324,10 +358,10 @@ class SqliteStore:
         return db
 
     def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        """The rows of one query. The thread that opened the store reads through the store's
-        connection (under its lock); other threads through their own, in parallel."""
+        """The rows of one query, through this thread's read connection (an in-memory
+        database: the store's, under its lock)."""
         try:
-            if self._shared_reads or threading.get_ident() == self._owner:
+            if self._shared_reads:
                 with self._lock:
                     return self._db.execute(sql, params).fetchall()
             return self._reader().execute(sql, params).fetchall()

@@ -34,12 +34,16 @@ import dataclasses
 import logging
 import os
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from annstream.errors import StoreError
 
 __all__ = [
     "ENV_REAL_SERVER",
@@ -48,6 +52,7 @@ __all__ = [
     "AerospikeTestServer",
     "Fault",
     "Namespace",
+    "child_server",
     "external_server",
     "main",
 ]
@@ -687,6 +692,27 @@ class AerospikeTestServer:
         new = Record(bins, generation, void, set_name, user_key)
         records[digest] = new
         return OK, new, reply
+
+
+@contextlib.contextmanager
+def child_server() -> Iterator[str]:
+    """A test server in a child process (its protocol work does not share the caller's GIL);
+    yields its `host:port`."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "annstream.testing.aerospike_server", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().strip()
+            if not line.startswith("aerospike test server on "):
+                raise StoreError(f"the Aerospike test server did not start: {line!r}")
+            yield line.rsplit(" ", 1)[1]
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 def main(argv: list[str] | None = None) -> None:

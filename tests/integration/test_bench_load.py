@@ -40,12 +40,14 @@ def test_bench_freshness_prints_goal_baseline_and_sweep(
     }
     assert set(result["freshness_ms"]) == {"p50", "p99"}
     assert result["head_queries"] >= 297
+    assert result["config"]["store"] == "sqlite" and 0 < result["achieved_ratio"] < 2
     assert 1 <= len(result["sweep"]) <= 3
 
 
 def test_bench_load_prints_samples_and_growth(capsys: pytest.CaptureFixture[str]) -> None:
-    result = _bench(capsys, ["load", "--minutes", "0.1", "--rate", "500", "--sample-every", "1"])
-    assert result["benchmark"] == "load"
+    argv = ["load", "--minutes", "0.1", "--rate", "500", "--sample-every", "1"]
+    result = _bench(capsys, [*argv, "--store", "aerospike-test"])
+    assert result["benchmark"] == "load" and result["store"] == "aerospike-test"
     assert result["dim"] == 50 and result["vectors"] == "glove-6B-50d"
     assert result.keys() >= {"samples", "rss_growth_mb", "lag_growth", "flat", "totals"}
     samples = result["samples"]

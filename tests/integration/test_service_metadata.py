@@ -148,3 +148,52 @@ def test_stored_lists_carry_campaign_ids_and_they_survive_a_restart(
     line = json.loads(out.getvalue())
     assert line["query_id"] == query and line["filtered"] >= 1 and ad not in line["ids"]
     assert campaign not in line["campaign_ids"] and len(line["campaign_ids"]) == len(line["ids"])
+
+
+def test_without_neighbour_metadata_records_are_lean_and_filter_by_ad_id_only(
+    bootstrap: str, topics: Topics, training_file: Path, tmp_path: Path
+) -> None:
+    work = workload(seed=7, engagements=800, stream_ads=100)
+    db = tmp_path / "store.db"
+    settings = service_settings(
+        bootstrap,
+        topics,
+        training_file,
+        f"sqlite:///{db}",
+        tmp_path / "snap",
+        f"lean-{uuid.uuid4().hex[:8]}",
+        store={"neighbour_metadata": False},
+    )
+    feed = Feed(bootstrap, topics)
+    for b in work.steps:
+        feed.send(b)
+    feed.flush()
+    service = RefresherService.from_config(to_config(settings))
+    try:
+        step_until(
+            [service],
+            lambda: (
+                service.stats.ad_events >= feed.messages[topics.ads]
+                and service.stats.engagement_events >= feed.messages[topics.engagements]
+                and service.idle
+            ),
+            "every event consumed",
+        )
+        heads = service.refresher.head_ids() if service.refresher else np.empty(0, "int64")
+        got = service.store.lookup(heads)
+        assert len(heads) and got.found.all()
+        assert got.campaign_ids is None and got.advertiser_ids is None
+    finally:
+        service.shutdown()
+    query, ad = int(heads[0]), int(got.ids[0, 0])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["lookup", str(query), "--store", f"sqlite:///{db}", "--exclude-ids", str(ad)])
+    line = json.loads(out.getvalue())
+    assert rc == 0 and line["filtered"] == 1 and ad not in line["ids"]
+    with (
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()) as err,
+    ):
+        rc = main(["lookup", str(query), "--store", f"sqlite:///{db}", "--exclude-campaigns", "1"])
+    assert rc != 0 and "store.neighbour_metadata = false" in err.getvalue()

@@ -3,6 +3,7 @@ cluster, URLs. Tests taking `store` also run against a real server (ANNSTREAM_TE
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -190,3 +191,24 @@ def test_aerospike_lookup_with_no_node_left_is_unavailable_not_missing(
     with pytest.raises(StoreUnavailableError):
         store.lookup(np.array([1]))
     store.close()
+
+
+def test_aerospike_upsert_is_split_into_batches_and_a_failed_batch_fails_only_its_rows(
+    server: AerospikeTestServer, store_cfg: StoreConfig, lists_factory: Factory
+) -> None:
+    cfg = dataclasses.replace(store_cfg, write_batch=2, write_threads=2)
+    # Query 3's batch (rows 2-3) loses its reply: in doubt, those two rows are failed.
+    server.inject(Fault(_digests(3), apply=True, drop=True, times=1))
+    with open_store(f"aerospike://{server.url_host}/{NS}/{SET}", cfg) as store:  # type: ignore[attr-defined]
+        before = server.requests
+        lists = lists_factory([1, 2, 3, 4, 5, 6, 7], version=3)
+        result = store.upsert(lists)
+        assert server.requests - before == 4  # batches of 2, 2, 2, 1
+        assert result.failed.tolist() == [False, False, True, True, False, False, False]
+        assert result.stored.sum() == 5 and "in doubt" in result.errors[2]
+        retry = store.upsert(lists.take(result.failed))
+        assert retry.done.all()  # query 3 landed before the reply was lost: stale; 4 stored
+        assert retry.stale.tolist() == [True, False]
+        got = store.lookup(lists.query_ids)
+    assert got.found.all()
+    np.testing.assert_array_equal(got.ids, lists.ids)

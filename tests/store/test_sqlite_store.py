@@ -66,8 +66,10 @@ def test_sqlite_corrupt_file_mid_run_is_a_store_error_not_a_refused_row(
     healthy = store._db
 
     class Corrupt(FailingConnection):
-        def executemany(self, sql: str, rows: Any) -> Any:
-            raise sqlite3.DatabaseError("database disk image is malformed")
+        def execute(self, sql: str, *args: Any) -> Any:
+            if sql.lstrip().startswith("INSERT"):
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            return super().execute(sql, *args)
 
     store._db = Corrupt(healthy, "", sqlite3.DatabaseError())  # type: ignore[assignment]
     with pytest.raises(StoreError, match="malformed") as info:
@@ -99,16 +101,32 @@ def test_sqlite_locked_database_is_unavailable(tmp_path: Path, lists_factory: Fa
 
 def test_sqlite_lookup_error_is_unavailable(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "s.db")
-    healthy = store._db
+    store.lookup(np.array([1]))  # opens this thread's read connection
+    own = store._local.own
+    healthy = own.db
 
     class Broken(FailingConnection):
         def execute(self, sql: str, *args: Any) -> Any:
             raise sqlite3.OperationalError("disk I/O error")
 
-    store._db = Broken(healthy, "", sqlite3.OperationalError())  # type: ignore[assignment]
+    own.db = Broken(healthy, "", sqlite3.OperationalError())
     with pytest.raises(StoreUnavailableError, match="disk I/O error"):
         store.lookup(np.array([1]))
-    store._db = healthy
+    own.db = healthy
+    store.close()
+
+
+def test_sqlite_lookup_does_not_wait_for_a_write_in_progress(
+    tmp_path: Path, lists_factory: Factory
+) -> None:
+    """The service's own thread reads (recall sample, verifier) while its writer thread holds
+    the store's write lock: the read goes through the thread's read connection."""
+    store = SqliteStore(tmp_path / "s.db")
+    store.upsert(lists_factory([1, 2], version=1))
+    with store._lock:  # a write in progress on another thread
+        got = store.lookup(np.array([1, 2]))
+        one = store.lookup_one(1)
+    assert got.found.all() and one.found
     store.close()
 
 
@@ -192,3 +210,31 @@ def test_cli_lookup_help_explains_relative_and_absolute_sqlite_urls(
     out = " ".join(capsys.readouterr().out.split())
     assert "sqlite:////absolute/path.db (four slashes)" in out
     assert "sqlite:///relative/path.db" in out
+
+
+def test_sqlite_upsert_outcomes_across_statements_duplicates_and_kept_ttls(
+    tmp_path: Path, lists_factory: Factory
+) -> None:
+    """What each row's upsert statement returned decides stored / stale, with no read back:
+    1,500 rows span two statements, a duplicate query id is written in order, TTL -2 keeps
+    the stored expiry in the same call as rows that set one."""
+    clock = [1_000.0]
+    store = SqliteStore(tmp_path / "s.db", StoreConfig(ttl_s=60), clock=lambda: clock[0])
+    qids = np.arange(1_500)
+    assert store.upsert(lists_factory(qids, version=5)).stored.all()
+    newer = np.isin(qids, np.arange(0, 1_500, 3))
+    mixed = lists_factory(qids, version=5, seed=1)
+    mixed.versions[newer] = 6
+    result = store.upsert(mixed)
+    assert result.stored.tolist() == newer.tolist() and (result.stale == ~newer).all()
+    dup = lists_factory([7, 7, 8, 9], version=8, seed=2)
+    dup.versions[:] = [8, 9, 8, 8]
+    ttl = np.array([60, 60, -2, 120])
+    clock[0] += 30
+    result = store.upsert(dup, ttl_s=ttl)
+    assert result.stored.tolist() == [True, True, True, True]
+    got = store.lookup(np.array([7, 8, 9]))
+    np.testing.assert_array_equal(got.versions, [9, 8, 8])
+    clock[0] += 45  # 8 kept its first expiry (1,060 s): gone; 9 was given 120 s more
+    assert store.lookup(np.array([8, 9])).found.tolist() == [False, True]
+    store.close()
