@@ -293,12 +293,20 @@ def _without_later_rows(
     noted: list[tuple[int, npt.NDArray[np.int64]]], parts: list[State]
 ) -> npt.NDArray[np.int64]:
     """The noted entrants with no row in a record after their note (`at`: how many records
-    came before it)."""
-    out = np.empty(0, np.int64)
-    for at, ids in noted:
-        later = [p["query_ids"] for p in parts[at:]]
-        out = np.union1d(out, np.setdiff1d(ids, np.concatenate(later)) if later else ids)
-    return out
+    came before it); one pass over the rows, however many notes."""
+    if not noted:
+        return np.empty(0, np.int64)
+    ids = np.concatenate([n for _, n in noted])
+    at = np.repeat([a for a, _ in noted], [len(n) for _, n in noted])
+    sizes = [len(p["query_ids"]) for p in parts]
+    rows = np.concatenate([p["query_ids"] for p in parts]) if parts else np.empty(0, np.int64)
+    where = np.repeat(np.arange(len(parts)), sizes)
+    known, first = np.unique(rows[::-1], return_index=True)
+    last_part = where[::-1][first]  # the last record holding each query's row
+    pos = np.minimum(np.searchsorted(known, ids), max(len(known) - 1, 0))
+    has_row = known[pos] == ids if len(known) else np.zeros(len(ids), bool)
+    last = np.where(has_row, last_part[pos] if len(known) else -1, -1)
+    return np.unique(ids[last < at])
 
 
 def _written_at_s(message: Message) -> float:
@@ -676,6 +684,7 @@ class HeadStateLog:
             )
         merged = _merge(parts) if parts else None
         self._restored_entrants[partition] = _without_later_rows(noted, parts)
+        self._entrants.pop(partition, None)  # noted by an earlier ownership: in the log now
         self._partitions[partition] = _PartitionLog(
             snapshot_bytes=snap_bytes,
             delta_bytes=sum(sizes) - snap_bytes,
