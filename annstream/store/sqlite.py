@@ -58,7 +58,7 @@ __all__ = ["SqliteStore"]
 logger = logging.getLogger(__name__)
 
 TABLE = "neighbour_lists"
-_CHUNK = 500  # host parameters per IN (...) list, well under SQLite's limit
+_CHUNK = 512  # host parameters per IN (...) list, well under SQLite's limit
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
@@ -75,14 +75,14 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 )
 """
 
-_ROWS_PER_UPSERT = 1_000  # 10 parameters a row, well under SQLite's 32,766
+_ROWS_PER_UPSERT = 1_024  # 10 parameters a row, well under SQLite's 32,766
 _WRITE_COLUMNS = (
     "query_id, fmt, version, computed_at_ms, k, ids, scores, campaign_ids, advertiser_ids, "
     "expires_at_ms"
 )
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=32)
 def _upsert_sql(rows: int, keep_ttl: bool) -> str:
     """A multi-row upsert that returns the query id of every row it wrote: a row whose stored
     version is newer (and not expired) is left alone and not returned (stale). The last
@@ -124,9 +124,34 @@ _LOOKUP_ONE = {
 _ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError)
 
 
+# Every SQL text a connection runs stays prepared in its statement cache (128 statements), and a
+# 1,024-row upsert is about 1 MB prepared: statements sized by each call's count filled that
+# cache with a new size per micro-batch (+140 MB over the first 128 writes). So statements come
+# in powers of two only: at most 11 upsert sizes and 10 IN (...) sizes per connection.
+
+
+def _pieces(n: int, most: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of consecutive pieces of `n` rows: `most` rows each, then the powers of
+    two of what is left (1,000 = 512 + 256 + 128 + 64 + 32 + 8)."""
+    start = 0
+    while n - start >= most:
+        yield start, start + most
+        start += most
+    size = most
+    while start < n:
+        size //= 2
+        if n - start >= size:
+            yield start, start + size
+            start += size
+
+
 def _chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
+    """Up to `_CHUNK` keys for one IN (...) list, padded with its last key to a power of two
+    (a repeated key changes nothing an IN list selects)."""
     for start in range(0, len(values), _CHUNK):
-        yield values[start : start + _CHUNK]
+        chunk = list(values[start : start + _CHUNK])
+        width = 1 << (len(chunk) - 1).bit_length()
+        yield chunk + chunk[-1:] * (width - len(chunk))
 
 
 def _marks(n: int) -> str:
@@ -255,17 +280,6 @@ class SqliteStore:
                 raise self._error(f"SQLite store {self.path}: {what}", exc) from exc
             raise
 
-    def _versions(self, qids: Sequence[int], now_ms: int) -> dict[int, int]:
-        versions: dict[int, int] = {}
-        for chunk in _chunks(qids):
-            rows = self._db.execute(
-                f"SELECT query_id, version FROM {TABLE} "
-                f"WHERE query_id IN ({_marks(len(chunk))}) AND {_LIVE}",
-                (*chunk, now_ms),
-            )
-            versions.update(rows.fetchall())
-        return versions
-
     def upsert(self, lists: NeighbourLists, ttl_s: TtlArg = None) -> UpsertResult:
         """One transaction of multi-row upserts; each says which rows it wrote (RETURNING), so
         no version is read back. Duplicate query ids in one call are written row by row, in
@@ -293,14 +307,13 @@ class SqliteStore:
             )
             for b, exp in zip(pack_records(lists), expires, strict=True)
         ]
-        size = _ROWS_PER_UPSERT if len(np.unique(lists.query_ids)) == n else 1
+        most = _ROWS_PER_UPSERT if len(np.unique(lists.query_ids)) == n else 1
         keep = ttls == -2
         with self._lock, self._transaction("upsert") as db:
             for flag in (False, True):
                 group = np.flatnonzero(keep == flag).tolist()
-                for start in range(0, len(group), size):
-                    chunk = group[start : start + size]
-                    self._write(db, rows, chunk, flag, now, stored, permanent, errors)
+                for start, stop in _pieces(len(group), most):
+                    self._write(db, rows, group[start:stop], flag, now, stored, permanent, errors)
         stale[:] = ~(stored | permanent)
         return UpsertResult(stored, stale, failed, errors, permanent)
 

@@ -16,6 +16,7 @@ from annstream.config import StoreConfig
 from annstream.errors import StoreError, StoreUnavailableError
 from annstream.serving import NeighbourReader
 from annstream.store import NeighbourLists, open_store
+from annstream.store import sqlite as sqlite_store
 from annstream.store.sqlite import SqliteStore
 
 Factory = Callable[..., NeighbourLists]
@@ -237,4 +238,32 @@ def test_sqlite_upsert_outcomes_across_statements_duplicates_and_kept_ttls(
     np.testing.assert_array_equal(got.versions, [9, 8, 8])
     clock[0] += 45  # 8 kept its first expiry (1,060 s): gone; 9 was given 120 s more
     assert store.lookup(np.array([8, 9])).found.tolist() == [False, True]
+    store.close()
+
+
+def test_sqlite_statements_come_in_a_few_sizes_whatever_the_batch_sizes(
+    tmp_path: Path, lists_factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each distinct SQL text stays prepared in the connection's statement cache (128 of them,
+    ~1 MB for a 1,024-row upsert): upserts and lookups sized by every call's count held
+    +140 MB after 128 micro-batches of varying size. Statements now come in powers of two."""
+    rows: set[int] = set()
+    keys: set[int] = set()
+    upsert_sql, marks = sqlite_store._upsert_sql, sqlite_store._marks
+    monkeypatch.setattr(
+        sqlite_store, "_upsert_sql", lambda n, keep: rows.add(n) or upsert_sql(n, keep)
+    )
+    monkeypatch.setattr(sqlite_store, "_marks", lambda n: keys.add(n) or marks(n))
+    store = SqliteStore(tmp_path / "s.db")
+    rng = np.random.default_rng(0)
+    for n in [*rng.integers(1, 3_000, 40), 1, 1_024, 2_048, 1_023]:
+        qids = rng.choice(5_000, int(n), replace=False)
+        result = store.upsert(lists_factory(qids, version=int(n)))
+        assert result.stored.sum() + result.stale.sum() == n
+        got = store.lookup(qids)
+        assert got.found.all() and sorted(got.query_ids.tolist()) == sorted(qids.tolist())
+    for n in range(2, 700, 7):
+        assert store.lookup(np.arange(n)).found.sum() == n
+    assert rows <= {1 << b for b in range(11)}, sorted(rows)
+    assert keys <= {1 << b for b in range(10)}, sorted(keys)
     store.close()
