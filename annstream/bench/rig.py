@@ -389,7 +389,9 @@ class ServiceRig:
             EngagementCodec(self.registry, self.opts.dim),
             head_warmup(
                 self.opts.queries,
-                self.cfg.heads.enter_score,
+                # 5% over the entry score: the clicks are stamped batch by batch as they are
+                # generated, and one micro-batch may judge them all at the last one's time
+                self.cfg.heads.enter_score * 1.05,
                 seed=self.opts.seed,
                 pool=self.pool,
                 dim=self.dim,
