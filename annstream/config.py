@@ -196,9 +196,7 @@ class RefreshConfig:
     Catching up (the oldest ad event waiting is `catch_up_behind_ms` old, e.g. a backfill or a
     restart; 0 = never), a micro-batch grows to `catch_up_events` or `catch_up_ms`, whichever
     comes first, or until a poll finds nothing more: each changed list is then written once
-    per large batch instead of once per `batch_events`. So it does while polls of
-    `batch_events` come back full (more waiting: a stall at a rate near capacity), until one
-    comes back short. `catch_up_events` = `batch_events` keeps every batch at the usual size.
+    per large batch instead of once per `batch_events`.
     """
 
     k: int = 100

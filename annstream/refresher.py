@@ -182,12 +182,10 @@ class MicroBatcher:
     """Time-or-count trigger: a micro-batch is due every `batch_ms` or `batch_events`.
 
     Under load the batch grows by itself (what arrived while the last one was processed).
-    Catching up (`lag`, the events still waiting in the topics, above `batch_events`; `backlog`,
-    a poll of `batch_events` came back full, as after a stall at a rate near capacity; or
+    Catching up (`lag`, the events still waiting in the topics, above `batch_events`; or
     `behind_ms`, the age of the oldest event waiting, at least `refresh.catch_up_behind_ms`:
     a backfill, a restart), the batch grows up to `catch_up_events` or `catch_up_ms`, or until
-    a poll comes back short (`backlog`) or found nothing more (`drained`): the refresher then
-    writes each changed list once per
+    a poll found nothing more (`drained`): the refresher then writes each changed list once per
     larger batch instead of once per `batch_events` (at 50,000 head queries, 50,000-ad
     batches wrote 1 list per ad where 5,000-ad batches wrote 8.7; `bench scale` catch-up).
     """
@@ -223,11 +221,9 @@ class MicroBatcher:
     def add(self, n_events: int) -> None:
         self.events += int(n_events)
 
-    def catching_up(
-        self, lag: int = 0, behind_ms: float = 0.0, drained: bool = False, backlog: bool = False
-    ) -> bool:
+    def catching_up(self, lag: int = 0, behind_ms: float = 0.0, drained: bool = False) -> bool:
         """Far enough behind that a larger batch pays (see the class docstring)."""
-        if backlog or lag > self.batch_events:
+        if lag > self.batch_events:
             return True
         far = 0 < self.catch_up_behind_ms <= behind_ms
         return far and not drained
@@ -238,13 +234,11 @@ class MicroBatcher:
         lag: int = 0,
         behind_ms: float = 0.0,
         drained: bool = False,
-        backlog: bool = False,
     ) -> bool:
         """True once `batch_events` were added or `batch_ms` passed since the last reset;
-        catching up, once the catch-up bounds are reached or the backlog is drained.
-        `backlog`: the last poll came back full (more events are waiting)."""
+        catching up, once the catch-up bounds are reached or the backlog is drained."""
         elapsed = self._now(now_ms) - self.started_ms
-        if not self.catching_up(lag, behind_ms, drained, backlog):
+        if not self.catching_up(lag, behind_ms, drained):
             return self.events >= self.batch_events or elapsed >= self.batch_ms
         return self.events >= self.catch_up_events or elapsed >= self.catch_up_ms
 

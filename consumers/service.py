@@ -450,9 +450,7 @@ class RefresherService:
             self._verify()
             if cp.pending:
                 return
-        cap = self.cfg.refresh.batch_events
-        polled = self.ads.poll(cap, timeout_s)
-        backlog = polled.messages >= cap
+        polled = self.ads.poll(self.cfg.refresh.batch_events, timeout_s)
         self.metrics.observe_consumed(ad_events=polled.messages)
         self._replayed += polled.already_dead_lettered
         if self.index is None:
@@ -467,8 +465,7 @@ class RefresherService:
             self._oldest_ad_ms = min(self._oldest_ad_ms, float(polled.batch.event_time_ms.min()))
         events = len(polled.batch)
         if self.engagements is not None:
-            ep = self.engagements.poll(cap, 0 if events else timeout_s)
-            backlog = backlog or ep.messages >= cap
+            ep = self.engagements.poll(self.cfg.refresh.batch_events, 0 if events else timeout_s)
             self.metrics.observe_consumed(engagement_events=ep.messages)
             if len(ep.batch):
                 self._eng_buf.append((ep.batch, ep.partitions))
@@ -484,7 +481,7 @@ class RefresherService:
             or self.drift.checking
         )
         behind_ms = max(0.0, time.time() * 1000 - self._oldest_ad_ms)
-        due = self.batcher.due(behind_ms=behind_ms, drained=polled.messages == 0, backlog=backlog)
+        due = self.batcher.due(behind_ms=behind_ms, drained=polled.messages == 0)
         # right after a restore, not batch_ms later: restored heads that do not re-enter are
         # exited before anything else is served from their lists
         due = due or self._rebalanced

@@ -48,20 +48,3 @@ def test_catch_up_settings_are_checked_against_the_normal_batch() -> None:
         load_config(env={}, overrides={"refresh": {"catch_up_ms": 10}})
     with pytest.raises(ConfigError, match=r"refresh\.catch_up_behind_ms"):
         load_config(env={}, overrides={"refresh": {"catch_up_behind_ms": -1}})
-
-
-def test_full_polls_grow_the_batch_until_one_comes_back_short() -> None:
-    """Near capacity a stall leaves more than a poll's worth waiting; batches capped at
-    batch_events then write nearly every list per batch and never catch up."""
-    mb = MicroBatcher(CFG, now_ms=0)
-    mb.add(10)
-    assert not mb.due(150, backlog=True)  # a full poll: more are waiting
-    mb.add(30)
-    assert not mb.due(160, backlog=True)
-    assert mb.due(170, backlog=False)  # short: caught up
-    mb.reset(0)
-    mb.add(50)
-    assert mb.due(1, backlog=True)  # catch_up_events bounds it
-    mb.reset(0)
-    mb.add(10)
-    assert mb.due(2_000, backlog=True)  # and catch_up_ms
