@@ -317,10 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if kind in _ARMED:
                     if kind == "snapshot_kill":  # due at the chunk's first durable micro-batch
                         time.sleep(settings["snapshot"]["every_s"] + 0.2)
-                    # a store write at the first or second snapshot; the chunk's first write
-                    # (a backlog of one poll or more goes in one micro-batch)
-                    times = int(rng.integers(1, 3)) if kind == "snapshot_kill" else 1
-                    arm(service.kill_file, _ARMED[kind], times)
+                    arm(service.kill_file, _ARMED[kind], int(rng.integers(1, 3)))
                 half = len(chunk) // 2
                 publish(chunk[:half])
                 if not kind:
