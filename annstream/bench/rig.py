@@ -389,9 +389,7 @@ class ServiceRig:
             EngagementCodec(self.registry, self.opts.dim),
             head_warmup(
                 self.opts.queries,
-                # 5% over the entry score: the clicks are stamped batch by batch as they are
-                # generated, and one micro-batch may judge them all at the last one's time
-                self.cfg.heads.enter_score * 1.05,
+                self.cfg.heads.enter_score,
                 seed=self.opts.seed,
                 pool=self.pool,
                 dim=self.dim,
